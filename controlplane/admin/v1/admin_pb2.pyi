@@ -1,0 +1,151 @@
+from google.protobuf import any_pb2 as _any_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PublishRequest(_message.Message):
+    __slots__ = ("group", "message", "actor", "resources")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    message: str
+    actor: str
+    resources: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
+    def __init__(self, group: _Optional[str] = ..., message: _Optional[str] = ..., actor: _Optional[str] = ..., resources: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
+
+class PublishResponse(_message.Message):
+    __slots__ = ("version", "changed", "parent_version", "counts")
+    class CountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    changed: bool
+    parent_version: str
+    counts: _containers.ScalarMap[str, int]
+    def __init__(self, version: _Optional[str] = ..., changed: _Optional[bool] = ..., parent_version: _Optional[str] = ..., counts: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class HistoryEntry(_message.Message):
+    __slots__ = ("id", "group", "action", "version", "parent_version", "created_at", "actor", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    group: str
+    action: str
+    version: str
+    parent_version: str
+    created_at: float
+    actor: str
+    message: str
+    def __init__(self, id: _Optional[int] = ..., group: _Optional[str] = ..., action: _Optional[str] = ..., version: _Optional[str] = ..., parent_version: _Optional[str] = ..., created_at: _Optional[float] = ..., actor: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ListSnapshotsRequest(_message.Message):
+    __slots__ = ("group", "limit")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    limit: int
+    def __init__(self, group: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class GroupPointers(_message.Message):
+    __slots__ = ("pointers",)
+    class PointersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    POINTERS_FIELD_NUMBER: _ClassVar[int]
+    pointers: _containers.ScalarMap[str, str]
+    def __init__(self, pointers: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ListSnapshotsResponse(_message.Message):
+    __slots__ = ("entries", "groups")
+    class GroupsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: GroupPointers
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[GroupPointers, _Mapping]] = ...) -> None: ...
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[HistoryEntry]
+    groups: _containers.MessageMap[str, GroupPointers]
+    def __init__(self, entries: _Optional[_Iterable[_Union[HistoryEntry, _Mapping]]] = ..., groups: _Optional[_Mapping[str, GroupPointers]] = ...) -> None: ...
+
+class GetFleetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TypeStatus(_message.Message):
+    __slots__ = ("type_url", "state", "expected_version", "sent_version", "sent_at", "acked_version", "acked_at", "nacked_version", "nacked_at", "nack_error")
+    TYPE_URL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    ACKED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACKED_AT_FIELD_NUMBER: _ClassVar[int]
+    NACKED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NACKED_AT_FIELD_NUMBER: _ClassVar[int]
+    NACK_ERROR_FIELD_NUMBER: _ClassVar[int]
+    type_url: str
+    state: str
+    expected_version: str
+    sent_version: str
+    sent_at: float
+    acked_version: str
+    acked_at: float
+    nacked_version: str
+    nacked_at: float
+    nack_error: str
+    def __init__(self, type_url: _Optional[str] = ..., state: _Optional[str] = ..., expected_version: _Optional[str] = ..., sent_version: _Optional[str] = ..., sent_at: _Optional[float] = ..., acked_version: _Optional[str] = ..., acked_at: _Optional[float] = ..., nacked_version: _Optional[str] = ..., nacked_at: _Optional[float] = ..., nack_error: _Optional[str] = ...) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node_id", "group", "build_version", "user_agent", "protocol", "stream_id", "connected_at", "snapshot_version", "types")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    BUILD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    USER_AGENT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_AT_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TYPES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    group: str
+    build_version: str
+    user_agent: str
+    protocol: str
+    stream_id: int
+    connected_at: float
+    snapshot_version: str
+    types: _containers.RepeatedCompositeFieldContainer[TypeStatus]
+    def __init__(self, node_id: _Optional[str] = ..., group: _Optional[str] = ..., build_version: _Optional[str] = ..., user_agent: _Optional[str] = ..., protocol: _Optional[str] = ..., stream_id: _Optional[int] = ..., connected_at: _Optional[float] = ..., snapshot_version: _Optional[str] = ..., types: _Optional[_Iterable[_Union[TypeStatus, _Mapping]]] = ...) -> None: ...
+
+class GetFleetStatusResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,84 @@
+"""Human-readable output for xdsctl: plain tables, short versions, relative times."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from controlplane import resources
+from controlplane.admin.v1 import admin_pb2
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=False)]
+    lines = [headers, *rows]
+    return "\n".join(
+        "  ".join(
+            str(cell).ljust(width) for cell, width in zip(line, widths, strict=False)
+        ).rstrip()
+        for line in lines
+    )
+
+
+def ago(timestamp: float, now: float | None = None) -> str:
+    if not timestamp:
+        return "-"
+    seconds = max(0, int((now or time.time()) - timestamp))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def short_type(type_url: str) -> str:
+    known = resources.BY_URL.get(type_url)
+    return known.short_name.upper() if known else type_url
+
+
+def fleet_status(response: admin_pb2.GetFleetStatusResponse) -> str:
+    if not response.nodes:
+        return "no nodes connected"
+    rows = []
+    for node in response.nodes:
+        for t in node.types:
+            detail = t.nack_error if t.state == "NACKED" else ""
+            rows.append(
+                [
+                    node.node_id,
+                    node.group,
+                    node.build_version or "-",
+                    short_type(t.type_url),
+                    t.state,
+                    t.expected_version or "-",
+                    t.acked_version or "-",
+                    detail,
+                ]
+            )
+    headers = ["NODE", "GROUP", "ENVOY", "TYPE", "STATE", "WANTS", "ACKED", "ERROR"]
+    return table(headers, rows)
+
+
+def history(response: admin_pb2.ListSnapshotsResponse) -> str:
+    lines = []
+    for group, pointers in sorted(response.groups.items()):
+        marks = ", ".join(
+            f"{name}={version}" for name, version in sorted(pointers.pointers.items())
+        )
+        lines.append(f"group {group}: {marks}")
+    if not response.entries:
+        lines.append("no snapshots published")
+        return "\n".join(lines)
+    rows = [
+        [
+            e.group,
+            e.version,
+            e.parent_version or "-",
+            e.action,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.created_at)),
+            e.actor,
+            e.message,
+        ]
+        for e in response.entries
+    ]
+    lines.append(table(["GROUP", "VERSION", "PARENT", "ACTION", "TIME", "ACTOR", "MESSAGE"], rows))
+    return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""Snapshot: an immutable, validated, versioned set of Envoy resources.
+
+Invariants:
+- Every resource is serialized once, here; streams send these bytes and never re-encode.
+- Versions are content hashes: the same resources give the same version on every machine
+  and after every restart. Each type has its own version, so an unchanged type is not pushed.
+- A snapshot built from messages has no dangling references (see resources.references).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from controlplane import resources
+from controlplane.resources import ADS_ORDER
+
+VERSION_LENGTH = 16  # hex digits of sha256 kept in a version string
+_ANY_RESOURCES_TAG = b"\x12"  # DiscoveryResponse.resources: field 2, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _digest(*parts: bytes) -> str:
+    hasher = hashlib.sha256()
+    for part in parts:
+        hasher.update(_varint(len(part)))
+        hasher.update(part)
+    return hasher.hexdigest()[:VERSION_LENGTH]
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One resource, serialized once. `wire_entry` is its ready-to-send response field."""
+
+    type_url: str
+    name: str
+    body: bytes
+    version: str = field(init=False)
+    wire_entry: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        packed = any_pb2.Any(type_url=self.type_url, value=self.body).SerializeToString()
+        object.__setattr__(self, "version", _digest(self.body))
+        object.__setattr__(self, "wire_entry", _ANY_RESOURCES_TAG + _varint(len(packed)) + packed)
+
+    def message(self) -> Message:
+        message = resources.resource_type(self.type_url).message_class()
+        message.ParseFromString(self.body)
+        return message
+
+
+@dataclass(frozen=True)
+class TypeResources:
+    """All resources of one type in a snapshot, with that type's own version."""
+
+    type_url: str
+    by_name: Mapping[str, Resource]
+    version: str = field(init=False)
+    wire_entries: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        names = sorted(self.by_name)
+        object.__setattr__(self, "by_name", MappingProxyType({n: self.by_name[n] for n in names}))
+        parts = [self.type_url.encode()]
+        for name in names:
+            parts += [name.encode(), self.by_name[name].body]
+        object.__setattr__(self, "version", _digest(*parts))
+        object.__setattr__(
+            self, "wire_entries", b"".join(r.wire_entry for r in self.by_name.values())
+        )
+
+    def entries_for(self, names: Iterable[str] | None) -> bytes:
+        """Wire entries for the named resources (all of them when names is None)."""
+        if names is None:
+            return self.wire_entries
+        return b"".join(self.by_name[n].wire_entry for n in sorted(names) if n in self.by_name)
+
+
+@dataclass(frozen=True)
+class DanglingReference:
+    from_type: str
+    from_name: str
+    to_type: str
+    to_name: str
+
+    def __str__(self) -> str:
+        source = resources.resource_type(self.from_type).short_name
+        target = resources.resource_type(self.to_type)
+        return (
+            f'{source} "{self.from_name}" references {target.short_name} "{self.to_name}", '
+            f"which is not in the snapshot"
+        )
+
+
+class ConsistencyError(ValueError):
+    """The resources reference names the snapshot does not hold."""
+
+    def __init__(self, dangling: list[DanglingReference]) -> None:
+        self.dangling = dangling
+        super().__init__("; ".join(str(d) for d in dangling))
+
+
+class DuplicateResourceError(ValueError):
+    pass
+
+
+class Snapshot:
+    """Immutable set of resources by type. Build with `from_messages` or `from_serialized`."""
+
+    __slots__ = ("_types", "version")
+
+    def __init__(self, types: Mapping[str, TypeResources]) -> None:
+        self._types = MappingProxyType(dict(types))
+        present = [t for t in ADS_ORDER if self._types[t.type_url].by_name]
+        self.version = _digest(
+            *(
+                p
+                for t in present
+                for p in (t.type_url.encode(), self._types[t.type_url].version.encode())
+            )
+        )
+
+    @classmethod
+    def from_serialized(cls, items: Iterable[tuple[str, str, bytes]]) -> Snapshot:
+        """From (type URL, name, bytes) triples, e.g. read back from a store. Not re-checked."""
+        grouped: dict[str, dict[str, Resource]] = {t.type_url: {} for t in ADS_ORDER}
+        for type_url, name, body in items:
+            bucket = grouped[resources.resource_type(type_url).type_url]
+            if name in bucket:
+                raise DuplicateResourceError(f"duplicate {type_url} named {name!r}")
+            bucket[name] = Resource(type_url, name, body)
+        return cls({url: TypeResources(url, by_name) for url, by_name in grouped.items()})
+
+    @classmethod
+    def from_messages(cls, items: Iterable[tuple[str, Message]]) -> Snapshot:
+        """Canonicalize, serialize once, and check every reference resolves."""
+        items = list(items)
+        for _, message in items:
+            resources.canonicalize(message)
+        snapshot = cls.from_serialized(
+            (url, resources.resource_name(m), resources.serialize(m)) for url, m in items
+        )
+        dangling = [
+            DanglingReference(url, resources.resource_name(m), to_type, to_name)
+            for url, m in items
+            for to_type, to_name in dict.fromkeys(resources.references(m))
+            if to_name not in snapshot.resources(to_type)
+        ]
+        if dangling:
+            raise ConsistencyError(dangling)
+        return snapshot
+
+    def of_type(self, type_url: str) -> TypeResources:
+        return self._types[resources.resource_type(type_url).type_url]
+
+    def resources(self, type_url: str) -> Mapping[str, Resource]:
+        return self.of_type(type_url).by_name
+
+    def type_versions(self) -> dict[str, str]:
+        return {url: t.version for url, t in self._types.items()}
+
+    def all_resources(self) -> Iterable[Resource]:
+        for resource_type in ADS_ORDER:
+            yield from self._types[resource_type.type_url].by_name.values()
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(len(r.body) for r in self.all_resources())
+
+    def counts(self) -> dict[str, int]:
+        return {t.short_name: len(self._types[t.type_url].by_name) for t in ADS_ORDER}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Snapshot) and other.version == self.version
+
+    def __hash__(self) -> int:
+        return hash(self.version)
+
+    def __repr__(self) -> str:
+        return f"Snapshot(version={self.version!r}, counts={self.counts()})"

@@ -1,0 +1,64 @@
+"""SnapshotStore: durable snapshots, their history, and per-group pointers.
+
+The interface every backend implements. `sqlite.SQLiteStore` is the embedded default; a
+shared-database backend for several replicas plugs in behind the same Protocol.
+
+Invariants every backend keeps:
+- `publish` is atomic: the snapshot, its history entry and the pointer move land together
+  or not at all, and all of it is durable before `publish` returns (so before anything
+  serves the snapshot).
+- Publishing the version a group's `stable` already holds changes nothing.
+- `get` returns exactly the snapshot that was stored (same version, same bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from controlplane.snapshot import Snapshot
+
+DEFAULT_GROUP = "default"
+STABLE = "stable"
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    id: int
+    group: str
+    action: str
+    version: str
+    parent_version: str | None
+    created_at: float
+    actor: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    entry: HistoryEntry
+    changed: bool  # False when the group already held this version
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class SnapshotStore(Protocol):
+    def publish(self, group: str, snapshot: Snapshot, *, message: str, actor: str) -> PublishResult:
+        """Store `snapshot` and point `group`'s stable at it, atomically."""
+        ...
+
+    def get(self, version: str) -> Snapshot | None: ...
+
+    def pointer(self, group: str, name: str = STABLE) -> str | None: ...
+
+    def pointers(self) -> dict[str, dict[str, str]]:
+        """{group: {pointer name: version}} for every group."""
+        ...
+
+    def history(self, group: str | None = None, limit: int = 100) -> list[HistoryEntry]:
+        """Newest first."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,190 @@
+"""SQLite SnapshotStore: the embedded default, in WAL mode.
+
+Resource bodies are stored once by content hash, so a long history of small changes does not
+copy the whole config each time. Reads verify that the bytes still hash to the version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from controlplane.snapshot import Snapshot
+from controlplane.store import STABLE, HistoryEntry, PublishResult, StoreError
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    hash TEXT PRIMARY KEY,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    version TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    size_bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshot_resources (
+    version TEXT NOT NULL REFERENCES snapshots(version),
+    type_url TEXT NOT NULL,
+    name TEXT NOT NULL,
+    blob_hash TEXT NOT NULL REFERENCES blobs(hash),
+    PRIMARY KEY (version, type_url, name)
+);
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    grp TEXT NOT NULL,
+    action TEXT NOT NULL,
+    version TEXT NOT NULL REFERENCES snapshots(version),
+    parent_version TEXT,
+    created_at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_by_group ON history (grp, id);
+CREATE TABLE IF NOT EXISTS pointers (
+    grp TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL REFERENCES snapshots(version),
+    PRIMARY KEY (grp, name)
+);
+"""
+
+
+class SQLiteStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        found = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if found not in (0, _SCHEMA_VERSION):
+            raise StoreError(f"{self.path}: schema version {found}, expected {_SCHEMA_VERSION}")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    def publish(self, group: str, snapshot: Snapshot, *, message: str, actor: str) -> PublishResult:
+        with self._lock, self._transaction():
+            parent = self._pointer(group, STABLE)
+            if parent == snapshot.version:
+                return PublishResult(self._latest_entry(group), changed=False)
+            self._put(snapshot)
+            entry = self._append_history(group, "publish", snapshot.version, parent, actor, message)
+            self._db.execute(
+                "INSERT INTO pointers (grp, name, version) VALUES (?, ?, ?) "
+                "ON CONFLICT (grp, name) DO UPDATE SET version = excluded.version",
+                (group, STABLE, snapshot.version),
+            )
+            return PublishResult(entry, changed=True)
+
+    def get(self, version: str) -> Snapshot | None:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT r.type_url, r.name, b.body FROM snapshot_resources r "
+                "JOIN blobs b ON b.hash = r.blob_hash WHERE r.version = ?",
+                (version,),
+            ).fetchall()
+            known = self._db.execute(
+                "SELECT 1 FROM snapshots WHERE version = ?", (version,)
+            ).fetchone()
+        if known is None:
+            return None
+        snapshot = Snapshot.from_serialized((t, n, bytes(b)) for t, n, b in rows)
+        if snapshot.version != version:
+            raise StoreError(f"{self.path}: snapshot {version} reads back as {snapshot.version}")
+        return snapshot
+
+    def pointer(self, group: str, name: str = STABLE) -> str | None:
+        with self._lock:
+            return self._pointer(group, name)
+
+    def pointers(self) -> dict[str, dict[str, str]]:
+        with self._lock:
+            rows = self._db.execute("SELECT grp, name, version FROM pointers ORDER BY grp, name")
+            result: dict[str, dict[str, str]] = {}
+            for group, name, version in rows:
+                result.setdefault(group, {})[name] = version
+            return result
+
+    def history(self, group: str | None = None, limit: int = 100) -> list[HistoryEntry]:
+        query = "SELECT * FROM history"
+        params: tuple[object, ...] = ()
+        if group is not None:
+            query += " WHERE grp = ?"
+            params = (group,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY id DESC LIMIT ?", (*params, limit))
+            return [HistoryEntry(*row) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def _pointer(self, group: str, name: str) -> str | None:
+        row = self._db.execute(
+            "SELECT version FROM pointers WHERE grp = ? AND name = ?", (group, name)
+        ).fetchone()
+        return row[0] if row else None
+
+    def _latest_entry(self, group: str) -> HistoryEntry:
+        row = self._db.execute(
+            "SELECT * FROM history WHERE grp = ? ORDER BY id DESC LIMIT 1", (group,)
+        ).fetchone()
+        return HistoryEntry(*row)
+
+    def _put(self, snapshot: Snapshot) -> None:
+        exists = self._db.execute(
+            "SELECT 1 FROM snapshots WHERE version = ?", (snapshot.version,)
+        ).fetchone()
+        if exists:
+            return
+        self._db.execute(
+            "INSERT INTO snapshots (version, created_at, size_bytes) VALUES (?, ?, ?)",
+            (snapshot.version, time.time(), snapshot.size_bytes),
+        )
+        for resource in snapshot.all_resources():
+            blob_hash = hashlib.sha256(resource.body).hexdigest()
+            self._db.execute(
+                "INSERT OR IGNORE INTO blobs (hash, body) VALUES (?, ?)", (blob_hash, resource.body)
+            )
+            self._db.execute(
+                "INSERT INTO snapshot_resources (version, type_url, name, blob_hash) "
+                "VALUES (?, ?, ?, ?)",
+                (snapshot.version, resource.type_url, resource.name, blob_hash),
+            )
+
+    def _append_history(
+        self, group: str, action: str, version: str, parent: str | None, actor: str, message: str
+    ) -> HistoryEntry:
+        created_at = time.time()
+        cursor = self._db.execute(
+            "INSERT INTO history (grp, action, version, parent_version, created_at, actor, message)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (group, action, version, parent, created_at, actor, message),
+        )
+        assert cursor.lastrowid is not None
+        return HistoryEntry(
+            cursor.lastrowid, group, action, version, parent, created_at, actor, message
+        )
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")

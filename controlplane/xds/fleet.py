@@ -1,0 +1,122 @@
+"""The fleet registry: which node holds which version of each type.
+
+Streams register while they are open. `status()` reads their state machines and compares
+each type with the snapshot the node's group should hold.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from controlplane.resources import ADS_ORDER
+from controlplane.snapshot import Snapshot
+from controlplane.xds.stream import SotwStream, TypeState
+
+
+class SyncState(enum.Enum):
+    SYNCED = "SYNCED"  # ACKed the version it should hold
+    STALE = "STALE"  # sent (or due) but not ACKed
+    NACKED = "NACKED"  # rejected the version it should hold
+    NOT_SENT = "NOT_SENT"  # never sent anything of this type
+
+
+@dataclass(frozen=True)
+class TypeStatus:
+    type_url: str
+    state: SyncState
+    expected_version: str | None
+    sent_version: str | None
+    sent_at: float | None
+    acked_version: str | None
+    acked_at: float | None
+    nacked_version: str | None
+    nacked_at: float | None
+    nack_error: str | None
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node_id: str
+    group: str
+    build_version: str
+    user_agent: str
+    protocol: str
+    stream_id: int
+    connected_at: float
+    snapshot_version: str | None
+    types: tuple[TypeStatus, ...]
+
+
+def type_status(state: TypeState, snapshot: Snapshot | None) -> TypeStatus:
+    expected = snapshot.of_type(state.type_url).version if snapshot else None
+    if state.sent_version is None:
+        sync = SyncState.NOT_SENT
+    elif state.acked_version == expected and not state.awaiting_ack:
+        sync = SyncState.SYNCED
+    elif state.nacked_version == expected and not state.awaiting_ack:
+        sync = SyncState.NACKED
+    else:
+        sync = SyncState.STALE
+    return TypeStatus(
+        state.type_url,
+        sync,
+        expected,
+        state.sent_version,
+        state.sent_at,
+        state.acked_version,
+        state.acked_at,
+        state.nacked_version,
+        state.nacked_at,
+        state.nack_error,
+    )
+
+
+class Fleet:
+    def __init__(self) -> None:
+        self._streams: dict[int, tuple[SotwStream, Callable[[], None]]] = {}
+
+    def add(self, stream: SotwStream, wake: Callable[[], None]) -> None:
+        """Register an open stream; `wake()` asks its shell to re-resolve its snapshot."""
+        self._streams[stream.stream_id] = (stream, wake)
+
+    def remove(self, stream: SotwStream) -> None:
+        self._streams.pop(stream.stream_id, None)
+
+    def wake_all(self) -> None:
+        for _, wake in self._streams.values():
+            wake()
+
+    def __iter__(self) -> Iterator[SotwStream]:
+        return iter([stream for stream, _ in self._streams.values()])
+
+    def __contains__(self, stream: object) -> bool:
+        return isinstance(stream, SotwStream) and stream.stream_id in self._streams
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def status(self) -> list[NodeStatus]:
+        statuses = []
+        for stream in self:
+            if stream.node is None:
+                continue  # no request yet: not a node we know
+            statuses.append(
+                NodeStatus(
+                    node_id=stream.node.id,
+                    group=stream.node.group,
+                    build_version=stream.node.build_version,
+                    user_agent=stream.node.user_agent,
+                    protocol=stream.protocol,
+                    stream_id=stream.stream_id,
+                    connected_at=stream.started_at,
+                    snapshot_version=stream.snapshot.version if stream.snapshot else None,
+                    types=tuple(
+                        type_status(stream.types[t.type_url], stream.snapshot)
+                        for t in ADS_ORDER
+                        if t.type_url in stream.types and stream.types[t.type_url].subscribed
+                    ),
+                )
+            )
+        return sorted(statuses, key=lambda s: (s.group, s.node_id, s.stream_id))

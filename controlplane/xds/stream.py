@@ -1,0 +1,254 @@
+"""The state-of-the-world xDS stream as a sans-IO state machine.
+
+One `SotwStream` per gRPC stream (ADS, or one per-type service). The shell feeds it requests
+(`receive`) and snapshot changes (`on_snapshot`); each call returns the responses to send, as
+bytes already encoded. It never touches a socket or a clock it was not given.
+
+Rules kept here and nowhere else:
+- The Node comes from the first request; a stream without one is refused.
+- Every response has its own nonce. A request whose nonce is not the type's latest is stale
+  and ignored. A request with no nonce is an initial request (or a resubscription).
+- A request answering the latest nonce is a NACK when `error_detail` is set, else an ACK.
+- One response per type is in flight at a time; a new snapshot waits for the ACK or NACK.
+- ADS order: a type is held while an earlier type (CDS, EDS, LDS, RDS, SDS) awaits its ACK,
+  so clusters and endpoints are in place before the listeners and routes that use them.
+- A version the client NACKed is not sent again unless what it asks for changes.
+- A client that already holds the current version (reconnect) is not sent it again.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import json_format
+
+from controlplane import resources
+from controlplane.resources import ADS_ORDER
+from controlplane.snapshot import Snapshot
+from controlplane.store import DEFAULT_GROUP
+from controlplane.xds import wire
+
+WILDCARD = "*"
+
+
+class RemoteProtocolError(Exception):
+    """The client broke the protocol. The shell ends the stream with INVALID_ARGUMENT."""
+
+
+class RequestKind(enum.Enum):
+    INITIAL = "initial"  # no nonce: first request for a type, or a resubscription
+    STALE = "stale"  # answers a response that is no longer the latest: ignored
+    ACK = "ack"
+    NACK = "nack"
+
+
+@dataclass(frozen=True)
+class Send:
+    """Action: write `payload` (an encoded DiscoveryResponse) to the stream."""
+
+    type_url: str
+    version: str
+    nonce: str
+    resource_names: tuple[str, ...] | None  # None: every resource of the type
+    payload: bytes
+
+
+@dataclass
+class TypeState:
+    """What one stream asked for and was sent, for one type. Read by the fleet view."""
+
+    type_url: str
+    subscribed: bool = False
+    names: frozenset[str] = frozenset()
+    wildcard: bool = False
+    latest_nonce: str | None = None
+    awaiting_ack: bool = False
+    sent_version: str | None = None
+    sent_names: frozenset[str] | None = None
+    sent_at: float | None = None
+    acked_version: str | None = None
+    acked_at: float | None = None
+    nacked_version: str | None = None
+    nack_error: str | None = None
+    nacked_at: float | None = None
+    stale_requests: int = 0
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    id: str
+    group: str
+    build_version: str
+    user_agent: str
+    metadata: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def from_node(cls, node: base_pb2.Node) -> NodeInfo:
+        build = node.user_agent_version
+        if node.HasField("user_agent_build_version"):
+            v = node.user_agent_build_version.version
+            build = f"{v.major_number}.{v.minor_number}.{v.patch}"
+        return cls(
+            id=node.id,
+            group=node.cluster or DEFAULT_GROUP,
+            build_version=build,
+            user_agent=node.user_agent_name,
+            metadata=json_format.MessageToDict(node.metadata),
+        )
+
+
+def classify(state: TypeState, request: discovery_pb2.DiscoveryRequest) -> RequestKind:
+    if not request.response_nonce:
+        return RequestKind.INITIAL
+    if request.response_nonce != state.latest_nonce:
+        return RequestKind.STALE
+    if request.HasField("error_detail"):
+        return RequestKind.NACK
+    return RequestKind.ACK
+
+
+class SotwStream:
+    def __init__(
+        self,
+        stream_id: int,
+        resolve: Callable[[str], Snapshot | None],
+        *,
+        types: Iterable[str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`resolve(group)` gives the snapshot a group should hold; `types` limits the stream
+        to those type URLs (a per-type service), default every type (ADS)."""
+        self.stream_id = stream_id
+        self.protocol = "sotw"
+        self._resolve = resolve
+        self._clock = clock
+        allowed = tuple(types) if types is not None else tuple(t.type_url for t in ADS_ORDER)
+        self.types: dict[str, TypeState] = {url: TypeState(url) for url in allowed}
+        self.node: NodeInfo | None = None
+        self.snapshot: Snapshot | None = None
+        self.started_at = clock()
+        self._nonce_counter = 0
+
+    def receive(
+        self, request: discovery_pb2.DiscoveryRequest
+    ) -> tuple[RequestKind, TypeState, list[Send]]:
+        """Take one request; return what it was, the type's state after it, and what to send."""
+        self._learn_node(request)
+        state = self._state_for(request.type_url)
+        kind = classify(state, request)
+        now = self._clock()
+        if kind is RequestKind.STALE:
+            state.stale_requests += 1
+            return kind, state, []
+        if kind is RequestKind.NACK:
+            state.awaiting_ack = False
+            state.nacked_version = state.sent_version
+            state.nack_error = request.error_detail.message
+            state.nacked_at = now
+        elif kind is RequestKind.ACK:
+            state.awaiting_ack = False
+            state.acked_version = request.version_info
+            state.acked_at = now
+        self._subscribe(state, request)
+        if kind is RequestKind.INITIAL:
+            self._adopt_client_version(state, request.version_info)
+        # An ACK or NACK may release types held behind this one in ADS order.
+        return kind, state, self._send_due()
+
+    def on_snapshot(self, snapshot: Snapshot | None) -> list[Send]:
+        self.snapshot = snapshot
+        return self._send_due()
+
+    @property
+    def group(self) -> str | None:
+        return self.node.group if self.node else None
+
+    def _learn_node(self, request: discovery_pb2.DiscoveryRequest) -> None:
+        if self.node is None:
+            if not request.HasField("node") or not request.node.id:
+                raise RemoteProtocolError(
+                    "the first request of a stream must carry a Node with an id"
+                )
+            self.node = NodeInfo.from_node(request.node)
+            self.snapshot = self._resolve(self.node.group)
+        elif request.HasField("node") and request.node.id and request.node.id != self.node.id:
+            raise RemoteProtocolError(
+                f"node id changed mid-stream from {self.node.id!r} to {request.node.id!r}"
+            )
+
+    def _state_for(self, type_url: str) -> TypeState:
+        if not type_url and len(self.types) == 1:
+            type_url = next(iter(self.types))
+        state = self.types.get(type_url)
+        if state is None:
+            if type_url in resources.BY_URL:
+                raise RemoteProtocolError(f"type_url {type_url!r} is not served on this stream")
+            raise RemoteProtocolError(f"unsupported type_url {type_url!r}")
+        return state
+
+    @staticmethod
+    def _subscribe(state: TypeState, request: discovery_pb2.DiscoveryRequest) -> None:
+        names = frozenset(request.resource_names)
+        state.subscribed = True
+        state.wildcard = WILDCARD in names or (
+            not names and resources.resource_type(state.type_url).wildcard
+        )
+        state.names = names - {WILDCARD}
+
+    def _adopt_client_version(self, state: TypeState, client_version: str) -> None:
+        """A reconnecting client already holds `client_version`; if that is current, treat it
+        as sent and ACKed so it is not pushed again."""
+        if not client_version or self.snapshot is None:
+            return
+        if self.snapshot.of_type(state.type_url).version == client_version:
+            state.sent_version = state.acked_version = client_version
+            state.sent_names = self._names_to_send(state)
+            state.acked_at = self._clock()
+
+    @staticmethod
+    def _names_to_send(state: TypeState) -> frozenset[str] | None:
+        return None if state.wildcard else state.names
+
+    def _send_due(self) -> list[Send]:
+        sends: list[Send] = []
+        for resource_type in ADS_ORDER:
+            state = self.types.get(resource_type.type_url)
+            if state is None or not state.subscribed:
+                continue
+            if state.awaiting_ack:
+                break  # later types wait for this one: make before break
+            send = self._send_if_changed(state)
+            if send is not None:
+                sends.append(send)
+                break
+        return sends
+
+    def _send_if_changed(self, state: TypeState) -> Send | None:
+        if self.snapshot is None:
+            return None
+        current = self.snapshot.of_type(state.type_url)
+        names = self._names_to_send(state)
+        if state.sent_version == current.version and state.sent_names == names:
+            return None  # holds it already, or NACKed exactly this: never resend in a loop
+        self._nonce_counter += 1
+        nonce = str(self._nonce_counter)
+        state.latest_nonce = nonce
+        state.awaiting_ack = True
+        state.sent_version = current.version
+        state.sent_names = names
+        state.sent_at = self._clock()
+        payload = wire.sotw_response(
+            current.version, state.type_url, nonce, current.entries_for(names)
+        )
+        return Send(
+            state.type_url,
+            current.version,
+            nonce,
+            tuple(sorted(names)) if names is not None else None,
+            payload,
+        )

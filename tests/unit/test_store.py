@@ -1,0 +1,79 @@
+import sqlite3
+
+import pytest
+
+from controlplane.store import STABLE
+from controlplane.store.sqlite import SQLiteStore
+from tests import factories
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SQLiteStore(tmp_path / "xdscp.db")
+    yield s
+    s.close()
+
+
+def test_publish_is_durable_across_reopen(tmp_path) -> None:
+    path = tmp_path / "xdscp.db"
+    snapshot = factories.edge_snapshot()
+    first = SQLiteStore(path)
+    result = first.publish("edge", snapshot, message="first", actor="alice")
+    first.close()
+
+    reopened = SQLiteStore(path)
+    assert result.changed
+    assert reopened.pointer("edge", STABLE) == snapshot.version
+    loaded = reopened.get(snapshot.version)
+    assert loaded is not None and loaded.version == snapshot.version
+    assert [e.message for e in reopened.history("edge")] == ["first"]
+    reopened.close()
+
+
+def test_uses_wal_mode(tmp_path) -> None:
+    SQLiteStore(tmp_path / "xdscp.db").close()
+    mode = sqlite3.connect(tmp_path / "xdscp.db").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_history_records_parent_and_republishing_is_a_no_op(store) -> None:
+    v1, v2 = factories.edge_snapshot(), factories.edge_snapshot(prefix="/v2")
+    store.publish("edge", v1, message="one", actor="a")
+    second = store.publish("edge", v2, message="two", actor="b")
+    again = store.publish("edge", v2, message="two again", actor="b")
+
+    assert second.entry.parent_version == v1.version
+    assert not again.changed
+    history = store.history("edge")
+    assert [(e.version, e.parent_version, e.message) for e in history] == [
+        (v2.version, v1.version, "two"),
+        (v1.version, None, "one"),
+    ]
+
+
+def test_pointers_are_per_group(store) -> None:
+    v1, v2 = factories.edge_snapshot(), factories.edge_snapshot(prefix="/v2")
+    store.publish("edge", v1, message="", actor="a")
+    store.publish("default", v2, message="", actor="a")
+    assert store.pointers() == {"default": {STABLE: v2.version}, "edge": {STABLE: v1.version}}
+    assert store.history("default")[0].version == v2.version
+    assert len(store.history()) == 2
+
+
+def test_failed_publish_leaves_store_untouched(store, monkeypatch) -> None:
+    v1, v2 = factories.edge_snapshot(), factories.edge_snapshot(prefix="/v2")
+    store.publish("edge", v1, message="", actor="a")
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(store, "_append_history", explode)
+    with pytest.raises(RuntimeError):
+        store.publish("edge", v2, message="", actor="a")
+    assert store.pointer("edge") == v1.version
+    assert store.get(v2.version) is None
+    assert len(store.history()) == 1
+
+
+def test_unknown_version_is_none(store) -> None:
+    assert store.get("0000000000000000") is None

@@ -1,0 +1,265 @@
+"""The SotW stream state machine, driven like Envoy drives it, with no sockets."""
+
+from __future__ import annotations
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.rpc import status_pb2
+
+from controlplane import resources
+from controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from controlplane.snapshot import Snapshot
+from controlplane.xds.cache import ActiveSnapshots
+from controlplane.xds.stream import RemoteProtocolError, RequestKind, Send, SotwStream
+from tests import factories
+
+NODE = base_pb2.Node(id="edge-1", cluster="edge")
+
+
+def request(
+    type_url: str,
+    *,
+    version: str = "",
+    nonce: str = "",
+    names: tuple[str, ...] = (),
+    node: base_pb2.Node | None = None,
+    error: str | None = None,
+) -> discovery_pb2.DiscoveryRequest:
+    req = discovery_pb2.DiscoveryRequest(
+        type_url=type_url, version_info=version, response_nonce=nonce, resource_names=names
+    )
+    if node is not None:
+        req.node.CopyFrom(node)
+    if error is not None:
+        req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+    return req
+
+
+def decode(send: Send) -> discovery_pb2.DiscoveryResponse:
+    return discovery_pb2.DiscoveryResponse.FromString(send.payload)
+
+
+def names_in(send: Send) -> list[str]:
+    cls = resources.resource_type(send.type_url).message_class
+    return [resources.resource_name(cls.FromString(r.value)) for r in decode(send).resources]
+
+
+class FakeEnvoy:
+    """Drives a SotwStream the way Envoy does: ACKs what it receives, in order."""
+
+    def __init__(self, snapshot: Snapshot | None) -> None:
+        self.active = ActiveSnapshots()
+        if snapshot is not None:
+            self.active.set("edge", snapshot)
+        self.stream = SotwStream(1, self.active.resolve, clock=lambda: 100.0)
+        self.first = True
+
+    def send(self, req: discovery_pb2.DiscoveryRequest) -> list[Send]:
+        if self.first:
+            req.node.CopyFrom(NODE)
+            self.first = False
+        return self.stream.receive(req)[2]
+
+    def ack(self, sent: Send, names: tuple[str, ...] = ()) -> list[Send]:
+        return self.send(
+            request(sent.type_url, version=sent.version, nonce=sent.nonce, names=names)
+        )
+
+
+@pytest.fixture
+def snapshot() -> Snapshot:
+    return factories.edge_snapshot()
+
+
+def test_first_request_without_node_is_refused(snapshot) -> None:
+    stream = SotwStream(1, lambda group: snapshot)
+    with pytest.raises(RemoteProtocolError, match="Node"):
+        stream.receive(request(CLUSTER))
+
+
+def test_node_is_remembered_from_the_first_request(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    [cds] = envoy.send(request(CLUSTER))
+    envoy.ack(cds)  # no node on this one
+    assert envoy.stream.node is not None
+    assert (envoy.stream.node.id, envoy.stream.group) == ("edge-1", "edge")
+
+
+def test_node_without_cluster_is_in_group_default() -> None:
+    stream = SotwStream(1, lambda group: None)
+    stream.receive(request(CLUSTER, node=base_pb2.Node(id="n1")))
+    assert stream.group == "default"
+
+
+def test_unknown_type_url_is_refused(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    with pytest.raises(RemoteProtocolError, match="unsupported type_url"):
+        envoy.send(request("type.googleapis.com/not.A.Type"))
+
+
+def test_per_type_stream_refuses_other_types(snapshot) -> None:
+    stream = SotwStream(1, lambda group: snapshot, types=[CLUSTER])
+    with pytest.raises(RemoteProtocolError, match="not served on this stream"):
+        stream.receive(request(LISTENER, node=NODE))
+
+
+def test_per_type_stream_accepts_empty_type_url(snapshot) -> None:
+    stream = SotwStream(1, lambda group: snapshot, types=[CLUSTER])
+    _, _, [sent] = stream.receive(request("", node=NODE))
+    assert sent.type_url == CLUSTER
+
+
+def test_wildcard_cds_sends_every_cluster(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    [cds] = envoy.send(request(CLUSTER))
+    response = decode(cds)
+    assert response.version_info == snapshot.of_type(CLUSTER).version
+    assert response.type_url == CLUSTER
+    assert response.nonce == cds.nonce
+    assert sorted(names_in(cds)) == ["api", "web"]
+
+
+def test_every_response_has_its_own_nonce(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    [cds] = envoy.send(request(CLUSTER))
+    [eds] = envoy.ack(cds) + envoy.send(request(ENDPOINT, names=("web",)))
+    assert cds.nonce != eds.nonce
+
+
+def test_ads_order_holds_later_types_until_earlier_ones_are_acked(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    [cds] = envoy.send(request(CLUSTER))
+    assert envoy.send(request(LISTENER)) == []  # held: CDS not ACKed yet
+    [lds] = envoy.ack(cds)
+    assert lds.type_url == LISTENER
+    assert envoy.send(request(ROUTE, names=("routes",))) == []  # held behind LDS
+    [rds] = envoy.ack(lds)
+    assert rds.type_url == ROUTE
+
+
+def test_a_new_snapshot_is_pushed_in_ads_order(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    [cds] = envoy.send(request(CLUSTER))
+    envoy.ack(cds)
+    [eds] = envoy.send(request(ENDPOINT, names=("web", "api")))
+    [lds] = envoy.ack(eds, names=("web", "api")) + envoy.send(request(LISTENER))
+    [rds] = envoy.ack(lds) + envoy.send(request(ROUTE, names=("routes",)))
+    assert envoy.ack(rds, names=("routes",)) == []
+
+    changed = Snapshot.from_messages(
+        [
+            (CLUSTER, factories.cluster("web")),
+            (CLUSTER, factories.cluster("api")),
+            (ENDPOINT, factories.endpoints("web", 8081)),
+            (ENDPOINT, factories.endpoints("api", 9090)),
+            (LISTENER, factories.listener("http", "routes", port=10001)),
+            (ROUTE, factories.routes("routes", "web", "/v2")),
+        ]
+    )
+    [eds2] = envoy.stream.on_snapshot(changed)  # CDS unchanged: not re-pushed
+    assert eds2.type_url == ENDPOINT
+    [lds2] = envoy.ack(eds2, names=("web", "api"))
+    assert lds2.type_url == LISTENER
+    [rds2] = envoy.ack(lds2)
+    assert rds2.type_url == ROUTE
+    assert envoy.ack(rds2, names=("routes",)) == []
+
+
+def test_eds_sends_only_the_names_asked_for(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    envoy.ack(*envoy.send(request(CLUSTER)))
+    [eds] = envoy.send(request(ENDPOINT, names=("web", "not-there")))
+    assert names_in(eds) == ["web"]
+    assert eds.resource_names == ("not-there", "web")
+
+
+def test_changing_subscribed_names_resends_the_same_version(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    envoy.ack(*envoy.send(request(CLUSTER)))
+    [eds] = envoy.send(request(ENDPOINT, names=("web",)))
+    [again] = envoy.ack(eds, names=("web", "api"))
+    assert again.version == eds.version
+    assert sorted(names_in(again)) == ["api", "web"]
+
+
+def test_stale_nonce_is_ignored(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    [cds] = envoy.send(request(CLUSTER))
+    kind, state, sends = envoy.stream.receive(
+        request(CLUSTER, nonce="not-the-latest", error="old news")
+    )
+    assert (kind, sends) == (RequestKind.STALE, [])
+    assert state.nacked_version is None and state.awaiting_ack
+    assert state.stale_requests == 1
+    assert envoy.ack(cds) == []
+
+
+def test_nack_is_recorded_and_never_resent_in_a_loop(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    [cds] = envoy.send(request(CLUSTER))
+    nack = request(CLUSTER, version="", nonce=cds.nonce, error="cluster web: bad config")
+    kind, state, sends = envoy.stream.receive(nack)
+    assert kind is RequestKind.NACK
+    assert sends == []
+    assert state.nacked_version == cds.version
+    assert state.nack_error == "cluster web: bad config"
+    assert state.acked_version is None
+    # Envoy repeats its request after a NACK; the same version must not come back.
+    assert envoy.stream.receive(request(CLUSTER, nonce=cds.nonce, error="again"))[2] == []
+
+
+def test_a_fixed_snapshot_after_a_nack_is_sent(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    [cds] = envoy.send(request(CLUSTER))
+    envoy.stream.receive(request(CLUSTER, nonce=cds.nonce, error="bad"))
+    fixed = Snapshot.from_messages(
+        [(CLUSTER, factories.cluster("web")), (ENDPOINT, factories.endpoints("web"))]
+    )
+    [resent] = envoy.stream.on_snapshot(fixed)
+    assert resent.version == fixed.of_type(CLUSTER).version
+    assert resent.nonce != cds.nonce
+
+
+def test_snapshot_arriving_while_unacked_waits_for_the_ack(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    [cds] = envoy.send(request(CLUSTER))
+    newer = Snapshot.from_messages(
+        [(CLUSTER, factories.cluster("web")), (ENDPOINT, factories.endpoints("web"))]
+    )
+    assert envoy.stream.on_snapshot(newer) == []  # one response in flight per type
+    [cds2] = envoy.ack(cds)
+    assert cds2.version == newer.of_type(CLUSTER).version
+    assert names_in(cds2) == ["web"]
+    assert envoy.ack(cds2) == []
+    assert envoy.stream.types[CLUSTER].acked_version == cds2.version
+
+
+def test_reconnect_holding_the_current_version_is_sent_nothing(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    current = snapshot.of_type(CLUSTER).version
+    assert envoy.send(request(CLUSTER, version=current)) == []
+    state = envoy.stream.types[CLUSTER]
+    assert state.acked_version == current
+    # ...but an Envoy holding an older version gets the current one.
+    other = FakeEnvoy(snapshot)
+    [sent] = other.send(request(CLUSTER, version="0123456789abcdef"))
+    assert sent.version == current
+
+
+def test_nothing_is_sent_before_any_snapshot_exists() -> None:
+    envoy = FakeEnvoy(None)
+    assert envoy.send(request(CLUSTER)) == []
+    [cds] = envoy.stream.on_snapshot(factories.edge_snapshot())
+    assert cds.type_url == CLUSTER
+
+
+def test_group_without_snapshot_gets_default() -> None:
+    active = ActiveSnapshots()
+    default = factories.edge_snapshot()
+    active.set("default", default)
+    assert active.resolve("edge") is default
+    own = factories.edge_snapshot(prefix="/edge")
+    active.set("edge", own)
+    assert active.resolve("edge") is own
+    assert active.resolve("other") is default
