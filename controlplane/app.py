@@ -51,6 +51,10 @@ class Config:
     drain_seconds: float = 5.0
 
 
+class BindError(RuntimeError):
+    pass
+
+
 class ControlPlane:
     """Owns the lifecycle: start, serve until told to stop, drain with a timeout."""
 
@@ -62,11 +66,14 @@ class ControlPlane:
         self.active.subscribe(self.fleet.wake_all)
         self.publisher = Publisher(self.store, self.active)
         self.ready = False
+        # so_reuseport off: a second xdscp on the same port must fail, not split the fleet.
         self._xds = grpc.aio.server(
             handlers=XdsServer(self.active, self.fleet).handlers(),
-            options=[("grpc.max_receive_message_length", 64 << 20)],
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)],
         )
-        self._admin = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20)])
+        self._admin = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 256 << 20)]
+        )
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminService(self.publisher, self.store, self.fleet), self._admin
         )
@@ -88,9 +95,16 @@ class ControlPlane:
             (self._xds, self.config.xds_address),
             (self._admin, self.config.admin_address),
         ):
-            server.add_insecure_port(address.grpc_target())
+            try:
+                server.add_insecure_port(address.grpc_target())
+            except RuntimeError as error:
+                raise BindError(f"cannot listen on {address.grpc_target()}: {error}") from None
             await server.start()
-        await self._http.start(self.config.http_address.host, self.config.http_address.port)
+        http = self.config.http_address
+        try:
+            await self._http.start(http.host, http.port)
+        except OSError as error:
+            raise BindError(f"cannot listen on {http.grpc_target()}: {error.strerror}") from None
         self.ready = True
         log.info(
             "serving",
@@ -102,8 +116,10 @@ class ControlPlane:
         )
 
     async def stop(self) -> None:
+        """Stop taking work, end xDS streams (Envoys reconnect elsewhere), finish admin calls."""
         self.ready = False
-        log.info("draining", grace_seconds=self.config.drain_seconds)
+        log.info("draining", grace_seconds=self.config.drain_seconds, streams=len(self.fleet))
+        self.fleet.close_all()
         await asyncio.gather(
             self._xds.stop(self.config.drain_seconds), self._admin.stop(self.config.drain_seconds)
         )
@@ -118,7 +134,11 @@ async def run(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await plane.start()
+    try:
+        await plane.start()
+    except BaseException:
+        await plane.stop()
+        raise
     try:
         await stop.wait()
     finally:

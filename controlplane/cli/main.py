@@ -103,7 +103,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise CommandError(str(error)) from None
-    asyncio.run(app.run(config))
+    try:
+        asyncio.run(app.run(config))
+    except app.BindError as error:
+        raise CommandError(str(error)) from None
     return EXIT_OK
 
 

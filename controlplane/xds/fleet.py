@@ -7,12 +7,23 @@ each type with the snapshot the node's group should hold.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from controlplane.resources import ADS_ORDER
 from controlplane.snapshot import Snapshot
 from controlplane.xds.stream import SotwStream, TypeState
+
+
+class StreamControl(Protocol):
+    """What the fleet may ask of a stream's shell."""
+
+    def wake(self) -> None:
+        """Re-resolve the stream's snapshot and push what changed."""
+
+    def close(self) -> None:
+        """End the stream cleanly (on shutdown)."""
 
 
 class SyncState(enum.Enum):
@@ -75,18 +86,21 @@ def type_status(state: TypeState, snapshot: Snapshot | None) -> TypeStatus:
 
 class Fleet:
     def __init__(self) -> None:
-        self._streams: dict[int, tuple[SotwStream, Callable[[], None]]] = {}
+        self._streams: dict[int, tuple[SotwStream, StreamControl]] = {}
 
-    def add(self, stream: SotwStream, wake: Callable[[], None]) -> None:
-        """Register an open stream; `wake()` asks its shell to re-resolve its snapshot."""
-        self._streams[stream.stream_id] = (stream, wake)
+    def add(self, stream: SotwStream, control: StreamControl) -> None:
+        self._streams[stream.stream_id] = (stream, control)
 
     def remove(self, stream: SotwStream) -> None:
         self._streams.pop(stream.stream_id, None)
 
     def wake_all(self) -> None:
-        for _, wake in self._streams.values():
-            wake()
+        for _, control in self._streams.values():
+            control.wake()
+
+    def close_all(self) -> None:
+        for _, control in self._streams.values():
+            control.close()
 
     def __iter__(self) -> Iterator[SotwStream]:
         return iter([stream for stream, _ in self._streams.values()])

@@ -79,7 +79,7 @@ class XdsServer:
                 else:
                     kind, state, sends = stream.receive(_parse(event))  # type: ignore[arg-type]
                     if stream not in self._fleet and stream.node is not None:
-                        self._fleet.add(stream, lambda: events.put_nowait(_WAKE))
+                        self._fleet.add(stream, _QueueControl(events))
                         bound = bound.bind(node_id=stream.node.id, group=stream.group)
                         bound.info("stream opened", protocol=stream.protocol)
                     _log_request(bound, kind, state)
@@ -94,6 +94,17 @@ class XdsServer:
             if stream in self._fleet:
                 self._fleet.remove(stream)
                 bound.info("stream closed")
+
+
+class _QueueControl:
+    def __init__(self, events: asyncio.Queue[object]) -> None:
+        self._events = events
+
+    def wake(self) -> None:
+        self._events.put_nowait(_WAKE)
+
+    def close(self) -> None:
+        self._events.put_nowait(_END)
 
 
 def _parse(raw: bytes) -> discovery_pb2.DiscoveryRequest:
