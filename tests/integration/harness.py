@@ -171,6 +171,7 @@ def ads_bootstrap(
             "ads_config": {
                 "api_type": api_type,
                 "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
                 "grpc_services": [
                     {
                         "envoy_grpc": {

@@ -1,0 +1,129 @@
+"""Bad input is refused with file, line and field, and leaves the store exactly as it was."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+
+from controlplane import resources
+from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
+from tests import factories
+from tests.integration import edge_config
+from tests.integration.harness import XdsControlPlane, free_port
+
+
+def store_contents(path: Path) -> dict[str, list[tuple]]:  # type: ignore[type-arg]
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        return {
+            table: db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+            for table in ("snapshots", "snapshot_resources", "history", "pointers", "blobs")
+        }
+
+
+@pytest.fixture
+def published(control_plane: XdsControlPlane, tmp_path: Path) -> XdsControlPlane:
+    good = edge_config.write(
+        tmp_path / "good",
+        listener_port=free_port(),
+        backends={"a": 1},
+        routes=[edge_config.route_to("a")],
+    )
+    control_plane.xdsctl("publish", str(good), "--group", "edge")
+    return control_plane
+
+
+def broken_copy(tmp_path: Path, filename: str, text: str) -> Path:
+    directory = edge_config.write(
+        tmp_path / "broken",
+        listener_port=free_port(),
+        backends={"a": 1},
+        routes=[edge_config.route_to("a")],
+    )
+    (directory / filename).write_text(text)
+    return directory
+
+
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+
+CASES = {
+    "malformed yaml": (
+        "clusters.yaml",
+        f'resources:\n- "@type": {CLUSTER}\n  name: a\n  type: [EDS\n',
+        ["clusters.yaml:5"],
+    ),
+    "unknown field": (
+        "clusters.yaml",
+        f'resources:\n- "@type": {CLUSTER}\n  name: a\n  type: EDS\n  conect_timeout: 1s\n'
+        "  eds_cluster_config: {eds_config: {ads: {}}}\n",
+        [
+            "clusters.yaml:5: Cluster: ",
+            'unknown field "conect_timeout" (did you mean "connect_timeout"?)',
+        ],
+    ),
+    "unknown @type": (
+        "clusters.yaml",
+        'resources:\n- "@type": type.googleapis.com/envoy.config.cluster.v3.Clustr\n  name: a\n',
+        ["clusters.yaml:2", "envoy.config.cluster.v3.Clustr"],
+    ),
+    "dangling reference": (
+        "endpoints.yaml",
+        "resources: []\n",
+        ["clusters.yaml:", 'cluster "a" references endpoint "a"', "nothing published"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_input_is_refused_and_the_store_is_untouched(published, tmp_path, case) -> None:
+    filename, text, expected = CASES[case]
+    before = store_contents(published.store)
+    history_before = published.xdsctl("snapshots", "--json").stdout
+
+    result = published.xdsctl(
+        "publish", str(broken_copy(tmp_path, filename, text)), "--group", "edge", check=False
+    )
+
+    assert result.returncode == 1
+    assert result.stdout == ""  # no version printed
+    for fragment in expected:
+        assert fragment in result.stderr, result.stderr
+    assert store_contents(published.store) == before
+    assert published.xdsctl("snapshots", "--json").stdout == history_before
+
+
+def test_server_refuses_a_dangling_snapshot_sent_past_the_cli(published) -> None:
+    before = store_contents(published.store)
+    request = admin_pb2.PublishRequest(
+        group="edge",
+        resources=[
+            any_pb2.Any(
+                type_url=resources.CLUSTER, value=factories.cluster("orphan").SerializeToString()
+            )
+        ],
+    )
+    with (
+        grpc.insecure_channel(published.admin_address) as channel,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        admin_pb2_grpc.AdminStub(channel).Publish(request, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert 'cluster "orphan" references endpoint "orphan"' in caught.value.details()
+    assert store_contents(published.store) == before
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path) -> None:
+    from tests.integration.harness import xdsctl
+
+    config = edge_config.write(
+        tmp_path / "c",
+        listener_port=free_port(),
+        backends={"a": 1},
+        routes=[edge_config.route_to("a")],
+    )
+    result = xdsctl("publish", str(config), "--server", f"127.0.0.1:{free_port()}", check=False)
+    assert result.returncode == 1
+    assert "cannot reach xdscp at" in result.stderr
