@@ -51,9 +51,9 @@ class Publisher:
     ) -> Published:
         """Raises UnknownTypeError, DecodeError or ConsistencyError (nothing stored)."""
         group = group or DEFAULT_GROUP
-        snapshot = Snapshot.from_messages(
-            (item.type_url, _unpack_resource(item)) for item in packed
-        )
+        items = [(item.type_url, _unpack_resource(item)) for item in packed]
+        # Canonicalizing and serializing a large config takes a while: keep the loop serving.
+        snapshot = await asyncio.to_thread(Snapshot.from_messages, items)
         async with self._lock:
             result = await asyncio.to_thread(
                 self._store.publish, group, snapshot, message=message, actor=actor

@@ -46,6 +46,7 @@ def fleet_status(response: admin_pb2.GetFleetStatusResponse) -> str:
                 [
                     node.node_id,
                     node.group,
+                    node.snapshot_version or "-",
                     node.build_version or "-",
                     short_type(t.type_url),
                     t.state,
@@ -54,7 +55,7 @@ def fleet_status(response: admin_pb2.GetFleetStatusResponse) -> str:
                     detail,
                 ]
             )
-    headers = ["NODE", "GROUP", "ENVOY", "TYPE", "STATE", "WANTS", "ACKED", "ERROR"]
+    headers = ["NODE", "GROUP", "SNAPSHOT", "ENVOY", "TYPE", "STATE", "WANTS", "ACKED", "ERROR"]
     return table(headers, rows)
 
 

@@ -1,0 +1,40 @@
+"""A proxyless gRPC client on gRPC's built-in xDS resolver, run as its own process.
+
+gRPC reads GRPC_XDS_BOOTSTRAP once per process, so the test starts this script with the
+variable set. Usage: `python grpc_xds_client.py TARGET METHOD MESSAGE TIMEOUT_S`.
+
+It waits (bounded) for the channel to be ready, makes one unary call with a deadline, prints
+`REPLY <hex of the reply>` then `READY`, and keeps the channel (and so its xDS stream) open
+until stdin is closed, so the test can inspect the control plane while it is connected.
+Any failure is printed to stderr and the exit code is non-zero.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+
+
+def main(argv: list[str]) -> int:
+    target, method, message, timeout = argv[0], argv[1], argv[2].encode(), float(argv[3])
+    with grpc.insecure_channel(target) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            print(f"channel to {target} not ready within {timeout}s", file=sys.stderr)
+            return 2
+        call = channel.unary_unary(method)  # bytes in, bytes out: no serializers
+        try:
+            reply = call(message, timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as error:
+            print(f"RPC failed: {error.code()} {error.details()}", file=sys.stderr)
+            return 3
+        print(f"REPLY {reply.hex()}", flush=True)
+        print("READY", flush=True)
+        sys.stdin.read()  # until the test closes our stdin (or its process ends)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
