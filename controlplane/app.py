@@ -49,6 +49,8 @@ class Config:
     http_address: Address = Address("127.0.0.1", 18002)
     store_path: Path = DEFAULT_STORE
     drain_seconds: float = 5.0
+    # xDS on a Unix socket too: reachable from a probe Envoy in its own network namespace.
+    xds_socket: Path | None = None
 
 
 class BindError(RuntimeError):
@@ -99,6 +101,8 @@ class ControlPlane:
                 server.add_insecure_port(address.grpc_target())
             except RuntimeError as error:
                 raise BindError(f"cannot listen on {address.grpc_target()}: {error}") from None
+            if server is self._xds and self.config.xds_socket is not None:
+                self._add_unix_socket(self.config.xds_socket)
             await server.start()
         http = self.config.http_address
         try:
@@ -109,11 +113,20 @@ class ControlPlane:
         log.info(
             "serving",
             xds=self.config.xds_address.grpc_target(),
+            xds_socket=str(self.config.xds_socket or ""),
             admin=self.config.admin_address.grpc_target(),
             http=self.config.http_address.grpc_target(),
             store=str(self.config.store_path),
             groups_loaded=loaded,
         )
+
+    def _add_unix_socket(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)  # a stale socket from a previous run
+        try:
+            self._xds.add_insecure_port(f"unix:{path.resolve()}")
+        except RuntimeError as error:
+            raise BindError(f"cannot listen on unix:{path}: {error}") from None
 
     async def stop(self) -> None:
         """Stop taking work, end xDS streams (Envoys reconnect elsewhere), finish admin calls."""

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the control plane")
     serve.add_argument("--xds-address", default="127.0.0.1:18000", help="xDS gRPC (Envoys)")
+    serve.add_argument(
+        "--xds-socket", type=Path, default=None, help="also serve xDS on this Unix socket"
+    )
     serve.add_argument("--admin-address", default="127.0.0.1:18001", help="admin gRPC (xdsctl)")
     serve.add_argument("--http-address", default="127.0.0.1:18002", help="/healthz, /readyz")
     serve.add_argument(
@@ -100,6 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             http_address=app.Address.parse(args.http_address),
             store_path=args.store or app.DEFAULT_STORE,
             drain_seconds=args.drain_seconds,
+            xds_socket=args.xds_socket,
         )
     except ValueError as error:
         raise CommandError(str(error)) from None
