@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import structlog
 
 from controlplane import resources
+from controlplane.admin.auth import TokenInterceptor, load_or_create_token
 from controlplane.admin.http import HttpEndpoint
-from controlplane.admin.service import AdminService
+from controlplane.admin.service import MUTATING_METHODS, AdminService
 from controlplane.admin.v1 import admin_pb2_grpc
-from controlplane.publish import Publisher
+from controlplane.rollout.controller import RolloutController
+from controlplane.rollout.policy import RolloutPolicy
+from controlplane.rollout.probe import XdsEndpoint
 from controlplane.store.sqlite import SQLiteStore
-from controlplane.xds.cache import ActiveSnapshots
+from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet
 from controlplane.xds.server import XdsServer
 
@@ -51,6 +54,12 @@ class Config:
     drain_seconds: float = 5.0
     # xDS on a Unix socket too: reachable from a probe Envoy in its own network namespace.
     xds_socket: Path | None = None
+    policies: dict[str, RolloutPolicy] = field(default_factory=dict)
+    admin_token_file: Path | None = None  # default: admin-token beside the store
+
+    @property
+    def token_path(self) -> Path:
+        return self.admin_token_file or self.store_path.parent / "admin-token"
 
 
 class BindError(RuntimeError):
@@ -63,21 +72,30 @@ class ControlPlane:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = SQLiteStore(config.store_path)
-        self.active = ActiveSnapshots()
+        self.assignments = Assignments()
         self.fleet = Fleet()
-        self.active.subscribe(self.fleet.wake_all)
-        self.publisher = Publisher(self.store, self.active)
+        self.assignments.subscribe(self.fleet.wake_all)
+        self.controller = RolloutController(
+            self.store,
+            self.assignments,
+            self.fleet,
+            config.policies,
+        )
         self.ready = False
+        self.bound: dict[str, Address] = {}
         # so_reuseport off: a second xdscp on the same port must fail, not split the fleet.
         self._xds = grpc.aio.server(
-            handlers=XdsServer(self.active, self.fleet).handlers(),
+            handlers=XdsServer(self.assignments, self.fleet).handlers(),
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)],
         )
         self._admin = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 256 << 20)]
+            interceptors=[
+                TokenInterceptor(load_or_create_token(config.token_path), MUTATING_METHODS)
+            ],
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 256 << 20)],
         )
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(self.publisher, self.store, self.fleet), self._admin
+            AdminService(self.controller, self.store, self.fleet), self._admin
         )
         self._http = HttpEndpoint(
             {
@@ -91,34 +109,49 @@ class ControlPlane:
         )
 
     async def start(self) -> None:
+        """Bind (port 0 picks a free port; `self.bound` says which), then serve."""
         resources.load_all_descriptors()
-        loaded = await asyncio.to_thread(self.publisher.load_stable)
-        for server, address in (
-            (self._xds, self.config.xds_address),
-            (self._admin, self.config.admin_address),
-        ):
-            try:
-                server.add_insecure_port(address.grpc_target())
-            except RuntimeError as error:
-                raise BindError(f"cannot listen on {address.grpc_target()}: {error}") from None
-            if server is self._xds and self.config.xds_socket is not None:
-                self._add_unix_socket(self.config.xds_socket)
-            await server.start()
-        http = self.config.http_address
+        await asyncio.to_thread(self.controller.load)
+        xds = self._bind_grpc(self._xds, self.config.xds_address)
+        if self.config.xds_socket is not None:
+            self._add_unix_socket(self.config.xds_socket)
+        admin = self._bind_grpc(self._admin, self.config.admin_address)
+        await self._xds.start()
+        await self._admin.start()
         try:
-            await self._http.start(http.host, http.port)
+            http_port = await self._http.start(
+                self.config.http_address.host, self.config.http_address.port
+            )
         except OSError as error:
-            raise BindError(f"cannot listen on {http.grpc_target()}: {error.strerror}") from None
+            target = self.config.http_address.grpc_target()
+            raise BindError(f"cannot listen on {target}: {error.strerror}") from None
+        self.bound = {
+            "xds": xds,
+            "admin": admin,
+            "http": Address(self.config.http_address.host, http_port),
+        }
+        self.controller.probe_xds = XdsEndpoint(
+            tcp=(xds.host, xds.port), unix_socket=self.config.xds_socket
+        )
+        self.controller.start()
         self.ready = True
         log.info(
             "serving",
-            xds=self.config.xds_address.grpc_target(),
             xds_socket=str(self.config.xds_socket or ""),
-            admin=self.config.admin_address.grpc_target(),
-            http=self.config.http_address.grpc_target(),
             store=str(self.config.store_path),
-            groups_loaded=loaded,
+            groups=self.assignments.groups(),
+            rollout_policies=sorted(self.config.policies),
+            admin_token_file=str(self.config.token_path),
+            **{name: address.grpc_target() for name, address in self.bound.items()},
         )
+
+    @staticmethod
+    def _bind_grpc(server: grpc.aio.Server, address: Address) -> Address:
+        try:
+            port = server.add_insecure_port(address.grpc_target())
+        except RuntimeError as error:
+            raise BindError(f"cannot listen on {address.grpc_target()}: {error}") from None
+        return Address(address.host, port)
 
     def _add_unix_socket(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +165,7 @@ class ControlPlane:
         """Stop taking work, end xDS streams (Envoys reconnect elsewhere), finish admin calls."""
         self.ready = False
         log.info("draining", grace_seconds=self.config.drain_seconds, streams=len(self.fleet))
+        await self.controller.stop()
         self.fleet.close_all()
         await asyncio.gather(
             self._xds.stop(self.config.drain_seconds), self._admin.stop(self.config.drain_seconds)

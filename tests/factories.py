@@ -76,7 +76,9 @@ def routes(name: str, cluster_name: str, prefix: str = "/") -> route_pb2.RouteCo
     return route_pb2.RouteConfiguration(name=name, virtual_hosts=[host])
 
 
-def edge_snapshot(backend_port: int = 8080, prefix: str = "/") -> Snapshot:
+def edge_snapshot(
+    backend_port: int = 8080, prefix: str = "/", listener_port: int = 10000
+) -> Snapshot:
     """Two clusters, their endpoints, one listener and its routes."""
     return Snapshot.from_messages(
         [
@@ -84,7 +86,7 @@ def edge_snapshot(backend_port: int = 8080, prefix: str = "/") -> Snapshot:
             (resources.CLUSTER, cluster("api")),
             (resources.ENDPOINT, endpoints("web", backend_port)),
             (resources.ENDPOINT, endpoints("api", 9090)),
-            (resources.LISTENER, listener("http", "routes")),
+            (resources.LISTENER, listener("http", "routes", listener_port)),
             (resources.ROUTE, routes("routes", "web", prefix)),
         ]
     )

@@ -2,47 +2,171 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import structlog
 from google.protobuf.message import DecodeError
 
 from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
-from controlplane.publish import Publisher
+from controlplane.publish import build_snapshot
 from controlplane.resources import UnknownTypeError
+from controlplane.rollout.controller import NotFoundError, RolloutController, RolloutError
+from controlplane.rollout.gate import Rollout
 from controlplane.snapshot import ConsistencyError, DuplicateResourceError
-from controlplane.store import HistoryEntry, SnapshotStore
+from controlplane.store import DEFAULT_GROUP, HistoryEntry, SnapshotStore
 from controlplane.xds.fleet import Fleet, NodeStatus
 
 log = structlog.get_logger("admin")
 
-_REFUSED = (UnknownTypeError, DecodeError, ConsistencyError, DuplicateResourceError)
+_INVALID = (UnknownTypeError, DecodeError, ConsistencyError, DuplicateResourceError)
+
+# Calls that change what the fleet gets: they need the admin token.
+MUTATING_METHODS = {
+    f"/xdscp.admin.v1.Admin/{name}" for name in ("Publish", "Promote", "Abort", "Rollback")
+}
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, publisher: Publisher, store: SnapshotStore, fleet: Fleet) -> None:
-        self._publisher = publisher
+    def __init__(self, controller: RolloutController, store: SnapshotStore, fleet: Fleet) -> None:
+        self._controller = controller
         self._store = store
         self._fleet = fleet
 
     async def Publish(
         self, request: admin_pb2.PublishRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.PublishResponse:
+        group = request.group or DEFAULT_GROUP
         try:
-            published = await self._publisher.publish(
-                request.group,
-                request.resources,
-                message=request.message,
-                actor=request.actor or context.peer(),
+            snapshot = await build_snapshot(request.resources)
+            outcome = await self._controller.publish(
+                group, snapshot, message=request.message, actor=request.actor or context.peer()
             )
-        except _REFUSED as error:
-            log.warning("publish refused", group=request.group, error=str(error))
+        except _INVALID as error:
+            log.warning("publish refused", group=group, error=str(error))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        return admin_pb2.PublishResponse(
-            version=published.version,
-            changed=published.changed,
-            parent_version=published.parent_version or "",
-            counts=published.counts,
+        except RolloutError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        log.info(
+            "publish",
+            group=group,
+            version=outcome.version,
+            parent_version=outcome.parent_version,
+            outcome=outcome.outcome,
+            actor=request.actor,
+            message=request.message,
+            bytes=snapshot.size_bytes,
         )
+        return admin_pb2.PublishResponse(
+            version=outcome.version,
+            changed=outcome.outcome != "unchanged",
+            parent_version=outcome.parent_version or "",
+            counts=snapshot.counts(),
+            outcome=outcome.outcome,
+        )
+
+    async def ListRollouts(
+        self, request: admin_pb2.ListRolloutsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListRolloutsResponse:
+        rollouts = self._controller.rollouts()
+        return admin_pb2.ListRolloutsResponse(
+            rollouts=[
+                self._rollout_status(r)
+                for group, r in sorted(rollouts.items())
+                if not request.group or group == request.group
+            ]
+        )
+
+    async def Promote(
+        self, request: admin_pb2.RolloutCommand, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RolloutStatus:
+        try:
+            rollout = await self._controller.promote(
+                request.group or DEFAULT_GROUP, actor=request.actor, reason=request.reason
+            )
+        except RolloutError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        return self._rollout_status(rollout)
+
+    async def Abort(
+        self, request: admin_pb2.RolloutCommand, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RolloutStatus:
+        try:
+            rollout = await self._controller.abort(
+                request.group or DEFAULT_GROUP, actor=request.actor, reason=request.reason
+            )
+        except RolloutError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        return self._rollout_status(rollout)
+
+    async def Rollback(
+        self, request: admin_pb2.RollbackRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RollbackResponse:
+        try:
+            outcome = await self._controller.rollback(
+                request.group or DEFAULT_GROUP,
+                to_version=request.to_version or None,
+                actor=request.actor or context.peer(),
+                reason=request.reason,
+            )
+        except NotFoundError as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except RolloutError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        return admin_pb2.RollbackResponse(
+            version=outcome.version,
+            previous_version=outcome.previous_version or "",
+            aborted_rollout=outcome.aborted_rollout,
+            started_at=outcome.started_at,
+        )
+
+    async def WaitForConvergence(
+        self, request: admin_pb2.WaitForConvergenceRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.WaitForConvergenceResponse:
+        group = request.group or DEFAULT_GROUP
+        version = request.version or self._store.pointer(group) or ""
+        convergence = await self._controller.wait_for_convergence(
+            group,
+            version,
+            since=request.since or time.time(),
+            timeout=max(0.0, request.timeout_seconds),
+        )
+        return admin_pb2.WaitForConvergenceResponse(
+            version=convergence.version,
+            total_nodes=convergence.total,
+            acked_nodes=convergence.acked,
+            seconds=convergence.seconds,
+            lagging=[
+                admin_pb2.LaggingNode(node_id=node_id, state=state)
+                for node_id, state in convergence.lagging
+            ],
+        )
+
+    def _rollout_status(self, rollout: Rollout) -> admin_pb2.RolloutStatus:
+        policy = self._controller.policy(rollout.group)
+        status = admin_pb2.RolloutStatus(
+            group=rollout.group,
+            phase=rollout.phase.value,
+            candidate=rollout.candidate,
+            previous_stable=rollout.previous_stable or "",
+            staged_at=rollout.staged_at,
+            ended_at=rollout.ended_at or 0.0,
+            reason=rollout.reason,
+            actor=rollout.actor,
+            message=rollout.message,
+            existing_acked=rollout.existing_acked,
+            fresh_acked=rollout.fresh_acked,
+            probe_state=rollout.probe_state.value,
+            probe_reason=rollout.probe_reason,
+        )
+        if policy is not None:
+            status.min_existing = policy.min_existing
+            status.min_fresh = policy.min_fresh
+            status.canary_selector = policy.canary.describe()
+            status.auto_promote = policy.auto_promote
+            status.bake_seconds = policy.bake_seconds
+            status.deadline_seconds = policy.deadline_seconds
+        return status
 
     async def ListSnapshots(
         self, request: admin_pb2.ListSnapshotsRequest, context: grpc.aio.ServicerContext

@@ -15,6 +15,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, json_format
@@ -22,6 +23,7 @@ from google.protobuf import any_pb2, json_format
 from controlplane.cli import render
 
 DEFAULT_SERVER = "127.0.0.1:18001"
+DEFAULT_TOKEN_FILE = Path(".xdscp") / "admin-token"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 RPC_TIMEOUT_SECONDS = 30.0
 
@@ -56,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--store", type=Path, default=None, help="SQLite file (default .xdscp/xdscp.db)"
     )
+    serve.add_argument("--rollout-policy", type=Path, default=None, help="canary policy YAML")
+    serve.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=None,
+        help="token for mutating admin calls (default: admin-token beside the store; created)",
+    )
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--drain-seconds", type=float, default=5.0, help="grace period on shutdown")
     serve.set_defaults(handler=cmd_serve)
@@ -80,6 +89,35 @@ def build_parser() -> argparse.ArgumentParser:
     snapshots.add_argument("--json", action="store_true")
     _add_server(snapshots)
     snapshots.set_defaults(handler=cmd_snapshots)
+
+    rollout = commands.add_parser("rollout", help="canary rollouts: status, promote, abort")
+    rollout_commands = rollout.add_subparsers(
+        dest="rollout_command", required=True, metavar="ACTION"
+    )
+    rollout_status = rollout_commands.add_parser("status", help="current or last rollout per group")
+    rollout_status.add_argument("--group", default="")
+    rollout_status.add_argument("--json", action="store_true")
+    _add_server(rollout_status)
+    rollout_status.set_defaults(handler=cmd_rollout_status)
+    for action, handler, help_text in (
+        ("promote", cmd_rollout_promote, "promote a candidate that passed its canaries"),
+        ("abort", cmd_rollout_abort, "abort: canaries back to stable, candidate rejected"),
+    ):
+        command = rollout_commands.add_parser(action, help=help_text)
+        command.add_argument("--group", default="default")
+        command.add_argument("--reason", default="")
+        _add_server(command)
+        command.set_defaults(handler=handler)
+
+    rollback = commands.add_parser(
+        "rollback", help="put last_good (or --to VERSION) on every node now, and wait for ACKs"
+    )
+    rollback.add_argument("--group", default="default")
+    rollback.add_argument("--to", dest="to_version", default="", metavar="VERSION")
+    rollback.add_argument("--reason", default="")
+    rollback.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for ACKs")
+    _add_server(rollback)
+    rollback.set_defaults(handler=cmd_rollback)
     return parser
 
 
@@ -89,11 +127,18 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("XDSCTL_SERVER", DEFAULT_SERVER),
         help=f"admin address of xdscp (env XDSCTL_SERVER, default {DEFAULT_SERVER})",
     )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help=f"admin token for changes (env XDSCTL_TOKEN; default {DEFAULT_TOKEN_FILE} if present)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from controlplane import app
     from controlplane.observability import logging as obs_logging
+    from controlplane.rollout.policy import load_policies
 
     obs_logging.configure(args.log_level)
     try:
@@ -104,6 +149,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             store_path=args.store or app.DEFAULT_STORE,
             drain_seconds=args.drain_seconds,
             xds_socket=args.xds_socket,
+            policies=load_policies(args.rollout_policy) if args.rollout_policy else {},
+            admin_token_file=args.admin_token_file,
         )
     except ValueError as error:
         raise CommandError(str(error)) from None
@@ -141,15 +188,22 @@ def cmd_publish(args: argparse.Namespace) -> int:
     request = admin_pb2.PublishRequest(
         group=args.group,
         message=args.message,
-        actor=f"{getpass.getuser()}@{socket.gethostname()}",
+        actor=_actor(),
         resources=[
             any_pb2.Any(type_url=r.type_url, value=resources.serialize(r.message)) for r in loaded
         ],
     )
-    response = _call(args.server, lambda stub: stub.Publish(request, timeout=RPC_TIMEOUT_SECONDS))
+    response = _call(
+        args, lambda stub, md: stub.Publish(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md)
+    )
     counts = ", ".join(f"{n} {t}" for t, n in sorted(response.counts.items()) if n)
-    outcome = "published" if response.changed else "unchanged: group already holds"
-    print(f"{outcome} {response.version} to group {args.group} ({counts})", file=sys.stderr)
+    outcome = {
+        "promoted": f"published {response.version} to group {args.group}",
+        "staged": f"staged {response.version} for a canary rollout in group {args.group} "
+        "(see `xdsctl rollout status`)",
+        "unchanged": f"unchanged: group {args.group} already holds {response.version}",
+    }[response.outcome]
+    print(f"{outcome} ({counts})", file=sys.stderr)
     print(response.version)
     return EXIT_OK
 
@@ -158,9 +212,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from controlplane.admin.v1 import admin_pb2
 
     response = _call(
-        args.server,
-        lambda stub: stub.GetFleetStatus(
-            admin_pb2.GetFleetStatusRequest(), timeout=RPC_TIMEOUT_SECONDS
+        args,
+        lambda stub, md: stub.GetFleetStatus(
+            admin_pb2.GetFleetStatusRequest(), timeout=RPC_TIMEOUT_SECONDS, metadata=md
         ),
     )
     print(_as_json(response) if args.json else render.fleet_status(response))
@@ -172,9 +226,73 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
     request = admin_pb2.ListSnapshotsRequest(group=args.group, limit=args.limit)
     response = _call(
-        args.server, lambda stub: stub.ListSnapshots(request, timeout=RPC_TIMEOUT_SECONDS)
+        args, lambda stub, md: stub.ListSnapshots(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md)
     )
     print(_as_json(response) if args.json else render.history(response))
+    return EXIT_OK
+
+
+def cmd_rollout_status(args: argparse.Namespace) -> int:
+    from controlplane.admin.v1 import admin_pb2
+
+    request = admin_pb2.ListRolloutsRequest(group=args.group)
+    response = _call(
+        args, lambda stub, md: stub.ListRollouts(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md)
+    )
+    print(_as_json(response) if args.json else render.rollouts(response))
+    return EXIT_OK
+
+
+def cmd_rollout_promote(args: argparse.Namespace) -> int:
+    return _rollout_command(args, "Promote")
+
+
+def cmd_rollout_abort(args: argparse.Namespace) -> int:
+    return _rollout_command(args, "Abort")
+
+
+def _rollout_command(args: argparse.Namespace, method: str) -> int:
+    from controlplane.admin.v1 import admin_pb2
+
+    request = admin_pb2.RolloutCommand(group=args.group, actor=_actor(), reason=args.reason)
+    status = _call(
+        args,
+        lambda stub, md: getattr(stub, method)(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md),
+    )
+    print(render.rollout(status))
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from controlplane.admin.v1 import admin_pb2
+
+    request = admin_pb2.RollbackRequest(
+        group=args.group, to_version=args.to_version, actor=_actor(), reason=args.reason
+    )
+    done = _call(
+        args, lambda stub, md: stub.Rollback(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md)
+    )
+    aborted = " (aborted the rollout in progress)" if done.aborted_rollout else ""
+    print(
+        f"rolled back group {args.group} to {done.version} from "
+        f"{done.previous_version or '-'}{aborted}; waiting up to {args.timeout:g}s for ACKs",
+        file=sys.stderr,
+    )
+    wait = admin_pb2.WaitForConvergenceRequest(
+        group=args.group, version=done.version, since=done.started_at, timeout_seconds=args.timeout
+    )
+    converged = _call(
+        args,
+        lambda stub, md: stub.WaitForConvergence(wait, timeout=args.timeout + 30, metadata=md),
+    )
+    print(
+        f"{converged.acked_nodes}/{converged.total_nodes} nodes ACKed {done.version} "
+        f"in {converged.seconds:.2f}s"
+    )
+    if converged.lagging:
+        for node in converged.lagging:
+            print(f"not ACKed: {node.node_id}: {node.state}", file=sys.stderr)
+        raise CommandError(f"{len(converged.lagging)} node(s) did not ACK within {args.timeout:g}s")
     return EXIT_OK
 
 
@@ -186,16 +304,35 @@ def _as_json(message: object) -> str:
     )
 
 
-def _call(server: str, rpc: Callable) -> object:  # type: ignore[type-arg]
+def _actor() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if token := os.environ.get("XDSCTL_TOKEN", "").strip():
+        return token
+    path = args.token_file or DEFAULT_TOKEN_FILE
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        if args.token_file is not None:
+            raise CommandError(f"token file {path} does not exist") from None
+        return None
+
+
+def _call(args: argparse.Namespace, rpc: Callable) -> Any:  # type: ignore[type-arg]
+    """rpc(stub, metadata) against --server, mapping gRPC failures to one-line errors."""
     from controlplane.admin.v1 import admin_pb2_grpc
 
-    with grpc.insecure_channel(server) as channel:
+    token = _token(args)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(args.server) as channel:
         try:
-            return rpc(admin_pb2_grpc.AdminStub(channel))
+            return rpc(admin_pb2_grpc.AdminStub(channel), metadata)
         except grpc.RpcError as error:
             code, details = error.code(), error.details()  # type: ignore[attr-defined]
             if code == grpc.StatusCode.UNAVAILABLE:
-                raise CommandError(f"cannot reach xdscp at {server}: {details}") from None
+                raise CommandError(f"cannot reach xdscp at {args.server}: {details}") from None
             raise CommandError(f"{code.name.lower()}: {details}") from None
 
 

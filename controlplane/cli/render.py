@@ -83,3 +83,28 @@ def history(response: admin_pb2.ListSnapshotsResponse) -> str:
     ]
     lines.append(table(["GROUP", "VERSION", "PARENT", "ACTION", "TIME", "ACTOR", "MESSAGE"], rows))
     return "\n".join(lines)
+
+
+def rollouts(response: admin_pb2.ListRolloutsResponse) -> str:
+    if not response.rollouts:
+        return "no rollouts"
+    return "\n\n".join(rollout(r) for r in response.rollouts)
+
+
+def rollout(status: admin_pb2.RolloutStatus) -> str:
+    lines = [
+        f"group {status.group}: {status.phase.upper()} candidate {status.candidate} "
+        f"(stable was {status.previous_stable or '-'})",
+        f"  staged {ago(status.staged_at)} by {status.actor}: {status.message or '-'}",
+        f"  canaries: {status.canary_selector or '-'}",
+        f"  existing ACKed {len(status.existing_acked)}/{status.min_existing}: "
+        f"{', '.join(status.existing_acked) or '-'}",
+        f"  fresh ACKed {len(status.fresh_acked)}/{status.min_fresh}: "
+        f"{', '.join(status.fresh_acked) or '-'}",
+        f"  fresh probe: {status.probe_state}"
+        + (f" ({status.probe_reason})" if status.probe_reason else ""),
+    ]
+    if status.reason:
+        ended = f" {ago(status.ended_at)}" if status.ended_at else ""
+        lines.append(f"  outcome{ended}: {status.reason}")
+    return "\n".join(lines)

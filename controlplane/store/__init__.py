@@ -13,13 +13,25 @@ Invariants every backend keeps:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from controlplane.snapshot import Snapshot
 
 DEFAULT_GROUP = "default"
-STABLE = "stable"
+STABLE = "stable"  # what the group's fleet gets
+CANDIDATE = "candidate"  # under test by the canary gate
+LAST_GOOD = "last_good"  # newest promoted version every connected node ACKed, with no NACK
+POINTERS = (STABLE, CANDIDATE, LAST_GOOD)
+
+
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = _Keep()  # `transition(rollout=KEEP)`: leave the group's rollout record as it is
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,27 @@ class SnapshotStore(Protocol):
         """Store `snapshot` and point `group`'s stable at it, atomically."""
         ...
 
+    def transition(
+        self,
+        group: str,
+        *,
+        action: str,
+        version: str,
+        actor: str,
+        message: str,
+        snapshot: Snapshot | None = None,
+        pointers: Mapping[str, str | None] | None = None,
+        rollout: Mapping[str, Any] | _Keep | None = KEEP,
+    ) -> HistoryEntry:
+        """One atomic step: store `snapshot` (if given), move `pointers` (None removes one),
+        replace the group's rollout record (None removes it), and append a history entry."""
+        ...
+
     def get(self, version: str) -> Snapshot | None: ...
+
+    def rollouts(self) -> dict[str, dict[str, Any]]:
+        """The persisted rollout record of every group that has one."""
+        ...
 
     def pointer(self, group: str, name: str = STABLE) -> str | None: ...
 

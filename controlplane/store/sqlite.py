@@ -7,15 +7,18 @@ copy the whole config each time. Reads verify that the bytes still hash to the v
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from controlplane.snapshot import Snapshot
-from controlplane.store import STABLE, HistoryEntry, PublishResult, StoreError
+from controlplane.store import KEEP, STABLE, HistoryEntry, PublishResult, StoreError, _Keep
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
     hash TEXT PRIMARY KEY,
@@ -44,6 +47,11 @@ CREATE TABLE IF NOT EXISTS history (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS history_by_group ON history (grp, id);
+CREATE TABLE IF NOT EXISTS rollouts (
+    grp TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pointers (
     grp TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -64,24 +72,55 @@ class SQLiteStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         found = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if found not in (0, _SCHEMA_VERSION):
+        if found not in (0, 1, _SCHEMA_VERSION):  # 1 -> 2 only adds the rollouts table
             raise StoreError(f"{self.path}: schema version {found}, expected {_SCHEMA_VERSION}")
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
     def publish(self, group: str, snapshot: Snapshot, *, message: str, actor: str) -> PublishResult:
         with self._lock, self._transaction():
-            parent = self._pointer(group, STABLE)
-            if parent == snapshot.version:
+            if self._pointer(group, STABLE) == snapshot.version:
                 return PublishResult(self._latest_entry(group), changed=False)
-            self._put(snapshot)
-            entry = self._append_history(group, "publish", snapshot.version, parent, actor, message)
-            self._db.execute(
-                "INSERT INTO pointers (grp, name, version) VALUES (?, ?, ?) "
-                "ON CONFLICT (grp, name) DO UPDATE SET version = excluded.version",
-                (group, STABLE, snapshot.version),
+            entry = self._transition(
+                group,
+                action="publish",
+                version=snapshot.version,
+                actor=actor,
+                message=message,
+                snapshot=snapshot,
+                pointers={STABLE: snapshot.version},
+                rollout=KEEP,
             )
             return PublishResult(entry, changed=True)
+
+    def transition(
+        self,
+        group: str,
+        *,
+        action: str,
+        version: str,
+        actor: str,
+        message: str,
+        snapshot: Snapshot | None = None,
+        pointers: Mapping[str, str | None] | None = None,
+        rollout: Mapping[str, Any] | _Keep | None = KEEP,
+    ) -> HistoryEntry:
+        with self._lock, self._transaction():
+            return self._transition(
+                group,
+                action=action,
+                version=version,
+                actor=actor,
+                message=message,
+                snapshot=snapshot,
+                pointers=pointers or {},
+                rollout=rollout,
+            )
+
+    def rollouts(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT grp, record FROM rollouts ORDER BY grp").fetchall()
+        return {group: json.loads(record) for group, record in rows}
 
     def get(self, version: str) -> Snapshot | None:
         with self._lock:
@@ -140,6 +179,41 @@ class SQLiteStore:
             "SELECT * FROM history WHERE grp = ? ORDER BY id DESC LIMIT 1", (group,)
         ).fetchone()
         return HistoryEntry(*row)
+
+    def _transition(
+        self,
+        group: str,
+        *,
+        action: str,
+        version: str,
+        actor: str,
+        message: str,
+        snapshot: Snapshot | None,
+        pointers: Mapping[str, str | None],
+        rollout: Mapping[str, Any] | _Keep | None,
+    ) -> HistoryEntry:
+        if snapshot is not None:
+            self._put(snapshot)
+        parent = self._pointer(group, STABLE)
+        for name, target in pointers.items():
+            if target is None:
+                self._db.execute("DELETE FROM pointers WHERE grp = ? AND name = ?", (group, name))
+            else:
+                self._db.execute(
+                    "INSERT INTO pointers (grp, name, version) VALUES (?, ?, ?) "
+                    "ON CONFLICT (grp, name) DO UPDATE SET version = excluded.version",
+                    (group, name, target),
+                )
+        if rollout is None:
+            self._db.execute("DELETE FROM rollouts WHERE grp = ?", (group,))
+        elif not isinstance(rollout, _Keep):
+            self._db.execute(
+                "INSERT INTO rollouts (grp, record, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (grp) DO UPDATE SET record = excluded.record, "
+                "updated_at = excluded.updated_at",
+                (group, json.dumps(dict(rollout), sort_keys=True), time.time()),
+            )
+        return self._append_history(group, action, version, parent, actor, message)
 
     def _put(self, snapshot: Snapshot) -> None:
         exists = self._db.execute(

@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 
 from controlplane import resources
 from controlplane.xds import wire
-from controlplane.xds.cache import ActiveSnapshots
+from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet
 from controlplane.xds.stream import RemoteProtocolError, RequestKind, Send, SotwStream, TypeState
 
@@ -38,8 +38,8 @@ _END = object()  # the client closed its side
 
 
 class XdsServer:
-    def __init__(self, active: ActiveSnapshots, fleet: Fleet) -> None:
-        self._active = active
+    def __init__(self, assignments: Assignments, fleet: Fleet) -> None:
+        self._assignments = assignments
         self._fleet = fleet
         self._ids = itertools.count(1)
 
@@ -55,7 +55,7 @@ class XdsServer:
         async def handle(
             request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[bytes]:
-            stream = SotwStream(next(self._ids), self._active.resolve, types=types)
+            stream = SotwStream(next(self._ids), self._assignments.resolve, types=types)
             async for payload in self._serve(stream, request_iterator, context):
                 yield payload
 
@@ -75,7 +75,9 @@ class XdsServer:
         try:
             while (event := await events.get()) is not _END:
                 if event is _WAKE:
-                    sends = stream.on_snapshot(self._active.resolve(stream.group or ""))
+                    if stream.node is None:
+                        continue
+                    sends = stream.on_snapshot(self._assignments.resolve(stream.node))
                 else:
                     kind, state, sends = stream.receive(_parse(event))  # type: ignore[arg-type]
                     if stream not in self._fleet and stream.node is not None:

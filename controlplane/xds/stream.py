@@ -116,12 +116,12 @@ class SotwStream:
     def __init__(
         self,
         stream_id: int,
-        resolve: Callable[[str], Snapshot | None],
+        resolve: Callable[[NodeInfo], Snapshot | None],
         *,
         types: Iterable[str] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """`resolve(group)` gives the snapshot a group should hold; `types` limits the stream
+        """`resolve(node)` gives the snapshot a node should hold; `types` limits the stream
         to those type URLs (a per-type service), default every type (ADS)."""
         self.stream_id = stream_id
         self.protocol = "sotw"
@@ -132,6 +132,8 @@ class SotwStream:
         self.node: NodeInfo | None = None
         self.snapshot: Snapshot | None = None
         self.started_at = clock()
+        # Fresh: the client held nothing when it connected (a new Envoy, not a reconnect).
+        self.started_empty = True
         self._nonce_counter = 0
 
     def receive(
@@ -156,6 +158,8 @@ class SotwStream:
             state.acked_at = now
         self._subscribe(state, request)
         if kind is RequestKind.INITIAL:
+            if request.version_info:
+                self.started_empty = False
             self._adopt_client_version(state, request.version_info)
         # An ACK or NACK may release types held behind this one in ADS order.
         return kind, state, self._send_due()
@@ -168,6 +172,26 @@ class SotwStream:
     def group(self) -> str | None:
         return self.node.group if self.node else None
 
+    def synced(self) -> bool:
+        """ACKed every type it subscribed to, on the snapshot it is assigned."""
+        if self.snapshot is None:
+            return False
+        subscribed = [s for s in self.types.values() if s.subscribed]
+        return bool(subscribed) and all(
+            not s.awaiting_ack and s.acked_version == self.snapshot.of_type(s.type_url).version
+            for s in subscribed
+        )
+
+    def rejection(self) -> str | None:
+        """Envoy's error text if it NACKed a type of the snapshot it is assigned."""
+        if self.snapshot is None:
+            return None
+        for state in self.types.values():
+            current = self.snapshot.of_type(state.type_url).version
+            if state.nacked_version == current and state.acked_version != current:
+                return state.nack_error or "NACK without error text"
+        return None
+
     def _learn_node(self, request: discovery_pb2.DiscoveryRequest) -> None:
         if self.node is None:
             if not request.HasField("node") or not request.node.id:
@@ -175,7 +199,7 @@ class SotwStream:
                     "the first request of a stream must carry a Node with an id"
                 )
             self.node = NodeInfo.from_node(request.node)
-            self.snapshot = self._resolve(self.node.group)
+            self.snapshot = self._resolve(self.node)
         elif request.HasField("node") and request.node.id and request.node.id != self.node.id:
             raise RemoteProtocolError(
                 f"node id changed mid-stream from {self.node.id!r} to {request.node.id!r}"

@@ -18,10 +18,13 @@ def write(
     listener_port: int,
     backends: dict[str, int],
     routes: list[dict[str, Any]],
+    rds_source: dict[str, Any] | None = None,
+    extra_clusters: list[dict[str, Any]] | None = None,
 ) -> Path:
     """One HTTP listener -> RDS `edge_routes` -> `routes` -> EDS clusters named by `backends`.
 
     Each route is Envoy's own Route form, e.g. {"match": {"prefix": "/"}, "route": {"cluster": "a"}}.
+    `rds_source` replaces the listener's RDS config source (default: ADS).
     """
     directory.mkdir(parents=True, exist_ok=True)
     clusters = [
@@ -33,7 +36,7 @@ def write(
             "eds_cluster_config": {"eds_config": ADS},
         }
         for name in backends
-    ]
+    ] + list(extra_clusters or [])
     endpoints = [
         {
             "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
@@ -66,7 +69,10 @@ def write(
                         "typed_config": {
                             "@type": HCM,
                             "stat_prefix": "edge",
-                            "rds": {"route_config_name": "edge_routes", "config_source": ADS},
+                            "rds": {
+                                "route_config_name": "edge_routes",
+                                "config_source": rds_source or ADS,
+                            },
                             "http_filters": [
                                 {
                                     "name": "envoy.filters.http.router",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,9 +31,21 @@ T = TypeVar("T")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free right now, for config that must name one (Envoy listeners, backends).
+
+    Chosen below the kernel's ephemeral range, so outgoing connections of this machine
+    cannot take it between now and its use. Servers we start ourselves bind port 0 instead.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        port = random.randrange(20000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found in 20000-{low}")
 
 
 def wait_for(
@@ -66,10 +79,14 @@ def http_get(
 class XdsControlPlane:
     """`xdsctl serve` in its own process, on fresh ports, with a store under `workdir`."""
 
-    def __init__(self, workdir: Path, store: Path | None = None) -> None:
+    def __init__(self, workdir: Path, *extra_args: str) -> None:
+        """`extra_args` go to `xdsctl serve` (e.g. --rollout-policy FILE)."""
         self.workdir = workdir
-        self.store = store or workdir / "xdscp.db"
-        self.xds_port, self.admin_port, self.http_port = free_port(), free_port(), free_port()
+        self.store = workdir / "xdscp.db"
+        self.token_file = workdir / "admin-token"  # created by the server beside its store
+        self.extra_args = extra_args
+        # 0 until the first start binds them; later starts reuse the same ports.
+        self.xds_port = self.admin_port = self.http_port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "xdscp.log"
         self._log_offset = 0
@@ -97,20 +114,26 @@ class XdsControlPlane:
                 str(self.store),
                 "--log-level",
                 "debug",
+                *self.extra_args,
             ],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        wait_for(self._ready, timeout=30, what="xdscp /readyz")
+        serving = wait_for(self._serving, timeout=30, what="xdscp serving")
+        self.xds_port, self.admin_port, self.http_port = (
+            int(serving[name].rsplit(":", 1)[1]) for name in ("xds", "admin", "http")
+        )
+        status, _ = http_get(f"http://127.0.0.1:{self.http_port}/readyz", timeout=5)
+        assert status == 200
         return self
 
-    def _ready(self) -> bool:
+    def _serving(self) -> dict[str, Any] | None:
         if self.process is not None and self.process.poll() is not None:
             pytest.fail(
                 f"xdscp exited with {self.process.returncode}:\n{self.log_path.read_text()}"
             )
-        return http_get(f"http://127.0.0.1:{self.http_port}/readyz", timeout=1)[0] == 200
+        return next((e for e in self.log_events() if e.get("event") == "serving"), None)
 
     def stop(self) -> int:
         if self.process is None or self.process.poll() is not None:
@@ -132,7 +155,9 @@ class XdsControlPlane:
         return [json.loads(line) for line in lines if line.startswith("{")]
 
     def xdsctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return xdsctl(*args, "--server", self.admin_address, check=check)
+        return xdsctl(
+            *args, "--server", self.admin_address, "--token-file", str(self.token_file), check=check
+        )
 
     def status(self) -> list[dict[str, Any]]:
         return json.loads(self.xdsctl("status", "--json").stdout).get("nodes", [])
@@ -159,11 +184,17 @@ def xdsctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def ads_bootstrap(
-    node_id: str, group: str, xds_port: int, admin_port: int, *, api_type: str = "GRPC"
+    node_id: str,
+    group: str,
+    xds_port: int,
+    admin_port: int,
+    *,
+    api_type: str = "GRPC",
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A standard ADS bootstrap (see deploy/envoy/), with a fast reconnect for tests."""
     return {
-        "node": {"id": node_id, "cluster": group},
+        "node": {"id": node_id, "cluster": group, "metadata": metadata or {}},
         "admin": {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
         },
@@ -232,10 +263,11 @@ class Envoy:
         if not ENVOY_BINARY.exists():
             pytest.fail(f"Envoy binary missing at {ENVOY_BINARY}: run `bash .ci/run` to install it")
         self.node_id = node_id
-        self.admin_port = free_port()
+        self.admin_port = 0  # Envoy picks one and writes it to admin_address_path
+        self.admin_address_path = workdir / f"envoy-{node_id}.admin"
         self.bootstrap_path = workdir / f"envoy-{node_id}.yaml"
         self.bootstrap_path.write_text(
-            yaml.safe_dump(ads_bootstrap(node_id, group, xds_port, self.admin_port, **bootstrap))
+            yaml.safe_dump(ads_bootstrap(node_id, group, xds_port, 0, **bootstrap))
         )
         self.log_path = workdir / f"envoy-{node_id}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -254,12 +286,29 @@ class Envoy:
                 "warning",
                 "--concurrency",
                 "1",
+                "--admin-address-path",
+                str(self.admin_address_path),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+        address = wait_for(self._admin_address, timeout=30, what=f"envoy {self.node_id} admin")
+        self.admin_port = int(address.rsplit(":", 1)[1])
         wait_for(self._live, timeout=30, what=f"envoy {self.node_id} /ready LIVE")
         return self
+
+    def _admin_address(self) -> str | None:
+        self._check_running()
+        text = (
+            self.admin_address_path.read_text().strip() if self.admin_address_path.exists() else ""
+        )
+        return text or None
+
+    def _check_running(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            pytest.fail(
+                f"envoy exited with {self.process.returncode}:\n{self.log_path.read_text()}"
+            )
 
     def _live(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
@@ -274,6 +323,22 @@ class Envoy:
     def stats(self) -> dict[str, str]:
         _, body = self.admin("/stats")
         return dict(line.split(": ", 1) for line in body.splitlines() if ": " in line)
+
+    def config_dump(self, resource: str) -> list[dict[str, Any]]:
+        """The dynamic resources of one kind, e.g. "dynamic_route_configs"."""
+        status, body = self.admin(f"/config_dump?resource={resource}")
+        assert status == 200, body
+        return json.loads(body).get("configs", [])
+
+    def route_targets(self) -> set[str]:
+        """Every cluster the routes Envoy holds send traffic to."""
+        return {
+            route["route"]["cluster"]
+            for config in self.config_dump("dynamic_route_configs")
+            for host in config["route_config"].get("virtual_hosts", [])
+            for route in host.get("routes", [])
+            if "cluster" in route.get("route", {})
+        }
 
     def cluster_names(self) -> set[str]:
         _, body = self.admin("/clusters")

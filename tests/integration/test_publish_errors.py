@@ -109,10 +109,39 @@ def test_server_refuses_a_dangling_snapshot_sent_past_the_cli(published) -> None
         grpc.insecure_channel(published.admin_address) as channel,
         pytest.raises(grpc.RpcError) as caught,
     ):
-        admin_pb2_grpc.AdminStub(channel).Publish(request, timeout=10)
+        admin_pb2_grpc.AdminStub(channel).Publish(request, timeout=10, metadata=auth(published))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert 'cluster "orphan" references endpoint "orphan"' in caught.value.details()
     assert store_contents(published.store) == before
+
+
+def auth(plane: XdsControlPlane) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {plane.token_file.read_text().strip()}"),)
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"], ids=["missing", "wrong"])
+def test_publish_without_the_admin_token_is_refused_and_changes_nothing(
+    published, tmp_path, token
+) -> None:
+    from tests.integration.harness import xdsctl
+
+    before = store_contents(published.store)
+    config = edge_config.write(
+        tmp_path / "c2",
+        listener_port=free_port(),
+        backends={"b": 1},
+        routes=[edge_config.route_to("b")],
+    )
+    args = ["publish", str(config), "--group", "edge", "--server", published.admin_address]
+    if token is not None:
+        (tmp_path / "token").write_text(token)
+        args += ["--token-file", str(tmp_path / "token")]
+    result = xdsctl(*args, check=False)
+    assert result.returncode == 1
+    assert "unauthenticated: admin token missing or wrong" in result.stderr
+    assert store_contents(published.store) == before
+    # Reading needs no token.
+    assert xdsctl("snapshots", "--server", published.admin_address).returncode == 0
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path) -> None:

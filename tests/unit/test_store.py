@@ -77,3 +77,67 @@ def test_failed_publish_leaves_store_untouched(store, monkeypatch) -> None:
 
 def test_unknown_version_is_none(store) -> None:
     assert store.get("0000000000000000") is None
+
+
+def test_transition_moves_pointers_and_rollout_record_atomically(tmp_path) -> None:
+    from controlplane.store import CANDIDATE, LAST_GOOD
+
+    path = tmp_path / "xdscp.db"
+    store = SQLiteStore(path)
+    v1, v2 = factories.edge_snapshot(), factories.edge_snapshot(prefix="/v2")
+    store.publish("edge", v1, message="", actor="a")
+    store.transition(
+        "edge",
+        action="stage",
+        version=v2.version,
+        actor="bob",
+        message="canary",
+        snapshot=v2,
+        pointers={CANDIDATE: v2.version, LAST_GOOD: v1.version},
+        rollout={"state": "canary", "candidate": v2.version},
+    )
+    store.close()
+
+    store = SQLiteStore(path)
+    assert store.pointers()["edge"] == {
+        STABLE: v1.version,
+        CANDIDATE: v2.version,
+        LAST_GOOD: v1.version,
+    }
+    assert store.rollouts() == {"edge": {"state": "canary", "candidate": v2.version}}
+    entry = store.history("edge")[0]
+    assert (entry.action, entry.version, entry.parent_version, entry.actor, entry.message) == (
+        "stage",
+        v2.version,
+        v1.version,
+        "bob",
+        "canary",
+    )
+    store.transition(
+        "edge",
+        action="promote",
+        version=v2.version,
+        actor="gate",
+        message="",
+        pointers={STABLE: v2.version, CANDIDATE: None},
+        rollout=None,
+    )
+    assert store.pointers()["edge"] == {STABLE: v2.version, LAST_GOOD: v1.version}
+    assert store.rollouts() == {}
+    store.close()
+
+
+def test_pointer_to_an_unknown_version_is_refused_and_nothing_changes(store) -> None:
+    v1 = factories.edge_snapshot()
+    store.publish("edge", v1, message="", actor="a")
+    with pytest.raises(sqlite3.IntegrityError):
+        store.transition(
+            "edge",
+            action="rollback",
+            version="feedfeedfeedfeed",
+            actor="a",
+            message="",
+            pointers={STABLE: "feedfeedfeedfeed"},
+        )
+    assert store.pointer("edge") == v1.version
+    assert len(store.history()) == 1

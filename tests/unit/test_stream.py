@@ -10,8 +10,8 @@ from google.rpc import status_pb2
 from controlplane import resources
 from controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from controlplane.snapshot import Snapshot
-from controlplane.xds.cache import ActiveSnapshots
-from controlplane.xds.stream import RemoteProtocolError, RequestKind, Send, SotwStream
+from controlplane.xds.assignments import Assignments
+from controlplane.xds.stream import NodeInfo, RemoteProtocolError, RequestKind, Send, SotwStream
 from tests import factories
 
 NODE = base_pb2.Node(id="edge-1", cluster="edge")
@@ -49,9 +49,9 @@ class FakeEnvoy:
     """Drives a SotwStream the way Envoy does: ACKs what it receives, in order."""
 
     def __init__(self, snapshot: Snapshot | None) -> None:
-        self.active = ActiveSnapshots()
+        self.active = Assignments()
         if snapshot is not None:
-            self.active.set("edge", snapshot)
+            self.active.set_stable("edge", snapshot)
         self.stream = SotwStream(1, self.active.resolve, clock=lambda: 100.0)
         self.first = True
 
@@ -73,7 +73,7 @@ def snapshot() -> Snapshot:
 
 
 def test_first_request_without_node_is_refused(snapshot) -> None:
-    stream = SotwStream(1, lambda group: snapshot)
+    stream = SotwStream(1, lambda node: snapshot)
     with pytest.raises(RemoteProtocolError, match="Node"):
         stream.receive(request(CLUSTER))
 
@@ -87,7 +87,7 @@ def test_node_is_remembered_from_the_first_request(snapshot) -> None:
 
 
 def test_node_without_cluster_is_in_group_default() -> None:
-    stream = SotwStream(1, lambda group: None)
+    stream = SotwStream(1, lambda node: None)
     stream.receive(request(CLUSTER, node=base_pb2.Node(id="n1")))
     assert stream.group == "default"
 
@@ -99,13 +99,13 @@ def test_unknown_type_url_is_refused(snapshot) -> None:
 
 
 def test_per_type_stream_refuses_other_types(snapshot) -> None:
-    stream = SotwStream(1, lambda group: snapshot, types=[CLUSTER])
+    stream = SotwStream(1, lambda node: snapshot, types=[CLUSTER])
     with pytest.raises(RemoteProtocolError, match="not served on this stream"):
         stream.receive(request(LISTENER, node=NODE))
 
 
 def test_per_type_stream_accepts_empty_type_url(snapshot) -> None:
-    stream = SotwStream(1, lambda group: snapshot, types=[CLUSTER])
+    stream = SotwStream(1, lambda node: snapshot, types=[CLUSTER])
     _, _, [sent] = stream.receive(request("", node=NODE))
     assert sent.type_url == CLUSTER
 
@@ -254,12 +254,38 @@ def test_nothing_is_sent_before_any_snapshot_exists() -> None:
     assert cds.type_url == CLUSTER
 
 
+def node(node_id: str, group: str) -> NodeInfo:
+    return NodeInfo.from_node(base_pb2.Node(id=node_id, cluster=group))
+
+
 def test_group_without_snapshot_gets_default() -> None:
-    active = ActiveSnapshots()
+    active = Assignments()
     default = factories.edge_snapshot()
-    active.set("default", default)
-    assert active.resolve("edge") is default
+    active.set_stable("default", default)
+    assert active.resolve(node("n", "edge")) is default
     own = factories.edge_snapshot(prefix="/edge")
-    active.set("edge", own)
-    assert active.resolve("edge") is own
-    assert active.resolve("other") is default
+    active.set_stable("edge", own)
+    assert active.resolve(node("n", "edge")) is own
+    assert active.resolve(node("n", "other")) is default
+
+
+def test_fresh_means_the_client_held_nothing_when_it_connected(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    envoy.ack(*envoy.send(request(CLUSTER)))
+    assert envoy.stream.started_empty
+    reconnect = FakeEnvoy(snapshot)
+    reconnect.send(request(CLUSTER, version="0123456789abcdef"))
+    assert not reconnect.stream.started_empty
+
+
+def test_synced_and_rejection_follow_the_assigned_snapshot(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    [cds] = envoy.send(request(CLUSTER))
+    assert not envoy.stream.synced()
+    envoy.ack(cds)
+    assert envoy.stream.synced()
+    [lds] = envoy.send(request(LISTENER))
+    assert not envoy.stream.synced()  # LDS sent, not ACKed
+    envoy.stream.receive(request(LISTENER, nonce=lds.nonce, error="cannot bind"))
+    assert envoy.stream.rejection() == "cannot bind"
+    assert not envoy.stream.synced()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!controlplane/admin/v1/admin.proto\x12\x0exdscp.admin.v1\x1a\x19google/protobuf/any.proto\"h\n\x0ePublishRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\'\n\tresources\x18\x04 \x03(\x0b\x32\x14.google.protobuf.Any\"\xb7\x01\n\x0fPublishResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12\x16\n\x0eparent_version\x18\x03 \x01(\t\x12;\n\x06\x63ounts\x18\x04 \x03(\x0b\x32+.xdscp.admin.v1.PublishResponse.CountsEntry\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x96\x01\n\x0cHistoryEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x16\n\x0eparent_version\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\r\n\x05\x61\x63tor\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\"4\n\x14ListSnapshotsRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\x7f\n\rGroupPointers\x12=\n\x08pointers\x18\x01 \x03(\x0b\x32+.xdscp.admin.v1.GroupPointers.PointersEntry\x1a/\n\rPointersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd7\x01\n\x15ListSnapshotsResponse\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.xdscp.admin.v1.HistoryEntry\x12\x41\n\x06groups\x18\x02 \x03(\x0b\x32\x31.xdscp.admin.v1.ListSnapshotsResponse.GroupsEntry\x1aL\n\x0bGroupsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.xdscp.admin.v1.GroupPointers:\x02\x38\x01\"\x17\n\x15GetFleetStatusRequest\"\xd6\x01\n\nTypeStatus\x12\x10\n\x08type_url\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\t\x12\x14\n\x0csent_version\x18\x04 \x01(\t\x12\x0f\n\x07sent_at\x18\x05 \x01(\x01\x12\x15\n\racked_version\x18\x06 \x01(\t\x12\x10\n\x08\x61\x63ked_at\x18\x07 \x01(\x01\x12\x16\n\x0enacked_version\x18\x08 \x01(\t\x12\x11\n\tnacked_at\x18\t \x01(\x01\x12\x12\n\nnack_error\x18\n \x01(\t\"\xd7\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x15\n\rbuild_version\x18\x03 \x01(\t\x12\x12\n\nuser_agent\x18\x04 \x01(\t\x12\x10\n\x08protocol\x18\x05 \x01(\t\x12\x11\n\tstream_id\x18\x06 \x01(\x03\x12\x14\n\x0c\x63onnected_at\x18\x07 \x01(\x01\x12\x18\n\x10snapshot_version\x18\x08 \x01(\t\x12)\n\x05types\x18\t \x03(\x0b\x32\x1a.xdscp.admin.v1.TypeStatus\"C\n\x16GetFleetStatusResponse\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.xdscp.admin.v1.NodeStatus2\x92\x02\n\x05\x41\x64min\x12J\n\x07Publish\x12\x1e.xdscp.admin.v1.PublishRequest\x1a\x1f.xdscp.admin.v1.PublishResponse\x12\\\n\rListSnapshots\x12$.xdscp.admin.v1.ListSnapshotsRequest\x1a%.xdscp.admin.v1.ListSnapshotsResponse\x12_\n\x0eGetFleetStatus\x12%.xdscp.admin.v1.GetFleetStatusRequest\x1a&.xdscp.admin.v1.GetFleetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!controlplane/admin/v1/admin.proto\x12\x0exdscp.admin.v1\x1a\x19google/protobuf/any.proto\"h\n\x0ePublishRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\'\n\tresources\x18\x04 \x03(\x0b\x32\x14.google.protobuf.Any\"\xc8\x01\n\x0fPublishResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12\x16\n\x0eparent_version\x18\x03 \x01(\t\x12;\n\x06\x63ounts\x18\x04 \x03(\x0b\x32+.xdscp.admin.v1.PublishResponse.CountsEntry\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x96\x01\n\x0cHistoryEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x16\n\x0eparent_version\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\r\n\x05\x61\x63tor\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\"4\n\x14ListSnapshotsRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\x7f\n\rGroupPointers\x12=\n\x08pointers\x18\x01 \x03(\x0b\x32+.xdscp.admin.v1.GroupPointers.PointersEntry\x1a/\n\rPointersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd7\x01\n\x15ListSnapshotsResponse\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.xdscp.admin.v1.HistoryEntry\x12\x41\n\x06groups\x18\x02 \x03(\x0b\x32\x31.xdscp.admin.v1.ListSnapshotsResponse.GroupsEntry\x1aL\n\x0bGroupsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.xdscp.admin.v1.GroupPointers:\x02\x38\x01\"\x17\n\x15GetFleetStatusRequest\"\xd6\x01\n\nTypeStatus\x12\x10\n\x08type_url\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\t\x12\x14\n\x0csent_version\x18\x04 \x01(\t\x12\x0f\n\x07sent_at\x18\x05 \x01(\x01\x12\x15\n\racked_version\x18\x06 \x01(\t\x12\x10\n\x08\x61\x63ked_at\x18\x07 \x01(\x01\x12\x16\n\x0enacked_version\x18\x08 \x01(\t\x12\x11\n\tnacked_at\x18\t \x01(\x01\x12\x12\n\nnack_error\x18\n \x01(\t\"\xd7\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x15\n\rbuild_version\x18\x03 \x01(\t\x12\x12\n\nuser_agent\x18\x04 \x01(\t\x12\x10\n\x08protocol\x18\x05 \x01(\t\x12\x11\n\tstream_id\x18\x06 \x01(\x03\x12\x14\n\x0c\x63onnected_at\x18\x07 \x01(\x01\x12\x18\n\x10snapshot_version\x18\x08 \x01(\t\x12)\n\x05types\x18\t \x03(\x0b\x32\x1a.xdscp.admin.v1.TypeStatus\"C\n\x16GetFleetStatusResponse\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.xdscp.admin.v1.NodeStatus\"$\n\x13ListRolloutsRequest\x12\r\n\x05group\x18\x01 \x01(\t\"\x8e\x03\n\rRolloutStatus\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x11\n\tcandidate\x18\x03 \x01(\t\x12\x17\n\x0fprevious_stable\x18\x04 \x01(\t\x12\x11\n\tstaged_at\x18\x05 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\x06 \x01(\x01\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12\x16\n\x0e\x65xisting_acked\x18\n \x03(\t\x12\x13\n\x0b\x66resh_acked\x18\x0b \x03(\t\x12\x14\n\x0cmin_existing\x18\x0c \x01(\r\x12\x11\n\tmin_fresh\x18\r \x01(\r\x12\x13\n\x0bprobe_state\x18\x0e \x01(\t\x12\x14\n\x0cprobe_reason\x18\x0f \x01(\t\x12\x17\n\x0f\x63\x61nary_selector\x18\x10 \x01(\t\x12\x14\n\x0c\x61uto_promote\x18\x11 \x01(\x08\x12\x14\n\x0c\x62\x61ke_seconds\x18\x12 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x13 \x01(\x01\"G\n\x14ListRolloutsResponse\x12/\n\x08rollouts\x18\x01 \x03(\x0b\x32\x1d.xdscp.admin.v1.RolloutStatus\">\n\x0eRolloutCommand\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"S\n\x0fRollbackRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x12\n\nto_version\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"j\n\x10RollbackResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x62orted_rollout\x18\x03 \x01(\x08\x12\x12\n\nstarted_at\x18\x04 \x01(\x01\"c\n\x19WaitForConvergenceRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05since\x18\x03 \x01(\x01\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\"-\n\x0bLaggingNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\"\x96\x01\n\x1aWaitForConvergenceResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0btotal_nodes\x18\x02 \x01(\r\x12\x13\n\x0b\x61\x63ked_nodes\x18\x03 \x01(\r\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12,\n\x07lagging\x18\x05 \x03(\x0b\x32\x1b.xdscp.admin.v1.LaggingNode2\xbb\x05\n\x05\x41\x64min\x12J\n\x07Publish\x12\x1e.xdscp.admin.v1.PublishRequest\x1a\x1f.xdscp.admin.v1.PublishResponse\x12\\\n\rListSnapshots\x12$.xdscp.admin.v1.ListSnapshotsRequest\x1a%.xdscp.admin.v1.ListSnapshotsResponse\x12_\n\x0eGetFleetStatus\x12%.xdscp.admin.v1.GetFleetStatusRequest\x1a&.xdscp.admin.v1.GetFleetStatusResponse\x12Y\n\x0cListRollouts\x12#.xdscp.admin.v1.ListRolloutsRequest\x1a$.xdscp.admin.v1.ListRolloutsResponse\x12H\n\x07Promote\x12\x1e.xdscp.admin.v1.RolloutCommand\x1a\x1d.xdscp.admin.v1.RolloutStatus\x12\x46\n\x05\x41\x62ort\x12\x1e.xdscp.admin.v1.RolloutCommand\x1a\x1d.xdscp.admin.v1.RolloutStatus\x12M\n\x08Rollback\x12\x1f.xdscp.admin.v1.RollbackRequest\x1a .xdscp.admin.v1.RollbackResponse\x12k\n\x12WaitForConvergence\x12).xdscp.admin.v1.WaitForConvergenceRequest\x1a*.xdscp.admin.v1.WaitForConvergenceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,29 +41,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUBLISHREQUEST']._serialized_start=80
   _globals['_PUBLISHREQUEST']._serialized_end=184
   _globals['_PUBLISHRESPONSE']._serialized_start=187
-  _globals['_PUBLISHRESPONSE']._serialized_end=370
-  _globals['_PUBLISHRESPONSE_COUNTSENTRY']._serialized_start=325
-  _globals['_PUBLISHRESPONSE_COUNTSENTRY']._serialized_end=370
-  _globals['_HISTORYENTRY']._serialized_start=373
-  _globals['_HISTORYENTRY']._serialized_end=523
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=525
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=577
-  _globals['_GROUPPOINTERS']._serialized_start=579
-  _globals['_GROUPPOINTERS']._serialized_end=706
-  _globals['_GROUPPOINTERS_POINTERSENTRY']._serialized_start=659
-  _globals['_GROUPPOINTERS_POINTERSENTRY']._serialized_end=706
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=709
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=924
-  _globals['_LISTSNAPSHOTSRESPONSE_GROUPSENTRY']._serialized_start=848
-  _globals['_LISTSNAPSHOTSRESPONSE_GROUPSENTRY']._serialized_end=924
-  _globals['_GETFLEETSTATUSREQUEST']._serialized_start=926
-  _globals['_GETFLEETSTATUSREQUEST']._serialized_end=949
-  _globals['_TYPESTATUS']._serialized_start=952
-  _globals['_TYPESTATUS']._serialized_end=1166
-  _globals['_NODESTATUS']._serialized_start=1169
-  _globals['_NODESTATUS']._serialized_end=1384
-  _globals['_GETFLEETSTATUSRESPONSE']._serialized_start=1386
-  _globals['_GETFLEETSTATUSRESPONSE']._serialized_end=1453
-  _globals['_ADMIN']._serialized_start=1456
-  _globals['_ADMIN']._serialized_end=1730
+  _globals['_PUBLISHRESPONSE']._serialized_end=387
+  _globals['_PUBLISHRESPONSE_COUNTSENTRY']._serialized_start=342
+  _globals['_PUBLISHRESPONSE_COUNTSENTRY']._serialized_end=387
+  _globals['_HISTORYENTRY']._serialized_start=390
+  _globals['_HISTORYENTRY']._serialized_end=540
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=542
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=594
+  _globals['_GROUPPOINTERS']._serialized_start=596
+  _globals['_GROUPPOINTERS']._serialized_end=723
+  _globals['_GROUPPOINTERS_POINTERSENTRY']._serialized_start=676
+  _globals['_GROUPPOINTERS_POINTERSENTRY']._serialized_end=723
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=726
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=941
+  _globals['_LISTSNAPSHOTSRESPONSE_GROUPSENTRY']._serialized_start=865
+  _globals['_LISTSNAPSHOTSRESPONSE_GROUPSENTRY']._serialized_end=941
+  _globals['_GETFLEETSTATUSREQUEST']._serialized_start=943
+  _globals['_GETFLEETSTATUSREQUEST']._serialized_end=966
+  _globals['_TYPESTATUS']._serialized_start=969
+  _globals['_TYPESTATUS']._serialized_end=1183
+  _globals['_NODESTATUS']._serialized_start=1186
+  _globals['_NODESTATUS']._serialized_end=1401
+  _globals['_GETFLEETSTATUSRESPONSE']._serialized_start=1403
+  _globals['_GETFLEETSTATUSRESPONSE']._serialized_end=1470
+  _globals['_LISTROLLOUTSREQUEST']._serialized_start=1472
+  _globals['_LISTROLLOUTSREQUEST']._serialized_end=1508
+  _globals['_ROLLOUTSTATUS']._serialized_start=1511
+  _globals['_ROLLOUTSTATUS']._serialized_end=1909
+  _globals['_LISTROLLOUTSRESPONSE']._serialized_start=1911
+  _globals['_LISTROLLOUTSRESPONSE']._serialized_end=1982
+  _globals['_ROLLOUTCOMMAND']._serialized_start=1984
+  _globals['_ROLLOUTCOMMAND']._serialized_end=2046
+  _globals['_ROLLBACKREQUEST']._serialized_start=2048
+  _globals['_ROLLBACKREQUEST']._serialized_end=2131
+  _globals['_ROLLBACKRESPONSE']._serialized_start=2133
+  _globals['_ROLLBACKRESPONSE']._serialized_end=2239
+  _globals['_WAITFORCONVERGENCEREQUEST']._serialized_start=2241
+  _globals['_WAITFORCONVERGENCEREQUEST']._serialized_end=2340
+  _globals['_LAGGINGNODE']._serialized_start=2342
+  _globals['_LAGGINGNODE']._serialized_end=2387
+  _globals['_WAITFORCONVERGENCERESPONSE']._serialized_start=2390
+  _globals['_WAITFORCONVERGENCERESPONSE']._serialized_end=2540
+  _globals['_ADMIN']._serialized_start=2543
+  _globals['_ADMIN']._serialized_end=3242
 # @@protoc_insertion_point(module_scope)

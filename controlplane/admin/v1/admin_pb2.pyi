@@ -20,7 +20,7 @@ class PublishRequest(_message.Message):
     def __init__(self, group: _Optional[str] = ..., message: _Optional[str] = ..., actor: _Optional[str] = ..., resources: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
 
 class PublishResponse(_message.Message):
-    __slots__ = ("version", "changed", "parent_version", "counts")
+    __slots__ = ("version", "changed", "parent_version", "counts", "outcome")
     class CountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,11 +32,13 @@ class PublishResponse(_message.Message):
     CHANGED_FIELD_NUMBER: _ClassVar[int]
     PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
     version: str
     changed: bool
     parent_version: str
     counts: _containers.ScalarMap[str, int]
-    def __init__(self, version: _Optional[str] = ..., changed: _Optional[bool] = ..., parent_version: _Optional[str] = ..., counts: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    outcome: str
+    def __init__(self, version: _Optional[str] = ..., changed: _Optional[bool] = ..., parent_version: _Optional[str] = ..., counts: _Optional[_Mapping[str, int]] = ..., outcome: _Optional[str] = ...) -> None: ...
 
 class HistoryEntry(_message.Message):
     __slots__ = ("id", "group", "action", "version", "parent_version", "created_at", "actor", "message")
@@ -149,3 +151,125 @@ class GetFleetStatusResponse(_message.Message):
     NODES_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...
+
+class ListRolloutsRequest(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    def __init__(self, group: _Optional[str] = ...) -> None: ...
+
+class RolloutStatus(_message.Message):
+    __slots__ = ("group", "phase", "candidate", "previous_stable", "staged_at", "ended_at", "reason", "actor", "message", "existing_acked", "fresh_acked", "min_existing", "min_fresh", "probe_state", "probe_reason", "canary_selector", "auto_promote", "bake_seconds", "deadline_seconds")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_STABLE_FIELD_NUMBER: _ClassVar[int]
+    STAGED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EXISTING_ACKED_FIELD_NUMBER: _ClassVar[int]
+    FRESH_ACKED_FIELD_NUMBER: _ClassVar[int]
+    MIN_EXISTING_FIELD_NUMBER: _ClassVar[int]
+    MIN_FRESH_FIELD_NUMBER: _ClassVar[int]
+    PROBE_STATE_FIELD_NUMBER: _ClassVar[int]
+    PROBE_REASON_FIELD_NUMBER: _ClassVar[int]
+    CANARY_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    AUTO_PROMOTE_FIELD_NUMBER: _ClassVar[int]
+    BAKE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    phase: str
+    candidate: str
+    previous_stable: str
+    staged_at: float
+    ended_at: float
+    reason: str
+    actor: str
+    message: str
+    existing_acked: _containers.RepeatedScalarFieldContainer[str]
+    fresh_acked: _containers.RepeatedScalarFieldContainer[str]
+    min_existing: int
+    min_fresh: int
+    probe_state: str
+    probe_reason: str
+    canary_selector: str
+    auto_promote: bool
+    bake_seconds: float
+    deadline_seconds: float
+    def __init__(self, group: _Optional[str] = ..., phase: _Optional[str] = ..., candidate: _Optional[str] = ..., previous_stable: _Optional[str] = ..., staged_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., message: _Optional[str] = ..., existing_acked: _Optional[_Iterable[str]] = ..., fresh_acked: _Optional[_Iterable[str]] = ..., min_existing: _Optional[int] = ..., min_fresh: _Optional[int] = ..., probe_state: _Optional[str] = ..., probe_reason: _Optional[str] = ..., canary_selector: _Optional[str] = ..., auto_promote: _Optional[bool] = ..., bake_seconds: _Optional[float] = ..., deadline_seconds: _Optional[float] = ...) -> None: ...
+
+class ListRolloutsResponse(_message.Message):
+    __slots__ = ("rollouts",)
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    rollouts: _containers.RepeatedCompositeFieldContainer[RolloutStatus]
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[RolloutStatus, _Mapping]]] = ...) -> None: ...
+
+class RolloutCommand(_message.Message):
+    __slots__ = ("group", "actor", "reason")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    actor: str
+    reason: str
+    def __init__(self, group: _Optional[str] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("group", "to_version", "actor", "reason")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    to_version: str
+    actor: str
+    reason: str
+    def __init__(self, group: _Optional[str] = ..., to_version: _Optional[str] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RollbackResponse(_message.Message):
+    __slots__ = ("version", "previous_version", "aborted_rollout", "started_at")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ABORTED_ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    previous_version: str
+    aborted_rollout: bool
+    started_at: float
+    def __init__(self, version: _Optional[str] = ..., previous_version: _Optional[str] = ..., aborted_rollout: _Optional[bool] = ..., started_at: _Optional[float] = ...) -> None: ...
+
+class WaitForConvergenceRequest(_message.Message):
+    __slots__ = ("group", "version", "since", "timeout_seconds")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    version: str
+    since: float
+    timeout_seconds: float
+    def __init__(self, group: _Optional[str] = ..., version: _Optional[str] = ..., since: _Optional[float] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class LaggingNode(_message.Message):
+    __slots__ = ("node_id", "state")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    state: str
+    def __init__(self, node_id: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+
+class WaitForConvergenceResponse(_message.Message):
+    __slots__ = ("version", "total_nodes", "acked_nodes", "seconds", "lagging")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NODES_FIELD_NUMBER: _ClassVar[int]
+    ACKED_NODES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAGGING_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    total_nodes: int
+    acked_nodes: int
+    seconds: float
+    lagging: _containers.RepeatedCompositeFieldContainer[LaggingNode]
+    def __init__(self, version: _Optional[str] = ..., total_nodes: _Optional[int] = ..., acked_nodes: _Optional[int] = ..., seconds: _Optional[float] = ..., lagging: _Optional[_Iterable[_Union[LaggingNode, _Mapping]]] = ...) -> None: ...

@@ -49,6 +49,31 @@ class AdminStub:
                 request_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.GetFleetStatusRequest.SerializeToString,
                 response_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.GetFleetStatusResponse.FromString,
                 _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/xdscp.admin.v1.Admin/ListRollouts',
+                request_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/xdscp.admin.v1.Admin/Promote',
+                request_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RolloutCommand.SerializeToString,
+                response_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/xdscp.admin.v1.Admin/Abort',
+                request_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RolloutCommand.SerializeToString,
+                response_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/xdscp.admin.v1.Admin/Rollback',
+                request_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RollbackResponse.FromString,
+                _registered_method=True)
+        self.WaitForConvergence = channel.unary_unary(
+                '/xdscp.admin.v1.Admin/WaitForConvergence',
+                request_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.WaitForConvergenceRequest.SerializeToString,
+                response_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.WaitForConvergenceResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -75,6 +100,41 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRollouts(self, request, context):
+        """The current or last rollout of each group (or of one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """Promote a candidate that passed its canaries (policies with auto_promote: false).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Abort a rollout: canaries go back to stable, the candidate is marked rejected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Put last_good (or a named version) on stable for every node at once, no canary stage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitForConvergence(self, request, context):
+        """Wait until every connected node of a group ACKed a version, or a timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +152,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetFleetStatus,
                     request_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.GetFleetStatusRequest.FromString,
                     response_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.GetFleetStatusResponse.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RolloutCommand.FromString,
+                    response_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RolloutCommand.FromString,
+                    response_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RollbackRequest.FromString,
+                    response_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RollbackResponse.SerializeToString,
+            ),
+            'WaitForConvergence': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitForConvergence,
+                    request_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.WaitForConvergenceRequest.FromString,
+                    response_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.WaitForConvergenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +260,141 @@ class Admin:
             '/xdscp.admin.v1.Admin/GetFleetStatus',
             controlplane_dot_admin_dot_v1_dot_admin__pb2.GetFleetStatusRequest.SerializeToString,
             controlplane_dot_admin_dot_v1_dot_admin__pb2.GetFleetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdscp.admin.v1.Admin/ListRollouts',
+            controlplane_dot_admin_dot_v1_dot_admin__pb2.ListRolloutsRequest.SerializeToString,
+            controlplane_dot_admin_dot_v1_dot_admin__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdscp.admin.v1.Admin/Promote',
+            controlplane_dot_admin_dot_v1_dot_admin__pb2.RolloutCommand.SerializeToString,
+            controlplane_dot_admin_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdscp.admin.v1.Admin/Abort',
+            controlplane_dot_admin_dot_v1_dot_admin__pb2.RolloutCommand.SerializeToString,
+            controlplane_dot_admin_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdscp.admin.v1.Admin/Rollback',
+            controlplane_dot_admin_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
+            controlplane_dot_admin_dot_v1_dot_admin__pb2.RollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitForConvergence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdscp.admin.v1.Admin/WaitForConvergence',
+            controlplane_dot_admin_dot_v1_dot_admin__pb2.WaitForConvergenceRequest.SerializeToString,
+            controlplane_dot_admin_dot_v1_dot_admin__pb2.WaitForConvergenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

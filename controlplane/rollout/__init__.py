@@ -1,0 +1,1 @@
+"""Rollout: the canary gate, the fresh Envoy probe, promotion and rollback."""

@@ -1,0 +1,439 @@
+"""The rollout controller: the one owner of every group's pointers (stable, candidate,
+last_good) while the server runs.
+
+It performs what the gate decides: each step is committed to the store first, then applied
+to the assignments (which pushes it to the fleet). It also runs the fresh probe, records
+last_good once a promoted version is ACKed fleet-wide, and performs rollbacks.
+
+Invariants:
+- A group without a policy publishes straight to stable.
+- At most one rollout per group; publishing while one is active is refused.
+- A rollout found active at start-up (the server restarted mid-rollout) is aborted: its
+  evidence lived in memory, so it can never be promoted by accident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from controlplane.rollout.gate import Decision, NodeObservation, Phase, ProbeState, Rollout
+from controlplane.rollout.policy import PROBE_METADATA_KEY, RolloutPolicy
+from controlplane.rollout.probe import ProbeResult, XdsEndpoint, run_probe
+from controlplane.snapshot import Snapshot
+from controlplane.store import CANDIDATE, LAST_GOOD, STABLE, SnapshotStore
+from controlplane.xds.assignments import Assignments
+from controlplane.xds.fleet import Fleet
+
+log = structlog.get_logger("rollout")
+
+TICK_SECONDS = 0.2
+GATE_ACTOR = "xdscp-gate"
+
+
+class RolloutError(Exception):
+    """A request that cannot be carried out now; nothing was changed."""
+
+
+class NotFoundError(RolloutError):
+    pass
+
+
+@dataclass(frozen=True)
+class PublishOutcome:
+    version: str
+    parent_version: str | None
+    outcome: str  # "promoted" (no policy), "staged" (canary rollout), "unchanged"
+
+
+@dataclass(frozen=True)
+class RollbackOutcome:
+    version: str
+    previous_version: str | None
+    aborted_rollout: bool
+    started_at: float
+
+
+@dataclass(frozen=True)
+class Convergence:
+    version: str
+    total: int
+    acked: int
+    seconds: float
+    lagging: list[tuple[str, str]]  # (node id, why: "STALE" or the NACK text)
+
+
+class RolloutController:
+    def __init__(
+        self,
+        store: SnapshotStore,
+        assignments: Assignments,
+        fleet: Fleet,
+        policies: Mapping[str, RolloutPolicy],
+        *,
+        probe_xds: XdsEndpoint | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._assignments = assignments
+        self._fleet = fleet
+        self._policies = dict(policies)
+        self.probe_xds = probe_xds  # set by the app once the xDS port is bound
+        self._clock = clock
+        self._rollouts: dict[str, Rollout] = {}
+        self._probes: dict[str, asyncio.Task[None]] = {}
+        self._lock = asyncio.Lock()
+        self._ticker: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Serve every group's stored stable version; abort rollouts cut off by a restart."""
+        pointers = self._store.pointers()
+        for group, named in pointers.items():
+            if STABLE in named and (snapshot := self._store.get(named[STABLE])) is not None:
+                self._assignments.set_stable(group, snapshot)
+        for group, record in self._store.rollouts().items():
+            rollout = Rollout.from_record(record)
+            if rollout.phase.active:
+                rollout.abort(self._clock(), "control plane restarted mid-rollout")
+                self._store.transition(
+                    group,
+                    action="abort",
+                    version=rollout.candidate,
+                    actor=GATE_ACTOR,
+                    message=rollout.reason,
+                    pointers={CANDIDATE: None},
+                    rollout=rollout.to_record(),
+                )
+                log.warning(
+                    "rollout aborted", group=group, version=rollout.candidate, reason=rollout.reason
+                )
+            self._rollouts[group] = rollout
+
+    def start(self) -> None:
+        self._ticker = asyncio.create_task(self._tick_forever())
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._ticker, *self._probes.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- operator commands ----------------------------------------------------------------
+
+    async def publish(
+        self, group: str, snapshot: Snapshot, *, message: str, actor: str
+    ) -> PublishOutcome:
+        async with self._lock:
+            stable = self._store.pointer(group, STABLE)
+            policy = self._policies.get(group)
+            if policy is None:
+                result = await asyncio.to_thread(
+                    self._store.publish, group, snapshot, message=message, actor=actor
+                )
+                self._assignments.set_stable(group, snapshot)
+                outcome = "promoted" if result.changed else "unchanged"
+                return PublishOutcome(snapshot.version, result.entry.parent_version, outcome)
+            if stable == snapshot.version:
+                return PublishOutcome(snapshot.version, stable, "unchanged")
+            active = self._active(group)
+            if active is not None:
+                raise RolloutError(
+                    f"group {group} is already rolling out {active.candidate} ({active.phase.value}); "
+                    "promote or abort it first"
+                )
+            rollout = Rollout(
+                group=group,
+                candidate=snapshot.version,
+                previous_stable=stable,
+                staged_at=self._clock(),
+                actor=actor,
+                message=message,
+                probe_state=ProbeState.NOT_CONFIGURED
+                if policy.fresh_probe is None
+                else ProbeState.RUNNING,
+            )
+            await asyncio.to_thread(
+                self._store.transition,
+                group,
+                action="stage",
+                version=snapshot.version,
+                actor=actor,
+                message=message,
+                snapshot=snapshot,
+                pointers={CANDIDATE: snapshot.version},
+                rollout=rollout.to_record(),
+            )
+            self._rollouts[group] = rollout
+            self._assignments.start_rollout(group, snapshot, policy.canary)
+            log.info(
+                "rollout staged",
+                group=group,
+                version=snapshot.version,
+                canary=policy.canary.describe(),
+            )
+            if policy.fresh_probe is not None:
+                self._probes[group] = asyncio.create_task(self._run_probe(group, snapshot, policy))
+            return PublishOutcome(snapshot.version, stable, "staged")
+
+    async def promote(self, group: str, *, actor: str, reason: str) -> Rollout:
+        async with self._lock:
+            rollout = self._require_active(group)
+            if rollout.phase is not Phase.AWAITING_PROMOTION:
+                policy = self._policies[group]
+                raise RolloutError(
+                    f"the candidate {rollout.candidate} has not passed its canaries yet "
+                    f"({rollout.progress(policy)}); wait, or abort it"
+                )
+            rollout.promote(self._clock(), reason or f"promoted by {actor}")
+            await self._apply(group, rollout, Decision.PROMOTE, actor)
+            return rollout
+
+    async def abort(self, group: str, *, actor: str, reason: str) -> Rollout:
+        async with self._lock:
+            rollout = self._require_active(group)
+            rollout.abort(self._clock(), reason or f"aborted by {actor}")
+            await self._apply(group, rollout, Decision.ABORT, actor)
+            return rollout
+
+    async def rollback(
+        self, group: str, *, to_version: str | None, actor: str, reason: str
+    ) -> RollbackOutcome:
+        async with self._lock:
+            # Mid-rollout, last_good is usually stable itself: aborting is the rollback.
+            target = to_version or (
+                self._store.pointer(group, LAST_GOOD)
+                if self._active(group)
+                else self._previous_good(group)
+            )
+            if target is None:
+                raise RolloutError(
+                    f"group {group} has no last_good version to go back to; "
+                    "name one with --to VERSION"
+                )
+            snapshot = await asyncio.to_thread(self._store.get, target)
+            if snapshot is None:
+                raise NotFoundError(f"version {target} is not in the store; nothing changed")
+            started_at = self._clock()
+            rollout = self._active(group)
+            if rollout is not None:
+                rollout.abort(started_at, f"rollback by {actor}: {reason}".rstrip(": "))
+                await self._apply(group, rollout, Decision.ABORT, actor)
+            previous = self._store.pointer(group, STABLE)
+            await asyncio.to_thread(
+                self._store.transition,
+                group,
+                action="rollback",
+                version=target,
+                actor=actor,
+                message=reason,
+                pointers={STABLE: target},
+            )
+            self._assignments.set_stable(group, snapshot)
+            log.warning(
+                "rollback",
+                group=group,
+                version=target,
+                previous_version=previous,
+                actor=actor,
+                reason=reason,
+            )
+            return RollbackOutcome(target, previous, rollout is not None, started_at)
+
+    async def wait_for_convergence(
+        self, group: str, version: str, *, since: float, timeout: float
+    ) -> Convergence:
+        """Until every connected node of `group` ACKed `version` (or `timeout` passes)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            convergence = self.convergence(group, version, since)
+            if not convergence.lagging or time.monotonic() >= deadline:
+                return convergence
+            await asyncio.sleep(0.02)
+
+    def convergence(self, group: str, version: str, since: float) -> Convergence:
+        nodes = [
+            s
+            for s in self._fleet
+            if s.node and self._assignments.effective_group(s.node.group) == group
+        ]
+        lagging = []
+        for stream in nodes:
+            assert stream.node is not None
+            if stream.snapshot is None or stream.snapshot.version != version or not stream.synced():
+                lagging.append((stream.node.id, stream.rejection() or "STALE"))
+        return Convergence(
+            version, len(nodes), len(nodes) - len(lagging), self._clock() - since, lagging
+        )
+
+    def rollout(self, group: str) -> Rollout | None:
+        return self._rollouts.get(group)
+
+    def rollouts(self) -> dict[str, Rollout]:
+        return dict(self._rollouts)
+
+    def policy(self, group: str) -> RolloutPolicy | None:
+        return self._policies.get(group)
+
+    # -- the gate's loop ------------------------------------------------------------------
+
+    async def _tick_forever(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # never let one bad tick stop the gate
+                log.exception("rollout tick failed")
+            await asyncio.sleep(TICK_SECONDS)
+
+    async def tick(self) -> None:
+        async with self._lock:
+            now = self._clock()
+            for group, rollout in list(self._rollouts.items()):
+                if not rollout.phase.active:
+                    continue
+                decision = rollout.observe(self._policies[group], now, self._observe(group))
+                if decision is not None:
+                    await self._apply(group, rollout, decision, GATE_ACTOR)
+            await self._record_last_good()
+
+    def _observe(self, group: str) -> list[NodeObservation]:
+        observations = []
+        for stream in self._fleet:
+            node = stream.node
+            if node is None or self._assignments.effective_group(node.group) != group:
+                continue
+            observations.append(
+                NodeObservation(
+                    stream_id=stream.stream_id,
+                    node_id=node.id,
+                    canary=self._assignments.is_canary(node),
+                    connected_at=stream.started_at,
+                    started_empty=stream.started_empty,
+                    version=stream.snapshot.version if stream.snapshot else None,
+                    synced=stream.synced(),
+                    rejection=stream.rejection(),
+                    probe=node.metadata.get(PROBE_METADATA_KEY) == "true",
+                )
+            )
+        return observations
+
+    async def _apply(self, group: str, rollout: Rollout, decision: Decision, actor: str) -> None:
+        if decision is Decision.PROMOTE:
+            candidate = self._assignments.candidate(group)
+            assert candidate is not None
+            await asyncio.to_thread(
+                self._store.transition,
+                group,
+                action="promote",
+                version=rollout.candidate,
+                actor=actor,
+                message=rollout.reason,
+                pointers={STABLE: rollout.candidate, CANDIDATE: None},
+                rollout=rollout.to_record(),
+            )
+            self._assignments.set_stable(group, candidate)
+            self._assignments.end_rollout(group)
+            log.info(
+                "rollout promoted", group=group, version=rollout.candidate, reason=rollout.reason
+            )
+        elif decision is Decision.ABORT:
+            await asyncio.to_thread(
+                self._store.transition,
+                group,
+                action="abort",
+                version=rollout.candidate,
+                actor=actor,
+                message=rollout.reason,
+                pointers={CANDIDATE: None},
+                rollout=rollout.to_record(),
+            )
+            self._assignments.end_rollout(group)
+            log.warning(
+                "rollout aborted", group=group, version=rollout.candidate, reason=rollout.reason
+            )
+        else:
+            await asyncio.to_thread(
+                self._store.transition,
+                group,
+                action="await_promotion",
+                version=rollout.candidate,
+                actor=actor,
+                message=rollout.reason,
+                rollout=rollout.to_record(),
+            )
+            log.info("rollout awaiting promotion", group=group, version=rollout.candidate)
+        if not rollout.phase.active and (probe := self._probes.pop(group, None)) is not None:
+            probe.cancel()
+
+    async def _record_last_good(self) -> None:
+        """last_good: the stable version once every connected node of its group ACKed it."""
+        pointers = self._store.pointers()
+        for group in self._assignments.groups():
+            stable = pointers.get(group, {}).get(STABLE)
+            if stable is None or pointers[group].get(LAST_GOOD) == stable or self._active(group):
+                continue
+            convergence = self.convergence(group, stable, self._clock())
+            if convergence.total and not convergence.lagging:
+                await asyncio.to_thread(
+                    self._store.transition,
+                    group,
+                    action="last_good",
+                    version=stable,
+                    actor=GATE_ACTOR,
+                    message=f"ACKed by all {convergence.total} connected node(s)",
+                    pointers={LAST_GOOD: stable},
+                )
+                log.info("last_good", group=group, version=stable, nodes=convergence.total)
+
+    async def _run_probe(self, group: str, candidate: Snapshot, policy: RolloutPolicy) -> None:
+        assert policy.fresh_probe is not None and self.probe_xds is not None
+        result: ProbeResult = await run_probe(
+            policy.fresh_probe,
+            group=group,
+            candidate=candidate,
+            xds=self.probe_xds,
+            is_synced=self._node_synced,
+            metadata={PROBE_METADATA_KEY: "true"},
+        )
+        log.info(
+            "fresh probe finished",
+            group=group,
+            version=candidate.version,
+            ok=result.ok,
+            reason=result.reason,
+        )
+        async with self._lock:
+            rollout = self._rollouts.get(group)
+            if (
+                rollout is not None
+                and rollout.candidate == candidate.version
+                and rollout.phase.active
+            ):
+                rollout.probe_finished(result.ok, result.reason, result.node_id)
+
+    def _previous_good(self, group: str) -> str | None:
+        """The newest version that was last_good and is not what the group holds now: when
+        the current stable already is last_good, rolling back means the one before it."""
+        stable = self._store.pointer(group, STABLE)
+        for entry in self._store.history(group, limit=10_000):
+            if entry.action == "last_good" and entry.version != stable:
+                return entry.version
+        return None
+
+    def _node_synced(self, node_id: str) -> bool:
+        return any(s.node is not None and s.node.id == node_id and s.synced() for s in self._fleet)
+
+    def _active(self, group: str) -> Rollout | None:
+        rollout = self._rollouts.get(group)
+        return rollout if rollout is not None and rollout.phase.active else None
+
+    def _require_active(self, group: str) -> Rollout:
+        rollout = self._active(group)
+        if rollout is None:
+            raise RolloutError(f"group {group} has no rollout in progress")
+        return rollout

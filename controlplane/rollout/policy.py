@@ -1,0 +1,221 @@
+"""Rollout policy: per node group, who the canaries are and what a candidate must prove.
+
+Loaded from a YAML file the server is given (`xdsctl serve --rollout-policy FILE`):
+
+    groups:
+      edge:
+        canary:                      # a node is a canary if it matches ANY rule given
+          metadata: {canary: "true"} #   every listed node.metadata key has this value
+          node_id: "edge-canary-*"   #   node.id matches this glob
+          percent: 10                #   a stable hash of node.id falls in the first N%
+        min_existing: 1              # canaries connected before staging that must ACK it
+        min_fresh: 1                 # canaries starting from nothing on it that must ACK
+        bake_seconds: 30             # quiet time after the above, before promotion
+        ack_timeout_seconds: 30      # a canary sent the candidate must ACK within this
+        deadline_seconds: 600        # the whole rollout must pass within this
+        auto_promote: true           # false: wait for `xdsctl rollout promote`
+        fresh_probe:                 # optional: start a throwaway Envoy on the candidate
+          envoy_binary: /usr/local/bin/envoy
+          ready_timeout_seconds: 30
+          isolate_network: false     # own network namespace (needs root / CAP_SYS_ADMIN)
+          check: {listener: edge_http, path: /, host: example.com, expect_status: 200}
+
+A group without a policy publishes straight to `stable`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controlplane.rollout.probe import HttpCheck, ProbeConfig
+from controlplane.xds.stream import NodeInfo
+
+PROBE_METADATA_KEY = "xdscp.probe"  # the fresh probe's Envoy carries this; always a canary
+
+
+class PolicyError(ValueError):
+    """The policy file is unreadable or invalid; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class CanarySelector:
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    node_id_glob: str | None = None
+    percent: float | None = None
+
+    def matches(self, node: NodeInfo) -> bool:
+        if node.metadata.get(PROBE_METADATA_KEY) == "true":
+            return True
+        if self.metadata and all(
+            str(node.metadata.get(key)) == value for key, value in self.metadata.items()
+        ):
+            return True
+        if self.node_id_glob is not None and fnmatch.fnmatchcase(node.id, self.node_id_glob):
+            return True
+        return self.percent is not None and _bucket(node.id) < self.percent
+
+    def describe(self) -> str:
+        rules = [f"metadata {k}={v}" for k, v in self.metadata.items()]
+        if self.node_id_glob is not None:
+            rules.append(f"node id {self.node_id_glob}")
+        if self.percent is not None:
+            rules.append(f"{self.percent:g}% of nodes")
+        return " or ".join(rules)
+
+
+def _bucket(node_id: str) -> float:
+    """Where a node falls in 0..100, the same on every replica and after every restart."""
+    digest = hashlib.sha256(node_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * 100
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    canary: CanarySelector
+    min_existing: int = 1
+    min_fresh: int = 0
+    bake_seconds: float = 30.0
+    ack_timeout_seconds: float = 30.0
+    deadline_seconds: float = 600.0
+    auto_promote: bool = True
+    fresh_probe: ProbeConfig | None = None
+
+
+def load_policies(path: str | Path) -> dict[str, RolloutPolicy]:
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise PolicyError(f"{path}: {error}") from None
+    reader = _Reader(str(path))
+    groups = reader.mapping(document, "", keys={"groups"}).get("groups", {})
+    return {
+        str(group): _policy(reader, spec, f"groups.{group}")
+        for group, spec in reader.mapping(groups, "groups").items()
+    }
+
+
+def _policy(reader: _Reader, spec: Any, where: str) -> RolloutPolicy:
+    spec = reader.mapping(
+        spec,
+        where,
+        keys={
+            "canary", "min_existing", "min_fresh", "bake_seconds", "ack_timeout_seconds",
+            "deadline_seconds", "auto_promote", "fresh_probe",
+        },
+    )  # fmt: skip
+    if "canary" not in spec:
+        raise reader.error(where, "needs a `canary` selector")
+    defaults = RolloutPolicy(canary=CanarySelector())
+    policy = RolloutPolicy(
+        canary=_selector(reader, spec["canary"], f"{where}.canary"),
+        min_existing=reader.count(spec, "min_existing", where, defaults.min_existing),
+        min_fresh=reader.count(spec, "min_fresh", where, defaults.min_fresh),
+        bake_seconds=reader.seconds(spec, "bake_seconds", where, defaults.bake_seconds),
+        ack_timeout_seconds=reader.seconds(
+            spec, "ack_timeout_seconds", where, defaults.ack_timeout_seconds
+        ),
+        deadline_seconds=reader.seconds(spec, "deadline_seconds", where, defaults.deadline_seconds),
+        auto_promote=reader.boolean(spec, "auto_promote", where, defaults.auto_promote),
+        fresh_probe=_probe(reader, spec["fresh_probe"], f"{where}.fresh_probe")
+        if "fresh_probe" in spec
+        else None,
+    )
+    if policy.min_existing == 0 and policy.min_fresh == 0 and policy.fresh_probe is None:
+        raise reader.error(where, "proves nothing: set min_existing, min_fresh or fresh_probe")
+    return policy
+
+
+def _selector(reader: _Reader, spec: Any, where: str) -> CanarySelector:
+    spec = reader.mapping(spec, where, keys={"metadata", "node_id", "percent"})
+    if not spec:
+        raise reader.error(where, "needs at least one of metadata, node_id, percent")
+    metadata = reader.mapping(spec.get("metadata", {}), f"{where}.metadata")
+    percent = spec.get("percent")
+    if percent is not None and (
+        isinstance(percent, bool) or not isinstance(percent, int | float) or not 0 < percent <= 100
+    ):
+        raise reader.error(f"{where}.percent", f"expected a number in (0, 100], got {percent!r}")
+    glob = spec.get("node_id")
+    if glob is not None and not isinstance(glob, str):
+        raise reader.error(f"{where}.node_id", f"expected a glob string, got {glob!r}")
+    return CanarySelector(
+        metadata={str(k): str(v) for k, v in metadata.items()},
+        node_id_glob=glob,
+        percent=float(percent) if percent is not None else None,
+    )
+
+
+def _probe(reader: _Reader, spec: Any, where: str) -> ProbeConfig:
+    spec = reader.mapping(
+        spec, where, keys={"envoy_binary", "ready_timeout_seconds", "isolate_network", "check"}
+    )
+    binary = spec.get("envoy_binary")
+    if not isinstance(binary, str) or not binary:
+        raise reader.error(f"{where}.envoy_binary", "needs the path of an Envoy binary")
+    check = None
+    if "check" in spec:
+        check_spec = reader.mapping(
+            spec["check"], f"{where}.check", keys={"listener", "path", "host", "expect_status"}
+        )
+        if not isinstance(check_spec.get("listener"), str):
+            raise reader.error(f"{where}.check.listener", "needs a listener name")
+        check = HttpCheck(
+            listener=check_spec["listener"],
+            path=str(check_spec.get("path", "/")),
+            host=str(check_spec.get("host", "")),
+            expect_status=reader.count(check_spec, "expect_status", f"{where}.check", 200),
+        )
+    return ProbeConfig(
+        envoy_binary=Path(binary),
+        ready_timeout_seconds=reader.seconds(spec, "ready_timeout_seconds", where, 30.0),
+        isolate_network=reader.boolean(spec, "isolate_network", where, False),
+        check=check,
+    )
+
+
+class _Reader:
+    """Typed field access that names the file and the field path in every error."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def error(self, where: str, message: str) -> PolicyError:
+        return PolicyError(f"{self.source}: {where or 'top level'}: {message}")
+
+    def mapping(self, value: Any, where: str, keys: set[str] | None = None) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(where, f"expected a mapping, got {type(value).__name__}")
+        if keys is not None:
+            unknown = sorted(set(map(str, value)) - keys)
+            if unknown:
+                raise self.error(
+                    where,
+                    f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(keys))}",
+                )
+        return value
+
+    def count(self, spec: dict[str, Any], key: str, where: str, default: int) -> int:
+        value = spec.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.error(f"{where}.{key}", f"expected a whole number >= 0, got {value!r}")
+        return value
+
+    def seconds(self, spec: dict[str, Any], key: str, where: str, default: float) -> float:
+        value = spec.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise self.error(f"{where}.{key}", f"expected seconds >= 0, got {value!r}")
+        return float(value)
+
+    def boolean(self, spec: dict[str, Any], key: str, where: str, default: bool) -> bool:
+        value = spec.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(f"{where}.{key}", f"expected true or false, got {value!r}")
+        return value

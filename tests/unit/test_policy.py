@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from controlplane.rollout.policy import PolicyError, load_policies
+
+GOOD = """
+groups:
+  edge:
+    canary: {metadata: {canary: "true"}, node_id: "edge-canary-*"}
+    min_existing: 1
+    min_fresh: 1
+    bake_seconds: 20
+    auto_promote: false
+    fresh_probe:
+      envoy_binary: /usr/bin/envoy
+      ready_timeout_seconds: 15
+      check: {listener: edge_http, path: /healthz, expect_status: 200}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_loads_a_full_policy(tmp_path) -> None:
+    policy = load_policies(write(tmp_path, GOOD))["edge"]
+    assert policy.canary.metadata == {"canary": "true"}
+    assert policy.canary.node_id_glob == "edge-canary-*"
+    assert (policy.min_existing, policy.min_fresh, policy.bake_seconds) == (1, 1, 20.0)
+    assert policy.auto_promote is False
+    assert policy.ack_timeout_seconds == 30.0  # default
+    assert policy.fresh_probe is not None
+    assert policy.fresh_probe.envoy_binary == Path("/usr/bin/envoy")
+    assert policy.fresh_probe.check is not None
+    assert policy.fresh_probe.check.listener == "edge_http"
+    assert policy.fresh_probe.check.path == "/healthz"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("groups: {edge: {min_existing: 1}}", "groups.edge: needs a `canary` selector"),
+        ("groups: {edge: {canary: {}}}", "groups.edge.canary: needs at least one of"),
+        (
+            "groups: {edge: {canary: {percent: 150}}}",
+            "groups.edge.canary.percent: expected a number in (0, 100], got 150",
+        ),
+        (
+            "groups: {edge: {canary: {percent: 5}, min_fresh: -1}}",
+            "groups.edge.min_fresh: expected a whole number >= 0, got -1",
+        ),
+        (
+            "groups: {edge: {canary: {percent: 5}, bake: 3}}",
+            "groups.edge: unknown field(s) bake; valid:",
+        ),
+        (
+            "groups: {edge: {canary: {percent: 5}, min_existing: 0}}",
+            "groups.edge: proves nothing",
+        ),
+        (
+            "groups: {edge: {canary: {percent: 5}, fresh_probe: {}}}",
+            "groups.edge.fresh_probe.envoy_binary: needs the path of an Envoy binary",
+        ),
+        ("groups: [1, 2]", "groups: expected a mapping, got list"),
+        ("groups: {edge: {canary: [", "policy.yaml"),
+    ],
+)
+def test_bad_policy_names_the_file_and_field(tmp_path, text, message) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(PolicyError) as caught:
+        load_policies(path)
+    assert str(caught.value).startswith(str(path))
+    assert message in str(caught.value)
