@@ -58,6 +58,17 @@ class Config:
     admin_token_file: Path | None = None  # default: admin-token beside the store
 
     @property
+    def unix_socket(self) -> Path | None:
+        """--xds-socket, or one beside the store when a probe runs in its own namespace."""
+        isolated = any(
+            p.fresh_probe is not None and p.fresh_probe.isolate_network
+            for p in self.policies.values()
+        )
+        if self.xds_socket is None and isolated:
+            return self.store_path.parent / "xds.sock"
+        return self.xds_socket
+
+    @property
     def token_path(self) -> Path:
         return self.admin_token_file or self.store_path.parent / "admin-token"
 
@@ -113,8 +124,8 @@ class ControlPlane:
         resources.load_all_descriptors()
         await asyncio.to_thread(self.controller.load)
         xds = self._bind_grpc(self._xds, self.config.xds_address)
-        if self.config.xds_socket is not None:
-            self._add_unix_socket(self.config.xds_socket)
+        if self.config.unix_socket is not None:
+            self._add_unix_socket(self.config.unix_socket)
         admin = self._bind_grpc(self._admin, self.config.admin_address)
         await self._xds.start()
         await self._admin.start()
@@ -131,13 +142,13 @@ class ControlPlane:
             "http": Address(self.config.http_address.host, http_port),
         }
         self.controller.probe_xds = XdsEndpoint(
-            tcp=(xds.host, xds.port), unix_socket=self.config.xds_socket
+            tcp=(xds.host, xds.port), unix_socket=self.config.unix_socket
         )
         self.controller.start()
         self.ready = True
         log.info(
             "serving",
-            xds_socket=str(self.config.xds_socket or ""),
+            xds_socket=str(self.config.unix_socket or ""),
             store=str(self.config.store_path),
             groups=self.assignments.groups(),
             rollout_policies=sorted(self.config.policies),

@@ -74,3 +74,20 @@ def test_bad_policy_names_the_file_and_field(tmp_path, text, message) -> None:
         load_policies(path)
     assert str(caught.value).startswith(str(path))
     assert message in str(caught.value)
+
+
+def test_the_shipped_example_policy_loads() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    policy = load_policies(repo / "examples/rollout-policy.yaml")["default"]
+    assert policy.min_existing == 1 and policy.min_fresh == 1
+    assert policy.fresh_probe is not None and policy.fresh_probe.isolate_network
+
+
+def test_an_isolated_probe_gets_a_unix_socket_beside_the_store(tmp_path) -> None:
+    from controlplane.app import Config
+
+    repo = Path(__file__).resolve().parents[2]
+    policies = load_policies(repo / "examples/rollout-policy.yaml")
+    config = Config(store_path=tmp_path / "db" / "xdscp.db", policies=policies)
+    assert config.unix_socket == tmp_path / "db" / "xds.sock"
+    assert Config(store_path=tmp_path / "xdscp.db").unix_socket is None
