@@ -15,6 +15,8 @@ from controlplane.admin.auth import TokenInterceptor, load_or_create_token
 from controlplane.admin.http import HttpEndpoint
 from controlplane.admin.service import MUTATING_METHODS, AdminService
 from controlplane.admin.v1 import admin_pb2_grpc
+from controlplane.observability.fleet_view import ControlPlaneView
+from controlplane.observability.metrics import CONTENT_TYPE, Metrics
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.policy import RolloutPolicy
 from controlplane.rollout.probe import XdsEndpoint
@@ -86,17 +88,18 @@ class ControlPlane:
         self.assignments = Assignments()
         self.fleet = Fleet()
         self.assignments.subscribe(self.fleet.wake_all)
+        self.metrics = Metrics()
         self.controller = RolloutController(
-            self.store,
-            self.assignments,
-            self.fleet,
-            config.policies,
+            self.store, self.assignments, self.fleet, config.policies, metrics=self.metrics
+        )
+        self.metrics.watch(
+            ControlPlaneView(self.fleet, self.assignments, self.store, self.controller)
         )
         self.ready = False
         self.bound: dict[str, Address] = {}
         # so_reuseport off: a second xdscp on the same port must fail, not split the fleet.
         self._xds = grpc.aio.server(
-            handlers=XdsServer(self.assignments, self.fleet).handlers(),
+            handlers=XdsServer(self.assignments, self.fleet, self.metrics).handlers(),
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)],
         )
         self._admin = grpc.aio.server(
@@ -116,6 +119,7 @@ class ControlPlane:
                     if self.ready
                     else (503, "text/plain", b"not ready\n")
                 ),
+                "/metrics": lambda: (200, CONTENT_TYPE, self.metrics.exposition()),
             }
         )
 

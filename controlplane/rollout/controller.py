@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from controlplane.observability.metrics import Metrics
 from controlplane.rollout.gate import Decision, NodeObservation, Phase, ProbeState, Rollout
 from controlplane.rollout.policy import PROBE_METADATA_KEY, RolloutPolicy
 from controlplane.rollout.probe import ProbeResult, XdsEndpoint, run_probe
@@ -65,6 +66,7 @@ class Convergence:
     acked: int
     seconds: float
     lagging: list[tuple[str, str]]  # (node id, why: "STALE" or the NACK text)
+    last_ack_at: float | None = None  # when the last node to get there ACKed
 
 
 class RolloutController:
@@ -77,6 +79,7 @@ class RolloutController:
         *,
         probe_xds: XdsEndpoint | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._assignments = assignments
@@ -88,6 +91,9 @@ class RolloutController:
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
+        self._metrics = metrics or Metrics()
+        # group -> (version, command time): rollbacks whose fleet-wide ACK is not seen yet
+        self._rollbacks: dict[str, tuple[str, float]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -235,6 +241,8 @@ class RolloutController:
                 pointers={STABLE: target},
             )
             self._assignments.set_stable(group, snapshot)
+            self._rollbacks[group] = (target, started_at)
+            self._metrics.rollouts.labels(group, "rolled_back").inc()
             log.warning(
                 "rollback",
                 group=group,
@@ -263,12 +271,21 @@ class RolloutController:
             if s.node and self._assignments.effective_group(s.node.group) == group
         ]
         lagging = []
+        last_ack_at = None
         for stream in nodes:
             assert stream.node is not None
             if stream.snapshot is None or stream.snapshot.version != version or not stream.synced():
                 lagging.append((stream.node.id, stream.rejection() or "STALE"))
+                continue
+            acked = max((t.acked_at or 0.0) for t in stream.types.values() if t.subscribed)
+            last_ack_at = max(acked, last_ack_at or acked)
         return Convergence(
-            version, len(nodes), len(nodes) - len(lagging), self._clock() - since, lagging
+            version,
+            len(nodes),
+            len(nodes) - len(lagging),
+            self._clock() - since,
+            lagging,
+            last_ack_at,
         )
 
     def rollout(self, group: str) -> Rollout | None:
@@ -300,6 +317,23 @@ class RolloutController:
                 if decision is not None:
                     await self._apply(group, rollout, decision, GATE_ACTOR)
             await self._record_last_good()
+            self._record_rollback_durations()
+
+    def _record_rollback_durations(self) -> None:
+        for group, (version, started_at) in list(self._rollbacks.items()):
+            convergence = self.convergence(group, version, started_at)
+            if convergence.lagging:
+                continue
+            del self._rollbacks[group]
+            seconds = max(0.0, (convergence.last_ack_at or started_at) - started_at)
+            self._metrics.rollback_duration.labels(group).observe(seconds)
+            log.info(
+                "rollback converged",
+                group=group,
+                version=version,
+                nodes=convergence.total,
+                seconds=seconds,
+            )
 
     def _observe(self, group: str) -> list[NodeObservation]:
         observations = []
@@ -338,6 +372,7 @@ class RolloutController:
             )
             self._assignments.set_stable(group, candidate)
             self._assignments.end_rollout(group)
+            self._metrics.rollouts.labels(group, "promoted").inc()
             log.info(
                 "rollout promoted", group=group, version=rollout.candidate, reason=rollout.reason
             )
@@ -353,6 +388,7 @@ class RolloutController:
                 rollout=rollout.to_record(),
             )
             self._assignments.end_rollout(group)
+            self._metrics.rollouts.labels(group, "aborted").inc()
             log.warning(
                 "rollout aborted", group=group, version=rollout.candidate, reason=rollout.reason
             )

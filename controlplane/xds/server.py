@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Iterable
 
 import grpc
 import structlog
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
+from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from controlplane import resources
+from controlplane.observability.metrics import Metrics
 from controlplane.xds import wire
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet
@@ -38,8 +41,9 @@ _END = object()  # the client closed its side
 
 
 class XdsServer:
-    def __init__(self, assignments: Assignments, fleet: Fleet) -> None:
+    def __init__(self, assignments: Assignments, fleet: Fleet, metrics: Metrics) -> None:
         self._assignments = assignments
+        self._metrics = metrics
         self._fleet = fleet
         self._ids = itertools.count(1)
 
@@ -72,6 +76,7 @@ class XdsServer:
         events: asyncio.Queue[object] = asyncio.Queue()
         reader = asyncio.create_task(_read_into(request_iterator, events))
         bound = log.bind(stream_id=stream.stream_id, peer=context.peer())
+        converged_on: str | None = None
         try:
             while (event := await events.get()) is not _END:
                 if event is _WAKE:
@@ -84,18 +89,61 @@ class XdsServer:
                         self._fleet.add(stream, _QueueControl(events))
                         bound = bound.bind(node_id=stream.node.id, group=stream.group)
                         bound.info("stream opened", protocol=stream.protocol)
-                    _log_request(bound, kind, state)
+                    self._record_request(bound, stream, kind, state)
+                    converged_on = self._record_convergence(stream, converged_on)
                 for send in sends:
-                    _log_send(bound, send)
+                    self._record_send(bound, stream, send)
                     yield send.payload
         except RemoteProtocolError as error:
             bound.warning("protocol error", error=str(error))
+            self._metrics.stream_errors.labels(error.reason).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         finally:
             reader.cancel()
             if stream in self._fleet:
                 self._fleet.remove(stream)
                 bound.info("stream closed")
+
+    def _group(self, stream: SotwStream) -> str:
+        """The metrics label: the group whose pointers serve the node (a bounded set)."""
+        return self._assignments.effective_group(stream.group or "")
+
+    def _record_send(self, bound: BoundLogger, stream: SotwStream, send: Send) -> None:
+        labels = (send.type_url, self._group(stream))
+        self._metrics.pushes.labels(*labels).inc()
+        self._metrics.pushed_bytes.labels(*labels).inc(len(send.payload))
+        bound.debug(
+            "push",
+            type_url=send.type_url,
+            version=send.version,
+            nonce=send.nonce,
+            bytes=len(send.payload),
+        )
+
+    def _record_request(
+        self, bound: BoundLogger, stream: SotwStream, kind: RequestKind, state: TypeState
+    ) -> None:
+        fields = {"type_url": state.type_url, "nonce": state.latest_nonce}
+        labels = (state.type_url, self._group(stream))
+        if kind is RequestKind.NACK:
+            self._metrics.nacks.labels(*labels).inc()
+            bound.warning("nack", version=state.nacked_version, error=state.nack_error, **fields)
+        elif kind is RequestKind.ACK:
+            self._metrics.acks.labels(*labels).inc()
+            bound.info("ack", version=state.acked_version, **fields)
+        elif kind is RequestKind.STALE:
+            bound.debug("stale request ignored", **fields)
+
+    def _record_convergence(self, stream: SotwStream, converged_on: str | None) -> str | None:
+        """Observe, once per snapshot, how long this node took to ACK all of it."""
+        snapshot = stream.snapshot
+        if snapshot is None or snapshot.version == converged_on or not stream.synced():
+            return converged_on
+        if stream.assigned_at is not None:
+            self._metrics.convergence.labels(self._group(stream)).observe(
+                max(0.0, time.time() - stream.assigned_at)
+            )
+        return snapshot.version
 
 
 class _QueueControl:
@@ -113,7 +161,7 @@ def _parse(raw: bytes) -> discovery_pb2.DiscoveryRequest:
     try:
         return discovery_pb2.DiscoveryRequest.FromString(raw)
     except DecodeError as error:
-        raise RemoteProtocolError(f"malformed DiscoveryRequest: {error}") from None
+        raise RemoteProtocolError(f"malformed DiscoveryRequest: {error}", "malformed") from None
 
 
 async def _read_into(request_iterator: AsyncIterator[bytes], events: asyncio.Queue[object]) -> None:
@@ -124,25 +172,3 @@ async def _read_into(request_iterator: AsyncIterator[bytes], events: asyncio.Que
         pass
     finally:
         events.put_nowait(_END)
-
-
-def _log_send(bound: structlog.typing.FilteringBoundLogger, send: Send) -> None:
-    bound.debug(
-        "push",
-        type_url=send.type_url,
-        version=send.version,
-        nonce=send.nonce,
-        bytes=len(send.payload),
-    )
-
-
-def _log_request(
-    bound: structlog.typing.FilteringBoundLogger, kind: RequestKind, state: TypeState
-) -> None:
-    fields = {"type_url": state.type_url, "nonce": state.latest_nonce}
-    if kind is RequestKind.NACK:
-        bound.warning("nack", version=state.nacked_version, error=state.nack_error, **fields)
-    elif kind is RequestKind.ACK:
-        bound.info("ack", version=state.acked_version, **fields)
-    elif kind is RequestKind.STALE:
-        bound.debug("stale request ignored", **fields)

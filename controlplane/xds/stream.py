@@ -37,7 +37,14 @@ WILDCARD = "*"
 
 
 class RemoteProtocolError(Exception):
-    """The client broke the protocol. The shell ends the stream with INVALID_ARGUMENT."""
+    """The client broke the protocol. The shell ends the stream with INVALID_ARGUMENT.
+
+    `reason` is a short fixed word for metrics; the message is for humans.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class RequestKind(enum.Enum):
@@ -131,6 +138,7 @@ class SotwStream:
         self.types: dict[str, TypeState] = {url: TypeState(url) for url in allowed}
         self.node: NodeInfo | None = None
         self.snapshot: Snapshot | None = None
+        self.assigned_at: float | None = None  # when `snapshot` became this stream's
         self.started_at = clock()
         # Fresh: the client held nothing when it connected (a new Envoy, not a reconnect).
         self.started_empty = True
@@ -165,8 +173,13 @@ class SotwStream:
         return kind, state, self._send_due()
 
     def on_snapshot(self, snapshot: Snapshot | None) -> list[Send]:
-        self.snapshot = snapshot
+        self._assign(snapshot)
         return self._send_due()
+
+    def _assign(self, snapshot: Snapshot | None) -> None:
+        if snapshot != self.snapshot:
+            self.snapshot = snapshot
+            self.assigned_at = self._clock()
 
     @property
     def group(self) -> str | None:
@@ -196,13 +209,14 @@ class SotwStream:
         if self.node is None:
             if not request.HasField("node") or not request.node.id:
                 raise RemoteProtocolError(
-                    "the first request of a stream must carry a Node with an id"
+                    "the first request of a stream must carry a Node with an id", "no_node"
                 )
             self.node = NodeInfo.from_node(request.node)
-            self.snapshot = self._resolve(self.node)
+            self._assign(self._resolve(self.node))
         elif request.HasField("node") and request.node.id and request.node.id != self.node.id:
             raise RemoteProtocolError(
-                f"node id changed mid-stream from {self.node.id!r} to {request.node.id!r}"
+                f"node id changed mid-stream from {self.node.id!r} to {request.node.id!r}",
+                "node_changed",
             )
 
     def _state_for(self, type_url: str) -> TypeState:
@@ -211,8 +225,10 @@ class SotwStream:
         state = self.types.get(type_url)
         if state is None:
             if type_url in resources.BY_URL:
-                raise RemoteProtocolError(f"type_url {type_url!r} is not served on this stream")
-            raise RemoteProtocolError(f"unsupported type_url {type_url!r}")
+                raise RemoteProtocolError(
+                    f"type_url {type_url!r} is not served on this stream", "wrong_service"
+                )
+            raise RemoteProtocolError(f"unsupported type_url {type_url!r}", "unsupported_type")
         return state
 
     @staticmethod

@@ -1,0 +1,52 @@
+"""The scrape-time view of the control plane that the metrics collector reads."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from controlplane.rollout.controller import RolloutController
+from controlplane.store import SnapshotStore
+from controlplane.xds.assignments import Assignments
+from controlplane.xds.fleet import Fleet
+
+
+class ControlPlaneView:
+    def __init__(
+        self,
+        fleet: Fleet,
+        assignments: Assignments,
+        store: SnapshotStore,
+        controller: RolloutController,
+    ) -> None:
+        self._fleet = fleet
+        self._assignments = assignments
+        self._store = store
+        self._controller = controller
+
+    def stream_counts(self) -> dict[str, int]:
+        return dict(Counter(stream.protocol for stream in self._fleet))
+
+    def node_counts(self) -> dict[str, tuple[int, int]]:
+        connected: Counter[str] = Counter()
+        lagging: Counter[str] = Counter()
+        for stream in self._fleet:
+            if stream.node is None:
+                continue
+            group = self._assignments.effective_group(stream.node.group)
+            connected[group] += 1
+            lagging[group] += not stream.synced()
+        groups = set(connected) | set(self._assignments.groups())
+        return {group: (connected[group], lagging[group]) for group in sorted(groups)}
+
+    def pointers(self) -> dict[str, dict[str, str]]:
+        return self._store.pointers()
+
+    def stable_sizes(self) -> dict[str, int]:
+        return {
+            group: snapshot.size_bytes
+            for group in self._assignments.groups()
+            if (snapshot := self._assignments.stable(group)) is not None
+        }
+
+    def rollout_phases(self) -> dict[str, str]:
+        return {group: r.phase.value for group, r in self._controller.rollouts().items()}

@@ -1,0 +1,156 @@
+"""Prometheus metrics. Events (pushes, ACKs, NACKs, convergence, rollouts) are counted where
+they happen; gauges that describe the current fleet are computed on each scrape from the
+fleet, the assignments and the store, so they can never drift from the truth.
+
+Label cardinality stays bounded: labels are groups, type URLs, protocols, pointer names,
+phases and outcomes; never node ids. Versions appear only in the per-group info metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from controlplane.store import POINTERS
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+disable_created_metrics()  # *_created series double the output and nobody alerts on them
+_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class FleetView(Protocol):
+    """What the scrape-time collector reads (implemented by app.ControlPlane)."""
+
+    def stream_counts(self) -> dict[str, int]:
+        """Open xDS streams by protocol."""
+        ...
+
+    def node_counts(self) -> dict[str, tuple[int, int]]:
+        """By group: (connected nodes, nodes not ACKed on what they should hold)."""
+        ...
+
+    def pointers(self) -> dict[str, dict[str, str]]: ...
+
+    def stable_sizes(self) -> dict[str, int]:
+        """By group: bytes of the stable snapshot's resources."""
+        ...
+
+    def rollout_phases(self) -> dict[str, str]:
+        """By group: the phase of the current or last rollout."""
+        ...
+
+
+ROLLOUT_PHASES = ("canary", "awaiting_promotion", "promoted", "aborted")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        by_type = ["type_url", "group"]
+        self.pushes = Counter(
+            "xdscp_pushes", "Responses sent to Envoys", by_type, registry=self.registry
+        )
+        self.pushed_bytes = Counter(
+            "xdscp_pushed_bytes", "Bytes of responses sent", by_type, registry=self.registry
+        )
+        self.acks = Counter("xdscp_acks", "ACKs received", by_type, registry=self.registry)
+        self.nacks = Counter("xdscp_nacks", "NACKs received", by_type, registry=self.registry)
+        self.stream_errors = Counter(
+            "xdscp_stream_errors",
+            "xDS streams ended by a protocol error",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.convergence = Histogram(
+            "xdscp_convergence_seconds",
+            "From a snapshot becoming a node's to that node ACKing every type of it",
+            ["group"],
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.rollouts = Counter(
+            "xdscp_rollouts",
+            "Rollouts by outcome (promoted, aborted, rolled_back)",
+            ["group", "outcome"],
+            registry=self.registry,
+        )
+        self.rollback_duration = Histogram(
+            "xdscp_rollback_duration_seconds",
+            "From a rollback command to every connected node ACKing it",
+            ["group"],
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+
+    def watch(self, fleet: FleetView) -> None:
+        self.registry.register(_FleetCollector(fleet))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _FleetCollector(Collector):
+    def __init__(self, fleet: FleetView) -> None:
+        self._fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        yield _gauge(
+            "xdscp_streams", "Open xDS streams", ["protocol"], self._fleet.stream_counts().items()
+        )
+        nodes = self._fleet.node_counts()
+        yield _gauge(
+            "xdscp_nodes",
+            "Connected nodes",
+            ["group"],
+            ((g, connected) for g, (connected, _) in nodes.items()),
+        )
+        yield _gauge(
+            "xdscp_nodes_out_of_sync",
+            "Connected nodes not ACKed on the version they should hold",
+            ["group"],
+            ((g, lagging) for g, (_, lagging) in nodes.items()),
+        )
+        info = GaugeMetricFamily(
+            "xdscp_group_version_info",
+            "The version each pointer of each group holds",
+            labels=["group", "pointer", "version"],
+        )
+        for group, pointers in self._fleet.pointers().items():
+            for pointer in POINTERS:
+                if pointer in pointers:
+                    info.add_metric([group, pointer, pointers[pointer]], 1)
+        yield info
+        yield _gauge(
+            "xdscp_snapshot_size_bytes",
+            "Bytes of the resources in each group's stable snapshot",
+            ["group"],
+            self._fleet.stable_sizes().items(),
+        )
+        phases = GaugeMetricFamily(
+            "xdscp_rollout_phase",
+            "1 for the phase of each group's current or last rollout",
+            labels=["group", "phase"],
+        )
+        for group, current in self._fleet.rollout_phases().items():
+            for phase in ROLLOUT_PHASES:
+                phases.add_metric([group, phase], 1 if phase == current else 0)
+        yield phases
+
+
+def _gauge(
+    name: str, documentation: str, labels: list[str], values: Iterable[tuple[str, int]]
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=labels)
+    for label, value in values:
+        family.add_metric([label], value)
+    return family
