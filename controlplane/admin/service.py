@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
 import structlog
+from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
+from controlplane import resources
 from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.publish import build_snapshot
 from controlplane.resources import UnknownTypeError
@@ -118,6 +121,28 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             previous_version=outcome.previous_version or "",
             aborted_rollout=outcome.aborted_rollout,
             started_at=outcome.started_at,
+        )
+
+    async def GetSnapshot(
+        self, request: admin_pb2.GetSnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetSnapshotResponse:
+        snapshot = await asyncio.to_thread(self._store.get, request.version)
+        if snapshot is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"version {request.version!r} is not in the store"
+            )
+        if request.type_url and request.type_url not in resources.BY_URL:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown type {request.type_url!r}"
+            )
+        return admin_pb2.GetSnapshotResponse(
+            version=snapshot.version,
+            resources=[
+                any_pb2.Any(type_url=r.type_url, value=r.body)
+                for r in snapshot.all_resources()
+                if (not request.type_url or r.type_url == request.type_url)
+                and (not request.name or r.name == request.name)
+            ],
         )
 
     async def WaitForConvergence(

@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server(snapshots)
     snapshots.set_defaults(handler=cmd_snapshots)
 
+    get = commands.add_parser("get", help="print a stored snapshot's resources as YAML")
+    get.add_argument("version")
+    get.add_argument("--type", default="", help="cluster, endpoint, listener, route, secret")
+    get.add_argument("--name", default="")
+    _add_server(get)
+    get.set_defaults(handler=cmd_get)
+
     rollout = commands.add_parser("rollout", help="canary rollouts: status, promote, abort")
     rollout_commands = rollout.add_subparsers(
         dest="rollout_command", required=True, metavar="ACTION"
@@ -229,6 +236,39 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         args, lambda stub, md: stub.ListSnapshots(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md)
     )
     print(_as_json(response) if args.json else render.history(response))
+    return EXIT_OK
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    """Prints Envoy v3 YAML in the form `publish` reads, so the output can be published."""
+    import yaml
+
+    from controlplane import resources
+    from controlplane.admin.v1 import admin_pb2
+
+    type_url = args.type
+    if type_url and type_url not in resources.BY_URL:
+        known = resources.BY_SHORT_NAME.get(type_url)
+        if known is None:
+            raise CommandError(
+                f"unknown --type {type_url!r}; use one of {', '.join(resources.BY_SHORT_NAME)}"
+            )
+        type_url = known.type_url
+    request = admin_pb2.GetSnapshotRequest(version=args.version, type_url=type_url, name=args.name)
+    response = _call(
+        args, lambda stub, md: stub.GetSnapshot(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md)
+    )
+    if not response.resources:
+        raise CommandError(f"no resources in {response.version} match --type/--name")
+    resources.load_all_descriptors()
+    items = []
+    for packed in response.resources:
+        message = resources.unpack_any(packed)
+        fields = json_format.MessageToDict(message, preserving_proto_field_name=True)
+        # A plain-dict copy: typed_config Anys come back as OrderedDicts, which YAML won't take.
+        items.append({"@type": packed.type_url, **json.loads(json.dumps(fields))})
+    print(f"# xdsctl get {response.version}")
+    print(yaml.safe_dump({"resources": items}, sort_keys=False), end="")
     return EXIT_OK
 
 

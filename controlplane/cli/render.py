@@ -49,7 +49,7 @@ def fleet_status(response: admin_pb2.GetFleetStatusResponse) -> str:
                     node.snapshot_version or "-",
                     node.build_version or "-",
                     short_type(t.type_url),
-                    t.state,
+                    t.state.replace("_", " "),
                     t.expected_version or "-",
                     t.acked_version or "-",
                     detail,

@@ -158,10 +158,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
         # Connect storm: every node opens its stream at once; until all ACKed every v1 type.
         fleet.watch("storm", v1_types)
-        cpu0 = cpu_seconds(pid)
+        cpu0 = cpu_pair(pid, fleet)
         t0 = fleet.connect()
         storm = fleet.wait_until_all("storm", args.wait_timeout)
-        results["connect_storm"] = phase(storm, t0, cpu_seconds(pid) - cpu0)
+        results["connect_storm"] = phase(storm, t0, cpu_since(cpu0, pid, fleet))
         if not storm.ok:
             results["connect_storm"]["lagging"] = fleet.lagging("storm")
             raise Incomplete("connect storm did not converge")
@@ -177,14 +177,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # Push v2: straight to stable (no rollout policy for the group).
         fleet.watch("v2", v2_types)
         before = fleet.query("v2")
-        cpu0 = cpu_seconds(pid)
+        cpu0 = cpu_pair(pid, fleet)
         t0 = time.time()
         out = plane.xdsctl("publish", str(dirs["v2"]), "--group", args.group).stdout.strip()
         publish_wall = time.time() - t0
         if out != v2:
             results["errors"].append(f"published v2 is {out}, computed {v2}")
         push = fleet.wait_until_all("v2", args.wait_timeout)
-        results["push_v2"] = phase(push, t0, cpu_seconds(pid) - cpu0, before)
+        results["push_v2"] = phase(push, t0, cpu_since(cpu0, pid, fleet), before)
         results["push_v2"]["publish_command_wall_seconds"] = round(publish_wall, 3)
         if not push.ok:
             results["push_v2"]["lagging"] = fleet.lagging("v2")
@@ -193,12 +193,12 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # Rollback to v1, timed three ways.
         fleet.watch("rollback", v1_types)
         before = fleet.query("rollback")
-        cpu0 = cpu_seconds(pid)
+        cpu0 = cpu_pair(pid, fleet)
         t0 = time.time()
         command = rollback(plane, args.group, v1, args.rollback_timeout)
         wall = time.time() - t0
         back = fleet.wait_until_all("rollback", args.wait_timeout)
-        rb = phase(back, t0, cpu_seconds(pid) - cpu0, before)
+        rb = phase(back, t0, cpu_since(cpu0, pid, fleet), before)
         rb["command_wall_seconds"] = round(wall, 3)
         rb.update(command)
         results["rollback"] = rb
@@ -231,7 +231,10 @@ class Incomplete(Exception):
 
 
 def phase(
-    wait: WaitResult, t0: float, server_cpu: float, before: FleetCount | None = None
+    wait: WaitResult,
+    t0: float,
+    cpu: tuple[float, float],
+    before: FleetCount | None = None,
 ) -> dict[str, Any]:
     """Numbers of one fleet-wide wait; per-node times are node-side ACK times minus t0."""
     count = wait.count
@@ -241,7 +244,8 @@ def phase(
         "nodes_matched": count.current,
         "nodes": count.total,
         "poll_wall_seconds": round(wait.waited, 3),
-        "server_cpu_seconds": round(server_cpu, 2),
+        "server_cpu_seconds": round(cpu[0], 2),
+        "simulator_cpu_seconds": round(cpu[1], 2),
         "stream_errors": count.stream_errors - (before.stream_errors if before else 0),
         "connects": count.connects - (before.connects if before else 0),
         "responses": {
@@ -340,6 +344,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_pair(pid: int, fleet: SimulatedFleet) -> tuple[float, float]:
+    """(CPU seconds of xdscp, of all simulator workers) so far."""
+    workers = 0.0
+    for worker in fleet.worker_pids():
+        with contextlib.suppress(OSError):
+            workers += cpu_seconds(worker)
+    return cpu_seconds(pid), workers
+
+
+def cpu_since(before: tuple[float, float], pid: int, fleet: SimulatedFleet) -> tuple[float, float]:
+    now = cpu_pair(pid, fleet)
+    return now[0] - before[0], now[1] - before[1]
+
+
 def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile of sorted `values`."""
     rank = max(1, min(len(values), -(-len(values) * p // 100)))
@@ -435,7 +453,11 @@ def _phase_lines(ph: dict[str, Any] | None, what: str) -> list[str]:
     responses = ", ".join(f"{t} {n}" for t, n in ph["responses"].items() if n)
     lines.append(
         f"responses received: {responses or 'none'} ({ph['response_megabytes']:.2f} MB); "
-        f"server CPU {ph['server_cpu_seconds']:.2f}s; stream errors {ph['stream_errors']}"
+        f"stream errors {ph['stream_errors']}"
+    )
+    lines.append(
+        f"CPU during this step: xdscp {ph['server_cpu_seconds']:.2f}s, "
+        f"simulator workers {ph['simulator_cpu_seconds']:.2f}s"
     )
     for error in ph.get("last_errors", []):
         lines.append(f"  last stream error: {error}")

@@ -273,3 +273,21 @@ class WaitForConvergenceResponse(_message.Message):
     seconds: float
     lagging: _containers.RepeatedCompositeFieldContainer[LaggingNode]
     def __init__(self, version: _Optional[str] = ..., total_nodes: _Optional[int] = ..., acked_nodes: _Optional[int] = ..., seconds: _Optional[float] = ..., lagging: _Optional[_Iterable[_Union[LaggingNode, _Mapping]]] = ...) -> None: ...
+
+class GetSnapshotRequest(_message.Message):
+    __slots__ = ("version", "type_url", "name")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TYPE_URL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    type_url: str
+    name: str
+    def __init__(self, version: _Optional[str] = ..., type_url: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class GetSnapshotResponse(_message.Message):
+    __slots__ = ("version", "resources")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    resources: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
+    def __init__(self, version: _Optional[str] = ..., resources: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...

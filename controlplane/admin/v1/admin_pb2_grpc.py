@@ -69,6 +69,11 @@ class AdminStub:
                 request_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RollbackResponse.FromString,
                 _registered_method=True)
+        self.GetSnapshot = channel.unary_unary(
+                '/xdscp.admin.v1.Admin/GetSnapshot',
+                request_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.GetSnapshotRequest.SerializeToString,
+                response_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.GetSnapshotResponse.FromString,
+                _registered_method=True)
         self.WaitForConvergence = channel.unary_unary(
                 '/xdscp.admin.v1.Admin/WaitForConvergence',
                 request_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.WaitForConvergenceRequest.SerializeToString,
@@ -128,6 +133,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSnapshot(self, request, context):
+        """The resources of a stored snapshot, optionally of one type and name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WaitForConvergence(self, request, context):
         """Wait until every connected node of a group ACKed a version, or a timeout.
         """
@@ -172,6 +184,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RollbackRequest.FromString,
                     response_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.RollbackResponse.SerializeToString,
+            ),
+            'GetSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnapshot,
+                    request_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.GetSnapshotRequest.FromString,
+                    response_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.GetSnapshotResponse.SerializeToString,
             ),
             'WaitForConvergence': grpc.unary_unary_rpc_method_handler(
                     servicer.WaitForConvergence,
@@ -368,6 +385,33 @@ class Admin:
             '/xdscp.admin.v1.Admin/Rollback',
             controlplane_dot_admin_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
             controlplane_dot_admin_dot_v1_dot_admin__pb2.RollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdscp.admin.v1.Admin/GetSnapshot',
+            controlplane_dot_admin_dot_v1_dot_admin__pb2.GetSnapshotRequest.SerializeToString,
+            controlplane_dot_admin_dot_v1_dot_admin__pb2.GetSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,
