@@ -28,6 +28,7 @@ from controlplane.xds.server import XdsServer
 log = structlog.get_logger("app")
 
 DEFAULT_STORE = Path(".xdscp") / "xdscp.db"
+_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # a wildcard bind is reached on loopback
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class ControlPlane:
             "http": Address(self.config.http_address.host, http_port),
         }
         self.controller.probe_xds = XdsEndpoint(
-            tcp=(xds.host, xds.port), unix_socket=self.config.unix_socket
+            tcp=(_LOOPBACK.get(xds.host, xds.host), xds.port), unix_socket=self.config.unix_socket
         )
         self.controller.start()
         self.ready = True

@@ -166,7 +166,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             results["connect_storm"]["lagging"] = fleet.lagging("storm")
             raise Incomplete("connect storm did not converge")
 
+        idle_cpu = cpu_seconds(pid)
         time.sleep(2.0)  # idle: let the server settle before reading its memory
+        memory["idle_cpu_percent"] = round((cpu_seconds(pid) - idle_cpu) / 2.0 * 100, 1)
         memory["rss_idle_kib"] = rss_kib(pid)
         memory["streams"] = storm.count.streams_open
         memory["per_stream_kib"] = round(
@@ -219,9 +221,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if fleet is not None:
             fleet.close()
         with contextlib.suppress(BaseException):
-            results["server_log"] = server_log(plane)
-        with contextlib.suppress(BaseException):
             plane.stop()
+        with contextlib.suppress(BaseException):
+            results["server_log"] = server_log(plane)
         results["total_seconds"] = round(time.monotonic() - started, 1)
     return results
 
@@ -421,7 +423,14 @@ def render(r: dict[str, Any]) -> str:
             if key in mem:
                 lines.append(f"  {label}: {_mib(mem[key])}")
         if "per_stream_kib" in mem:
-            lines.append(f"  per stream: {mem['per_stream_kib']:.1f} KiB")
+            lines.append(
+                f"  per stream: {mem['per_stream_kib']:.1f} KiB "
+                "((idle with N streams - with v1 published) / N)"
+            )
+        if "idle_cpu_percent" in mem:
+            lines.append(
+                f"  CPU while idle with N streams: {mem['idle_cpu_percent']:.1f}% of a core"
+            )
     if log := r.get("server_log"):
         lines.append("")
         lines.append("== server log ==")

@@ -8,7 +8,9 @@ import pytest
 
 from tests.integration.harness import ENVOY_BINARY, REPO
 
-BOOTSTRAPS = sorted((REPO / "deploy/envoy").glob("*.yaml"))
+BOOTSTRAPS = sorted((REPO / "deploy/envoy").glob("*.yaml")) + sorted(
+    (REPO / "deploy/compose").glob("envoy-*.yaml")
+)
 
 
 def test_there_are_bootstraps_to_check() -> None:
