@@ -112,7 +112,7 @@ class XdsServer:
         labels = (send.type_url, self._group(stream))
         self._metrics.pushes.labels(*labels).inc()
         self._metrics.pushed_bytes.labels(*labels).inc(len(send.payload))
-        bound.debug(
+        bound.info(
             "push",
             type_url=send.type_url,
             version=send.version,
