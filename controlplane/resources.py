@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from functools import cache
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import extension_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2, scoped_route_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.service.runtime.v3 import rtds_pb2
 from google.protobuf import any_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
@@ -29,6 +31,10 @@ ENDPOINT = TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = TYPE_PREFIX + "envoy.config.listener.v3.Listener"
 ROUTE = TYPE_PREFIX + "envoy.config.route.v3.RouteConfiguration"
 SECRET = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+SCOPED_ROUTE = TYPE_PREFIX + "envoy.config.route.v3.ScopedRouteConfiguration"
+VIRTUAL_HOST = TYPE_PREFIX + "envoy.config.route.v3.VirtualHost"
+RUNTIME = TYPE_PREFIX + "envoy.service.runtime.v3.Runtime"
+EXTENSION_CONFIG = TYPE_PREFIX + "envoy.config.core.v3.TypedExtensionConfig"
 
 
 @dataclass(frozen=True)
@@ -41,13 +47,22 @@ class ResourceType:
 
 
 # ADS order. Clusters and their endpoints are in place before the listeners and routes that
-# point at them, so an update makes before it breaks. Do not reorder.
+# point at them, so an update makes before it breaks; route scopes come before the route
+# configurations they name. Do not reorder.
 ADS_ORDER: tuple[ResourceType, ...] = (
     ResourceType(CLUSTER, "cluster", cluster_pb2.Cluster, wildcard=True),
     ResourceType(ENDPOINT, "endpoint", endpoint_pb2.ClusterLoadAssignment, wildcard=False),
     ResourceType(LISTENER, "listener", listener_pb2.Listener, wildcard=True),
+    ResourceType(
+        SCOPED_ROUTE, "scoped-route", scoped_route_pb2.ScopedRouteConfiguration, wildcard=True
+    ),
     ResourceType(ROUTE, "route", route_pb2.RouteConfiguration, wildcard=False),
+    ResourceType(VIRTUAL_HOST, "virtual-host", route_components_pb2.VirtualHost, wildcard=False),
     ResourceType(SECRET, "secret", secret_pb2.Secret, wildcard=False),
+    ResourceType(RUNTIME, "runtime", rtds_pb2.Runtime, wildcard=False),
+    ResourceType(
+        EXTENSION_CONFIG, "extension-config", extension_pb2.TypedExtensionConfig, wildcard=False
+    ),
 )
 
 BY_URL: dict[str, ResourceType] = {t.type_url: t for t in ADS_ORDER}
@@ -161,7 +176,22 @@ def references(message: Message) -> Iterator[tuple[str, str]]:
         eds = message.eds_cluster_config
         if message.type == cluster_pb2.Cluster.EDS and _served_by_us(eds.eds_config):
             yield ENDPOINT, eds.service_name or message.name
+    if (
+        isinstance(message, scoped_route_pb2.ScopedRouteConfiguration)
+        and message.route_configuration_name
+    ):
+        yield ROUTE, message.route_configuration_name
     yield from _nested_references(message)
+
+
+def _discovers_its_config(message: Message) -> bool:
+    """A filter whose config comes from ECDS over ADS, with no default to fall back on."""
+    if "config_discovery" not in message.DESCRIPTOR.fields_by_name or not message.HasField(
+        "config_discovery"
+    ):
+        return False
+    source = message.config_discovery  # type: ignore[attr-defined]
+    return _served_by_us(source.config_source) and not source.HasField("default_config")
 
 
 def _nested_references(message: Message) -> Iterator[tuple[str, str]]:
@@ -177,4 +207,6 @@ def _nested_references(message: Message) -> Iterator[tuple[str, str]]:
             yield ROUTE, sub.route_config_name
         elif full_name == _SDS_SECRET_CONFIG and _served_by_us(sub.sds_config):
             yield SECRET, sub.name
+        elif _discovers_its_config(sub):
+            yield EXTENSION_CONFIG, sub.name  # type: ignore[attr-defined]
         yield from _nested_references(sub)

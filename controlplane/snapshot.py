@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
@@ -22,6 +23,7 @@ from controlplane.resources import ADS_ORDER
 
 VERSION_LENGTH = 16  # hex digits of sha256 kept in a version string
 _ANY_RESOURCES_TAG = b"\x12"  # DiscoveryResponse.resources: field 2, length-delimited
+_DELTA_RESOURCES_TAG = b"\x12"  # DeltaDiscoveryResponse.resources: field 2 as well
 
 
 def _varint(value: int) -> bytes:
@@ -46,18 +48,30 @@ def _digest(*parts: bytes) -> str:
 
 @dataclass(frozen=True)
 class Resource:
-    """One resource, serialized once. `wire_entry` is its ready-to-send response field."""
+    """One resource, serialized once, with its ready-to-send response fields: `wire_entry`
+    for state of the world (an Any) and `delta_entry` for delta (a Resource with its
+    name and version)."""
 
     type_url: str
     name: str
     body: bytes
     version: str = field(init=False)
     wire_entry: bytes = field(init=False, repr=False)
+    delta_entry: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        packed = any_pb2.Any(type_url=self.type_url, value=self.body).SerializeToString()
-        object.__setattr__(self, "version", _digest(self.body))
-        object.__setattr__(self, "wire_entry", _ANY_RESOURCES_TAG + _varint(len(packed)) + packed)
+        packed = any_pb2.Any(type_url=self.type_url, value=self.body)
+        version = _digest(self.body)
+        packed_bytes = packed.SerializeToString()
+        delta = discovery_pb2.Resource(name=self.name, version=version, resource=packed)
+        delta_bytes = delta.SerializeToString()
+        object.__setattr__(self, "version", version)
+        object.__setattr__(
+            self, "wire_entry", _ANY_RESOURCES_TAG + _varint(len(packed_bytes)) + packed_bytes
+        )
+        object.__setattr__(
+            self, "delta_entry", _DELTA_RESOURCES_TAG + _varint(len(delta_bytes)) + delta_bytes
+        )
 
     def message(self) -> Message:
         message = resources.resource_type(self.type_url).message_class()

@@ -47,6 +47,7 @@ def fleet_status(response: admin_pb2.GetFleetStatusResponse) -> str:
                     node.node_id,
                     node.group,
                     node.snapshot_version or "-",
+                    node.protocol,
                     node.build_version or "-",
                     short_type(t.type_url),
                     t.state.replace("_", " "),
@@ -55,7 +56,18 @@ def fleet_status(response: admin_pb2.GetFleetStatusResponse) -> str:
                     detail,
                 ]
             )
-    headers = ["NODE", "GROUP", "SNAPSHOT", "ENVOY", "TYPE", "STATE", "WANTS", "ACKED", "ERROR"]
+    headers = [
+        "NODE",
+        "GROUP",
+        "SNAPSHOT",
+        "XDS",
+        "ENVOY",
+        "TYPE",
+        "STATE",
+        "WANTS",
+        "ACKED",
+        "ERROR",
+    ]
     return table(headers, rows)
 
 

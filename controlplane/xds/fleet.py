@@ -13,7 +13,7 @@ from typing import Protocol
 
 from controlplane.resources import ADS_ORDER
 from controlplane.snapshot import Snapshot
-from controlplane.xds.stream import SotwStream, TypeState
+from controlplane.xds.stream import TypeState, XdsStream
 
 
 class StreamControl(Protocol):
@@ -86,12 +86,12 @@ def type_status(state: TypeState, snapshot: Snapshot | None) -> TypeStatus:
 
 class Fleet:
     def __init__(self) -> None:
-        self._streams: dict[int, tuple[SotwStream, StreamControl]] = {}
+        self._streams: dict[int, tuple[XdsStream, StreamControl]] = {}
 
-    def add(self, stream: SotwStream, control: StreamControl) -> None:
+    def add(self, stream: XdsStream, control: StreamControl) -> None:
         self._streams[stream.stream_id] = (stream, control)
 
-    def remove(self, stream: SotwStream) -> None:
+    def remove(self, stream: XdsStream) -> None:
         self._streams.pop(stream.stream_id, None)
 
     def wake_all(self) -> None:
@@ -102,11 +102,11 @@ class Fleet:
         for _, control in self._streams.values():
             control.close()
 
-    def __iter__(self) -> Iterator[SotwStream]:
+    def __iter__(self) -> Iterator[XdsStream]:
         return iter([stream for stream, _ in self._streams.values()])
 
     def __contains__(self, stream: object) -> bool:
-        return isinstance(stream, SotwStream) and stream.stream_id in self._streams
+        return isinstance(stream, XdsStream) and stream.stream_id in self._streams
 
     def __len__(self) -> int:
         return len(self._streams)

@@ -21,20 +21,34 @@ from controlplane import resources
 from controlplane.observability.metrics import Metrics
 from controlplane.xds import wire
 from controlplane.xds.assignments import Assignments
+from controlplane.xds.delta import DeltaStream
 from controlplane.xds.fleet import Fleet
-from controlplane.xds.stream import RemoteProtocolError, RequestKind, Send, SotwStream, TypeState
+from controlplane.xds.stream import (
+    RemoteProtocolError,
+    Request,
+    RequestKind,
+    Send,
+    SotwStream,
+    TypeState,
+    XdsStream,
+)
 
 log = structlog.get_logger("xds")
 
-# (gRPC service, method, the types it serves; None = every type over ADS)
-SOTW_SERVICES: tuple[tuple[str, str, str | None], ...] = (
-    ("envoy.service.discovery.v3.AggregatedDiscoveryService", "StreamAggregatedResources", None),
-    ("envoy.service.cluster.v3.ClusterDiscoveryService", "StreamClusters", resources.CLUSTER),
-    ("envoy.service.endpoint.v3.EndpointDiscoveryService", "StreamEndpoints", resources.ENDPOINT),
-    ("envoy.service.listener.v3.ListenerDiscoveryService", "StreamListeners", resources.LISTENER),
-    ("envoy.service.route.v3.RouteDiscoveryService", "StreamRoutes", resources.ROUTE),
-    ("envoy.service.secret.v3.SecretDiscoveryService", "StreamSecrets", resources.SECRET),
-)
+_D = "envoy.service.discovery.v3."
+# (gRPC service, state-of-the-world method, delta method, the type it serves; None = all, ADS)
+SERVICES: tuple[tuple[str, str | None, str | None, str | None], ...] = (
+    (_D + "AggregatedDiscoveryService", "StreamAggregatedResources", "DeltaAggregatedResources", None),
+    ("envoy.service.cluster.v3.ClusterDiscoveryService", "StreamClusters", "DeltaClusters", resources.CLUSTER),
+    ("envoy.service.endpoint.v3.EndpointDiscoveryService", "StreamEndpoints", "DeltaEndpoints", resources.ENDPOINT),
+    ("envoy.service.listener.v3.ListenerDiscoveryService", "StreamListeners", "DeltaListeners", resources.LISTENER),
+    ("envoy.service.route.v3.RouteDiscoveryService", "StreamRoutes", "DeltaRoutes", resources.ROUTE),
+    ("envoy.service.route.v3.ScopedRoutesDiscoveryService", "StreamScopedRoutes", "DeltaScopedRoutes", resources.SCOPED_ROUTE),
+    ("envoy.service.route.v3.VirtualHostDiscoveryService", None, "DeltaVirtualHosts", resources.VIRTUAL_HOST),
+    ("envoy.service.secret.v3.SecretDiscoveryService", "StreamSecrets", "DeltaSecrets", resources.SECRET),
+    ("envoy.service.runtime.v3.RuntimeDiscoveryService", "StreamRuntime", "DeltaRuntime", resources.RUNTIME),
+    ("envoy.service.extension.v3.ExtensionConfigDiscoveryService", "StreamExtensionConfigs", "DeltaExtensionConfigs", resources.EXTENSION_CONFIG),
+)  # fmt: skip
 
 _WAKE = object()  # the group's snapshot may have changed
 _END = object()  # the client closed its side
@@ -48,19 +62,30 @@ class XdsServer:
         self._ids = itertools.count(1)
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
-        return [
-            grpc.method_handlers_generic_handler(
-                service, {method: self._handler(None if only is None else (only,))}
-            )
-            for service, method, only in SOTW_SERVICES
-        ]
+        handlers = []
+        for service, sotw, delta, only in SERVICES:
+            types = None if only is None else (only,)
+            methods = {}
+            if sotw is not None:
+                methods[sotw] = self._handler(SotwStream, discovery_pb2.DiscoveryRequest, types)
+            if delta is not None:
+                methods[delta] = self._handler(
+                    DeltaStream, discovery_pb2.DeltaDiscoveryRequest, types
+                )
+            handlers.append(grpc.method_handlers_generic_handler(service, methods))
+        return handlers
 
-    def _handler(self, types: Iterable[str] | None) -> grpc.RpcMethodHandler:
+    def _handler(
+        self,
+        protocol: type[XdsStream],
+        request_type: type[Request],
+        types: Iterable[str] | None,
+    ) -> grpc.RpcMethodHandler:
         async def handle(
             request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[bytes]:
-            stream = SotwStream(next(self._ids), self._assignments.resolve, types=types)
-            async for payload in self._serve(stream, request_iterator, context):
+            stream = protocol(next(self._ids), self._assignments.resolve, types=types)
+            async for payload in self._serve(stream, request_type, request_iterator, context):
                 yield payload
 
         return grpc.stream_stream_rpc_method_handler(
@@ -69,7 +94,8 @@ class XdsServer:
 
     async def _serve(
         self,
-        stream: SotwStream,
+        stream: XdsStream,
+        request_type: type[Request],
         request_iterator: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[bytes]:
@@ -84,7 +110,7 @@ class XdsServer:
                         continue
                     sends = stream.on_snapshot(self._assignments.resolve(stream.node))
                 else:
-                    kind, state, sends = stream.receive(_parse(event))  # type: ignore[arg-type]
+                    kind, state, sends = stream.receive(_parse(request_type, event))  # type: ignore[arg-type]
                     if stream not in self._fleet and stream.node is not None:
                         self._fleet.add(stream, _QueueControl(events))
                         bound = bound.bind(node_id=stream.node.id, group=stream.group)
@@ -104,11 +130,11 @@ class XdsServer:
                 self._fleet.remove(stream)
                 bound.info("stream closed")
 
-    def _group(self, stream: SotwStream) -> str:
+    def _group(self, stream: XdsStream) -> str:
         """The metrics label: the group whose pointers serve the node (a bounded set)."""
         return self._assignments.effective_group(stream.group or "")
 
-    def _record_send(self, bound: BoundLogger, stream: SotwStream, send: Send) -> None:
+    def _record_send(self, bound: BoundLogger, stream: XdsStream, send: Send) -> None:
         labels = (send.type_url, self._group(stream))
         self._metrics.pushes.labels(*labels).inc()
         self._metrics.pushed_bytes.labels(*labels).inc(len(send.payload))
@@ -118,10 +144,11 @@ class XdsServer:
             version=send.version,
             nonce=send.nonce,
             bytes=len(send.payload),
+            **({"removed": list(send.removed)} if send.removed else {}),
         )
 
     def _record_request(
-        self, bound: BoundLogger, stream: SotwStream, kind: RequestKind, state: TypeState
+        self, bound: BoundLogger, stream: XdsStream, kind: RequestKind, state: TypeState
     ) -> None:
         fields = {"type_url": state.type_url, "nonce": state.latest_nonce}
         labels = (state.type_url, self._group(stream))
@@ -134,7 +161,7 @@ class XdsServer:
         elif kind is RequestKind.STALE:
             bound.debug("stale request ignored", **fields)
 
-    def _record_convergence(self, stream: SotwStream, converged_on: str | None) -> str | None:
+    def _record_convergence(self, stream: XdsStream, converged_on: str | None) -> str | None:
         """Observe, once per snapshot, how long this node took to ACK all of it."""
         snapshot = stream.snapshot
         if snapshot is None or snapshot.version == converged_on or not stream.synced():
@@ -157,11 +184,12 @@ class _QueueControl:
         self._events.put_nowait(_END)
 
 
-def _parse(raw: bytes) -> discovery_pb2.DiscoveryRequest:
+def _parse(request_type: type[Request], raw: bytes) -> Request:
     try:
-        return discovery_pb2.DiscoveryRequest.FromString(raw)
+        return request_type.FromString(raw)
     except DecodeError as error:
-        raise RemoteProtocolError(f"malformed DiscoveryRequest: {error}", "malformed") from None
+        name = request_type.DESCRIPTOR.name
+        raise RemoteProtocolError(f"malformed {name}: {error}", "malformed") from None
 
 
 async def _read_into(request_iterator: AsyncIterator[bytes], events: asyncio.Queue[object]) -> None:

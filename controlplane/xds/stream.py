@@ -1,8 +1,11 @@
-"""The state-of-the-world xDS stream as a sans-IO state machine.
+"""xDS streams as sans-IO state machines: the rules both protocols share, and state of the world.
 
-One `SotwStream` per gRPC stream (ADS, or one per-type service). The shell feeds it requests
+One stream object per gRPC stream (ADS, or one per-type service). The shell feeds it requests
 (`receive`) and snapshot changes (`on_snapshot`); each call returns the responses to send, as
 bytes already encoded. It never touches a socket or a clock it was not given.
+
+`XdsStream` holds every rule state-of-the-world and delta share; `SotwStream` (here) and
+`delta.DeltaStream` add only how a protocol reads subscriptions and encodes responses.
 
 Rules kept here and nowhere else:
 - The Node comes from the first request; a stream without one is refused.
@@ -29,7 +32,7 @@ from google.protobuf import json_format
 
 from controlplane import resources
 from controlplane.resources import ADS_ORDER
-from controlplane.snapshot import Snapshot
+from controlplane.snapshot import Snapshot, TypeResources
 from controlplane.store import DEFAULT_GROUP
 from controlplane.xds import wire
 
@@ -63,6 +66,7 @@ class Send:
     nonce: str
     resource_names: tuple[str, ...] | None  # None: every resource of the type
     payload: bytes
+    removed: tuple[str, ...] = ()  # delta: names the client is told to drop
 
 
 @dataclass
@@ -84,6 +88,11 @@ class TypeState:
     nack_error: str | None = None
     nacked_at: float | None = None
     stale_requests: int = 0
+    # Delta only: what the client holds (name -> resource version), and what it will hold
+    # once it ACKs the response in flight.
+    client_versions: dict[str, str] = field(default_factory=dict)
+    pending_versions: dict[str, str] | None = None
+    legacy_wildcard: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,7 +118,10 @@ class NodeInfo:
         )
 
 
-def classify(state: TypeState, request: discovery_pb2.DiscoveryRequest) -> RequestKind:
+Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+
+
+def classify(state: TypeState, request: Request) -> RequestKind:
     if not request.response_nonce:
         return RequestKind.INITIAL
     if request.response_nonce != state.latest_nonce:
@@ -119,7 +131,11 @@ def classify(state: TypeState, request: discovery_pb2.DiscoveryRequest) -> Reque
     return RequestKind.ACK
 
 
-class SotwStream:
+class XdsStream:
+    """The protocol core both state-of-the-world and delta streams run on."""
+
+    protocol = ""
+
     def __init__(
         self,
         stream_id: int,
@@ -131,7 +147,6 @@ class SotwStream:
         """`resolve(node)` gives the snapshot a node should hold; `types` limits the stream
         to those type URLs (a per-type service), default every type (ADS)."""
         self.stream_id = stream_id
-        self.protocol = "sotw"
         self._resolve = resolve
         self._clock = clock
         allowed = tuple(types) if types is not None else tuple(t.type_url for t in ADS_ORDER)
@@ -144,9 +159,7 @@ class SotwStream:
         self.started_empty = True
         self._nonce_counter = 0
 
-    def receive(
-        self, request: discovery_pb2.DiscoveryRequest
-    ) -> tuple[RequestKind, TypeState, list[Send]]:
+    def receive(self, request: Request) -> tuple[RequestKind, TypeState, list[Send]]:
         """Take one request; return what it was, the type's state after it, and what to send."""
         self._learn_node(request)
         state = self._state_for(request.type_url)
@@ -160,17 +173,44 @@ class SotwStream:
             state.nacked_version = state.sent_version
             state.nack_error = request.error_detail.message
             state.nacked_at = now
+            state.pending_versions = None
         elif kind is RequestKind.ACK:
             state.awaiting_ack = False
-            state.acked_version = request.version_info
+            state.acked_version = self._acked_version(state, request)
             state.acked_at = now
+            if state.pending_versions is not None:
+                state.client_versions, state.pending_versions = state.pending_versions, None
+        if kind is RequestKind.INITIAL:
+            self._initial(state, request)
         self._subscribe(state, request)
         if kind is RequestKind.INITIAL:
-            if request.version_info:
-                self.started_empty = False
-            self._adopt_client_version(state, request.version_info)
+            self._adopt(state, request)
         # An ACK or NACK may release types held behind this one in ADS order.
         return kind, state, self._send_due()
+
+    # -- what each protocol defines ---------------------------------------------------------
+
+    def _acked_version(self, state: TypeState, request: Request) -> str:
+        raise NotImplementedError
+
+    def _initial(self, state: TypeState, request: Request) -> None:
+        """Learn what a client that (re)connects says it already holds."""
+        raise NotImplementedError
+
+    def _subscribe(self, state: TypeState, request: Request) -> None:
+        raise NotImplementedError
+
+    def _adopt(self, state: TypeState, request: Request) -> None:
+        """After subscribing: record that the client already holds what is current."""
+
+    def _encode(
+        self, state: TypeState, current: TypeResources, names: frozenset[str] | None, nonce: str
+    ) -> tuple[bytes, tuple[str, ...]] | None:
+        """The response bringing the client to `current` and the names it removes, or None
+        if the client holds `current` already."""
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------
 
     def on_snapshot(self, snapshot: Snapshot | None) -> list[Send]:
         self._assign(snapshot)
@@ -205,7 +245,7 @@ class SotwStream:
                 return state.nack_error or "NACK without error text"
         return None
 
-    def _learn_node(self, request: discovery_pb2.DiscoveryRequest) -> None:
+    def _learn_node(self, request: Request) -> None:
         if self.node is None:
             if not request.HasField("node") or not request.node.id:
                 raise RemoteProtocolError(
@@ -232,25 +272,6 @@ class SotwStream:
         return state
 
     @staticmethod
-    def _subscribe(state: TypeState, request: discovery_pb2.DiscoveryRequest) -> None:
-        names = frozenset(request.resource_names)
-        state.subscribed = True
-        state.wildcard = WILDCARD in names or (
-            not names and resources.resource_type(state.type_url).wildcard
-        )
-        state.names = names - {WILDCARD}
-
-    def _adopt_client_version(self, state: TypeState, client_version: str) -> None:
-        """A reconnecting client already holds `client_version`; if that is current, treat it
-        as sent and ACKed so it is not pushed again."""
-        if not client_version or self.snapshot is None:
-            return
-        if self.snapshot.of_type(state.type_url).version == client_version:
-            state.sent_version = state.acked_version = client_version
-            state.sent_names = self._names_to_send(state)
-            state.acked_at = self._clock()
-
-    @staticmethod
     def _names_to_send(state: TypeState) -> frozenset[str] | None:
         return None if state.wildcard else state.names
 
@@ -275,20 +296,66 @@ class SotwStream:
         names = self._names_to_send(state)
         if state.sent_version == current.version and state.sent_names == names:
             return None  # holds it already, or NACKed exactly this: never resend in a loop
+        nonce = str(self._nonce_counter + 1)
+        encoded = self._encode(state, current, names, nonce)
+        if encoded is None:  # nothing differs for this client: it holds what is current
+            state.sent_version = state.acked_version = current.version
+            state.sent_names = names
+            state.acked_at = self._clock()
+            return None
         self._nonce_counter += 1
-        nonce = str(self._nonce_counter)
         state.latest_nonce = nonce
         state.awaiting_ack = True
         state.sent_version = current.version
         state.sent_names = names
         state.sent_at = self._clock()
-        payload = wire.sotw_response(
-            current.version, state.type_url, nonce, current.entries_for(names)
-        )
+        payload, removed = encoded
         return Send(
             state.type_url,
             current.version,
             nonce,
             tuple(sorted(names)) if names is not None else None,
             payload,
+            removed,
         )
+
+
+class SotwStream(XdsStream):
+    """State of the world: every response carries every resource the client asked for."""
+
+    protocol = "sotw"
+
+    def _acked_version(self, state: TypeState, request: Request) -> str:
+        assert isinstance(request, discovery_pb2.DiscoveryRequest)
+        return request.version_info
+
+    def _initial(self, state: TypeState, request: Request) -> None:
+        assert isinstance(request, discovery_pb2.DiscoveryRequest)
+        if request.version_info:
+            self.started_empty = False
+
+    def _subscribe(self, state: TypeState, request: Request) -> None:
+        assert isinstance(request, discovery_pb2.DiscoveryRequest)
+        names = frozenset(request.resource_names)
+        state.subscribed = True
+        state.wildcard = WILDCARD in names or (
+            not names and resources.resource_type(state.type_url).wildcard
+        )
+        state.names = names - {WILDCARD}
+
+    def _adopt(self, state: TypeState, request: Request) -> None:
+        """A reconnecting client reports the version it holds; if that is current, it is
+        treated as sent and ACKed, so it is not pushed again."""
+        assert isinstance(request, discovery_pb2.DiscoveryRequest)
+        if not request.version_info or self.snapshot is None:
+            return
+        if self.snapshot.of_type(state.type_url).version == request.version_info:
+            state.sent_version = state.acked_version = request.version_info
+            state.sent_names = self._names_to_send(state)
+            state.acked_at = self._clock()
+
+    def _encode(
+        self, state: TypeState, current: TypeResources, names: frozenset[str] | None, nonce: str
+    ) -> tuple[bytes, tuple[str, ...]] | None:
+        entries = current.entries_for(names)
+        return wire.sotw_response(current.version, state.type_url, nonce, entries), ()

@@ -21,6 +21,19 @@ def sotw_response(version: str, type_url: str, nonce: str, entries: bytes) -> by
     return header.SerializeToString() + entries
 
 
+def delta_response(
+    system_version: str, type_url: str, nonce: str, entries: bytes, removed: list[str]
+) -> bytes:
+    header = discovery_pb2.DeltaDiscoveryResponse(
+        system_version_info=system_version,
+        type_url=type_url,
+        nonce=nonce,
+        removed_resources=removed,
+        control_plane=_CONTROL_PLANE,
+    )
+    return header.SerializeToString() + entries
+
+
 def passthrough(payload: bytes) -> bytes:
     """gRPC response serializer: the payload is already encoded."""
     return payload

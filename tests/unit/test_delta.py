@@ -1,0 +1,203 @@
+"""The delta xDS stream, driven like Envoy drives it, with no sockets."""
+
+from __future__ import annotations
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.rpc import status_pb2
+
+from controlplane.resources import CLUSTER, ENDPOINT, LISTENER
+from controlplane.snapshot import Snapshot
+from controlplane.xds.delta import DeltaStream
+from controlplane.xds.stream import RequestKind, Send
+from tests import factories
+
+NODE = base_pb2.Node(id="edge-1", cluster="edge")
+
+
+def snapshot(*clusters: str, port: int = 8080) -> Snapshot:
+    items = []
+    for name in clusters:
+        items += [(CLUSTER, factories.cluster(name)), (ENDPOINT, factories.endpoints(name, port))]
+    return Snapshot.from_messages(items)
+
+
+def request(
+    type_url: str,
+    *,
+    subscribe: tuple[str, ...] = (),
+    unsubscribe: tuple[str, ...] = (),
+    initial: dict[str, str] | None = None,
+    nonce: str = "",
+    error: str | None = None,
+    node: bool = False,
+) -> discovery_pb2.DeltaDiscoveryRequest:
+    req = discovery_pb2.DeltaDiscoveryRequest(
+        type_url=type_url,
+        resource_names_subscribe=subscribe,
+        resource_names_unsubscribe=unsubscribe,
+        initial_resource_versions=initial or {},
+        response_nonce=nonce,
+    )
+    if node:
+        req.node.CopyFrom(NODE)
+    if error is not None:
+        req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+    return req
+
+
+def decode(send: Send) -> discovery_pb2.DeltaDiscoveryResponse:
+    return discovery_pb2.DeltaDiscoveryResponse.FromString(send.payload)
+
+
+def names(send: Send) -> list[str]:
+    return [r.name for r in decode(send).resources]
+
+
+class Envoy:
+    def __init__(self, current: Snapshot) -> None:
+        self.current = current
+        self.stream = DeltaStream(1, lambda node: self.current)
+
+    def send(self, req: discovery_pb2.DeltaDiscoveryRequest) -> list[Send]:
+        if self.stream.node is None:
+            req.node.CopyFrom(NODE)
+        return self.stream.receive(req)[2]
+
+    def ack(self, sent: Send) -> list[Send]:
+        return self.send(request(sent.type_url, nonce=sent.nonce))
+
+    def publish(self, new: Snapshot) -> list[Send]:
+        self.current = new
+        return self.stream.on_snapshot(new)
+
+
+def test_wildcard_sends_every_resource_with_its_own_version() -> None:
+    envoy = Envoy(snapshot("a", "b"))
+    [cds] = envoy.send(request(CLUSTER))  # legacy wildcard: no names on the first request
+    response = decode(cds)
+    assert sorted(r.name for r in response.resources) == ["a", "b"]
+    by_name = envoy.current.resources(CLUSTER)
+    assert {r.name: r.version for r in response.resources} == {
+        n: r.version for n, r in by_name.items()
+    }
+    assert response.system_version_info == envoy.current.of_type(CLUSTER).version
+    assert response.nonce == cds.nonce and not response.removed_resources
+
+
+def test_only_the_changed_resource_is_sent() -> None:
+    envoy = Envoy(snapshot("a", "b"))
+    envoy.ack(*envoy.send(request(CLUSTER)))
+    changed = Snapshot.from_messages(
+        [
+            (CLUSTER, factories.cluster("a")),
+            (CLUSTER, factories.cluster("b")),
+            (CLUSTER, factories.cluster("c")),
+            (ENDPOINT, factories.endpoints("a")),
+            (ENDPOINT, factories.endpoints("b")),
+            (ENDPOINT, factories.endpoints("c")),
+        ]
+    )
+    [update] = envoy.publish(changed)
+    assert names(update) == ["c"]
+
+
+def test_subscribe_unsubscribe_and_resubscribe_sends_the_resource_again() -> None:
+    envoy = Envoy(snapshot("a", "b"))
+    [eds] = envoy.send(request(ENDPOINT, subscribe=("a",)))
+    assert names(eds) == ["a"]
+    [more] = envoy.ack(eds) + envoy.send(request(ENDPOINT, subscribe=("b",)))
+    assert names(more) == ["b"]  # only the new one
+    envoy.ack(more)
+    assert envoy.send(request(ENDPOINT, unsubscribe=("a",))) == []  # nothing to send
+    [again] = envoy.send(request(ENDPOINT, subscribe=("a",)))
+    assert names(again) == ["a"]  # same version as before, sent again
+    assert envoy.stream.types[ENDPOINT].names == {"a", "b"}
+
+
+def test_wildcard_with_explicit_names() -> None:
+    envoy = Envoy(snapshot("a", "b"))
+    [cds] = envoy.send(request(CLUSTER, subscribe=("*", "a")))
+    state = envoy.stream.types[CLUSTER]
+    assert state.wildcard and state.names == {"a"}
+    assert sorted(names(cds)) == ["a", "b"]
+    envoy.ack(cds)
+    assert envoy.send(request(CLUSTER, unsubscribe=("*",))) == []
+    assert not state.wildcard and state.names == {"a"}
+
+
+def test_legacy_wildcard_ends_when_names_are_given_without_star() -> None:
+    envoy = Envoy(snapshot("a", "b"))
+    envoy.ack(*envoy.send(request(CLUSTER)))
+    assert envoy.stream.types[CLUSTER].wildcard
+    envoy.send(request(CLUSTER, subscribe=("a",)))
+    assert not envoy.stream.types[CLUSTER].wildcard
+
+
+def test_reconnect_with_current_versions_sends_nothing() -> None:
+    current = snapshot("a", "b")
+    held = {n: r.version for n, r in current.resources(CLUSTER).items()}
+    envoy = Envoy(current)
+    assert envoy.send(request(CLUSTER, initial=held)) == []
+    state = envoy.stream.types[CLUSTER]
+    assert state.acked_version == current.of_type(CLUSTER).version
+    assert not envoy.stream.started_empty
+    assert envoy.stream.synced()
+
+
+def test_reconnect_with_a_stale_version_gets_only_that_resource() -> None:
+    current = snapshot("a", "b")
+    held = {n: r.version for n, r in current.resources(CLUSTER).items()}
+    held["a"] = "0000000000000000"
+    [cds] = Envoy(current).send(request(CLUSTER, initial=held))
+    assert names(cds) == ["a"] and not decode(cds).removed_resources
+
+
+def test_reconnect_holding_an_unknown_resource_is_told_to_remove_it() -> None:
+    current = snapshot("a")
+    held = {"a": current.resources(CLUSTER)["a"].version, "gone": "1111111111111111"}
+    [cds] = Envoy(current).send(request(CLUSTER, initial=held))
+    response = decode(cds)
+    assert list(response.removed_resources) == ["gone"] and not response.resources
+
+
+def test_a_resource_leaving_the_snapshot_is_removed() -> None:
+    envoy = Envoy(snapshot("a", "b"))
+    envoy.ack(*envoy.send(request(CLUSTER)))
+    [update] = envoy.publish(snapshot("a"))
+    assert list(decode(update).removed_resources) == ["b"] and not decode(update).resources
+    envoy.ack(update)
+    assert envoy.stream.types[CLUSTER].client_versions.keys() == {"a"}
+
+
+def test_nack_on_one_resource_is_recorded_and_not_resent_in_a_loop() -> None:
+    envoy = Envoy(snapshot("a"))
+    envoy.ack(*envoy.send(request(CLUSTER)))
+    held_before = dict(envoy.stream.types[CLUSTER].client_versions)
+    [bad] = envoy.publish(snapshot("a", "b"))
+    kind, state, sends = envoy.stream.receive(
+        request(CLUSTER, nonce=bad.nonce, error="cluster b: bad config")
+    )
+    assert kind is RequestKind.NACK and sends == []
+    assert state.nack_error == "cluster b: bad config"
+    assert state.client_versions == held_before  # still holds what it had
+    assert envoy.stream.rejection() == "cluster b: bad config"
+    assert envoy.send(request(CLUSTER, nonce=bad.nonce, error="again")) == []
+    [fixed] = envoy.publish(snapshot("a", "c"))
+    assert names(fixed) == ["c"]  # diffed against what the client really holds
+
+
+def test_ads_order_and_stale_nonces_follow_the_shared_rules() -> None:
+    envoy = Envoy(snapshot("a"))
+    [cds] = envoy.send(request(CLUSTER))
+    assert envoy.send(request(LISTENER)) == []  # held behind CDS
+    kind, _, _ = envoy.stream.receive(request(CLUSTER, nonce="99"))
+    assert kind is RequestKind.STALE
+    [lds] = envoy.ack(cds)
+    assert lds.type_url == LISTENER
+
+
+@pytest.mark.parametrize("protocol", ["delta"])
+def test_protocol_is_reported(protocol) -> None:
+    assert DeltaStream(1, lambda node: None).protocol == protocol
