@@ -453,7 +453,10 @@ class _SimEnvoy:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as error:
-                self.worker.stream_error(f"{self.node_id}: {error.code().name}: {error.details()}")
+                where = (error.debug_error_string() or "")[:300]
+                self.worker.stream_error(
+                    f"{self.node_id}: {error.code().name}: {error.details()} ({where})"
+                )
             except Exception as error:
                 self.worker.stream_error(f"{self.node_id}: {type(error).__name__}: {error}")
             await asyncio.sleep(backoff)
