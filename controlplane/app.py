@@ -101,7 +101,13 @@ class ControlPlane:
         # so_reuseport off: a second xdscp on the same port must fail, not split the fleet.
         self._xds = grpc.aio.server(
             handlers=XdsServer(self.assignments, self.fleet, self.metrics).handlers(),
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", 64 << 20),
+                # A fleet reconnecting at once (after a restart) must not see its streams
+                # cancelled because the default backlog of 1,000 unaccepted calls filled up.
+                ("grpc.server.max_pending_requests", 100_000),
+            ],
         )
         self._admin = grpc.aio.server(
             interceptors=[

@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 from controlplane import resources
 from controlplane.resources import ADS_ORDER
 
+_ENTRIES_CACHE_LIMIT = 1024
 VERSION_LENGTH = 16  # hex digits of sha256 kept in a version string
 _ANY_RESOURCES_TAG = b"\x12"  # DiscoveryResponse.resources: field 2, length-delimited
 _DELTA_RESOURCES_TAG = b"\x12"  # DeltaDiscoveryResponse.resources: field 2 as well
@@ -99,11 +100,20 @@ class TypeResources:
             self, "wire_entries", b"".join(r.wire_entry for r in self.by_name.values())
         )
 
-    def entries_for(self, names: Iterable[str] | None) -> bytes:
-        """Wire entries for the named resources (all of them when names is None)."""
+    def entries_for(self, names: frozenset[str] | None) -> bytes:
+        """Wire entries for the named resources (all of them when names is None). Joined once
+        per distinct set of names: a fleet mostly asks for the same ones."""
         if names is None:
             return self.wire_entries
-        return b"".join(self.by_name[n].wire_entry for n in sorted(names) if n in self.by_name)
+        cache: dict[frozenset[str], bytes] = self.__dict__.setdefault("_entries_cache", {})
+        entries = cache.get(names)
+        if entries is None:
+            if len(cache) >= _ENTRIES_CACHE_LIMIT:
+                cache.clear()
+            entries = cache[names] = b"".join(
+                self.by_name[n].wire_entry for n in sorted(names) if n in self.by_name
+            )
+        return entries
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from controlplane.snapshot import Snapshot
 from controlplane.store import CANDIDATE, LAST_GOOD, STABLE, SnapshotStore
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet
+from controlplane.xds.stream import XdsStream
 
 log = structlog.get_logger("rollout")
 
@@ -94,6 +95,7 @@ class RolloutController:
         self._metrics = metrics or Metrics()
         # group -> (version, command time): rollbacks whose fleet-wide ACK is not seen yet
         self._rollbacks: dict[str, tuple[str, float]] = {}
+        self._seen_generation = -1
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -256,25 +258,32 @@ class RolloutController:
     async def wait_for_convergence(
         self, group: str, version: str, *, since: float, timeout: float
     ) -> Convergence:
-        """Until every connected node of `group` ACKed `version` (or `timeout` passes)."""
+        """Until every connected node of `group` ACKed `version` (or `timeout` passes).
+
+        Woken by fleet progress, it re-checks only the nodes still lagging (a node on the
+        version stays there), and the whole group once a second for nodes that came or went.
+        """
         deadline = time.monotonic() + timeout
-        while True:
-            convergence = self.convergence(group, version, since)
-            if not convergence.lagging or time.monotonic() >= deadline:
-                return convergence
-            await asyncio.sleep(0.02)
+        streams = self._group_streams(group)
+        lagging = [s for s in streams if not _holds(s, version)]
+        last_full_check = time.monotonic()
+        while lagging and (remaining := deadline - time.monotonic()) > 0:
+            await self._fleet.wait_progress(min(remaining, 0.25))
+            if time.monotonic() - last_full_check >= 1.0:
+                streams = self._group_streams(group)
+                lagging = [s for s in streams if not _holds(s, version)]
+                last_full_check = time.monotonic()
+            else:
+                lagging = [s for s in lagging if s in self._fleet and not _holds(s, version)]
+        return self.convergence(group, version, since)
 
     def convergence(self, group: str, version: str, since: float) -> Convergence:
-        nodes = [
-            s
-            for s in self._fleet
-            if s.node and self._assignments.effective_group(s.node.group) == group
-        ]
+        nodes = self._group_streams(group)
         lagging = []
         last_ack_at = None
         for stream in nodes:
             assert stream.node is not None
-            if stream.snapshot is None or stream.snapshot.version != version or not stream.synced():
+            if not _holds(stream, version):
                 lagging.append((stream.node.id, stream.rejection() or "STALE"))
                 continue
             acked = max((t.acked_at or 0.0) for t in stream.types.values() if t.subscribed)
@@ -287,6 +296,13 @@ class RolloutController:
             lagging,
             last_ack_at,
         )
+
+    def _group_streams(self, group: str) -> list[XdsStream]:
+        return [
+            s
+            for s in self._fleet
+            if s.node and self._assignments.effective_group(s.node.group) == group
+        ]
 
     def rollout(self, group: str) -> Rollout | None:
         return self._rollouts.get(group)
@@ -310,14 +326,18 @@ class RolloutController:
     async def tick(self) -> None:
         async with self._lock:
             now = self._clock()
+            # A pointer moving (publish, promote, rollback) also moves the fleet.
+            fleet_moved = self._fleet.generation != self._seen_generation
+            self._seen_generation = self._fleet.generation
             for group, rollout in list(self._rollouts.items()):
                 if not rollout.phase.active:
                     continue
                 decision = rollout.observe(self._policies[group], now, self._observe(group))
                 if decision is not None:
                     await self._apply(group, rollout, decision, GATE_ACTOR)
-            await self._record_last_good()
-            self._record_rollback_durations()
+            if fleet_moved:  # both walk the fleet: only worth it when something happened
+                await self._record_last_good()
+                self._record_rollback_durations()
 
     def _record_rollback_durations(self) -> None:
         for group, (version, started_at) in list(self._rollbacks.items()):
@@ -473,3 +493,7 @@ class RolloutController:
         if rollout is None:
             raise RolloutError(f"group {group} has no rollout in progress")
         return rollout
+
+
+def _holds(stream: XdsStream, version: str) -> bool:
+    return stream.snapshot is not None and stream.snapshot.version == version and stream.synced()

@@ -22,7 +22,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from controlplane import resources
 from controlplane.snapshot import TypeResources
 from controlplane.xds import wire
-from controlplane.xds.stream import WILDCARD, Request, TypeState, XdsStream
+from controlplane.xds.stream import WILDCARD, Request, TypeState, XdsStream, shared_names
 
 
 class DeltaStream(XdsStream):
@@ -52,7 +52,7 @@ class DeltaStream(XdsStream):
             state.wildcard, state.legacy_wildcard = True, False
         if WILDCARD in unsubscribe:
             state.wildcard, state.legacy_wildcard = False, False
-        state.names = frozenset((state.names | subscribe) - unsubscribe - {WILDCARD})
+        state.names = shared_names(frozenset((state.names | subscribe) - unsubscribe - {WILDCARD}))
         # The client forgets what it no longer asks for, so a later resubscription sends it again.
         for name in unsubscribe:
             state.client_versions.pop(name, None)

@@ -6,6 +6,8 @@ each type with the snapshot the node's group should hold.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,16 +89,36 @@ def type_status(state: TypeState, snapshot: Snapshot | None) -> TypeStatus:
 class Fleet:
     def __init__(self) -> None:
         self._streams: dict[int, tuple[XdsStream, StreamControl]] = {}
+        self.generation = 0  # bumped on every change a watcher could care about
+        self._progress: asyncio.Event | None = None
 
     def add(self, stream: XdsStream, control: StreamControl) -> None:
         self._streams[stream.stream_id] = (stream, control)
+        self.progressed()
 
     def remove(self, stream: XdsStream) -> None:
         self._streams.pop(stream.stream_id, None)
+        self.progressed()
+
+    def progressed(self) -> None:
+        """A stream ACKed, NACKed, came or went: wake whoever waits on the fleet."""
+        self.generation += 1
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
+
+    async def wait_progress(self, timeout: float) -> None:
+        """Until the fleet progresses, or `timeout` seconds."""
+        if self._progress is None:
+            self._progress = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._progress.wait(), timeout)
 
     def wake_all(self) -> None:
+        """Assignments changed: every stream re-resolves what it should hold."""
         for _, control in self._streams.values():
             control.wake()
+        self.progressed()
 
     def close_all(self) -> None:
         for _, control in self._streams.values():

@@ -116,6 +116,8 @@ class XdsServer:
                         bound = bound.bind(node_id=stream.node.id, group=stream.group)
                         bound.info("stream opened", protocol=stream.protocol)
                     self._record_request(bound, stream, kind, state)
+                    if kind in (RequestKind.ACK, RequestKind.NACK):
+                        self._fleet.progressed()
                     converged_on = self._record_convergence(stream, converged_on)
                 for send in sends:
                     self._record_send(bound, stream, send)
@@ -160,6 +162,8 @@ class XdsServer:
             bound.info("ack", version=state.acked_version, **fields)
         elif kind is RequestKind.STALE:
             bound.debug("stale request ignored", **fields)
+        elif kind is RequestKind.UPDATE:
+            bound.debug("subscription update", names=len(state.names), **fields)
 
     def _record_convergence(self, stream: XdsStream, converged_on: str | None) -> str | None:
         """Observe, once per snapshot, how long this node took to ACK all of it."""

@@ -55,6 +55,7 @@ class RequestKind(enum.Enum):
     STALE = "stale"  # answers a response that is no longer the latest: ignored
     ACK = "ack"
     NACK = "nack"
+    UPDATE = "update"  # names the latest nonce, already ACKed: only the subscription changes
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class Send:
     removed: tuple[str, ...] = ()  # delta: names the client is told to drop
 
 
-@dataclass
+@dataclass(slots=True)
 class TypeState:
     """What one stream asked for and was sent, for one type. Read by the fleet view."""
 
@@ -121,6 +122,21 @@ class NodeInfo:
 Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
 
 
+_SHARED_NAME_SETS: dict[frozenset[str], frozenset[str]] = {}
+_SHARED_NAME_SETS_LIMIT = 4096
+
+
+def shared_names(names: frozenset[str]) -> frozenset[str]:
+    """One object for each distinct subscription: a fleet asks for the same names over and
+    over, and thousands of streams need not each keep their own copy."""
+    shared = _SHARED_NAME_SETS.get(names)
+    if shared is None:
+        if len(_SHARED_NAME_SETS) >= _SHARED_NAME_SETS_LIMIT:
+            _SHARED_NAME_SETS.clear()
+        shared = _SHARED_NAME_SETS[names] = names
+    return shared
+
+
 def classify(state: TypeState, request: Request) -> RequestKind:
     if not request.response_nonce:
         return RequestKind.INITIAL
@@ -128,6 +144,8 @@ def classify(state: TypeState, request: Request) -> RequestKind:
         return RequestKind.STALE
     if request.HasField("error_detail"):
         return RequestKind.NACK
+    if not state.awaiting_ack:
+        return RequestKind.UPDATE
     return RequestKind.ACK
 
 
@@ -150,7 +168,8 @@ class XdsStream:
         self._resolve = resolve
         self._clock = clock
         allowed = tuple(types) if types is not None else tuple(t.type_url for t in ADS_ORDER)
-        self.types: dict[str, TypeState] = {url: TypeState(url) for url in allowed}
+        self._allowed = allowed
+        self.types: dict[str, TypeState] = {}  # created on a type's first request
         self.node: NodeInfo | None = None
         self.snapshot: Snapshot | None = None
         self.assigned_at: float | None = None  # when `snapshot` became this stream's
@@ -260,15 +279,17 @@ class XdsStream:
             )
 
     def _state_for(self, type_url: str) -> TypeState:
-        if not type_url and len(self.types) == 1:
-            type_url = next(iter(self.types))
+        if not type_url and len(self._allowed) == 1:
+            type_url = self._allowed[0]
         state = self.types.get(type_url)
         if state is None:
-            if type_url in resources.BY_URL:
-                raise RemoteProtocolError(
-                    f"type_url {type_url!r} is not served on this stream", "wrong_service"
-                )
-            raise RemoteProtocolError(f"unsupported type_url {type_url!r}", "unsupported_type")
+            if type_url not in self._allowed:
+                if type_url in resources.BY_URL:
+                    raise RemoteProtocolError(
+                        f"type_url {type_url!r} is not served on this stream", "wrong_service"
+                    )
+                raise RemoteProtocolError(f"unsupported type_url {type_url!r}", "unsupported_type")
+            state = self.types[type_url] = TypeState(type_url)
         return state
 
     @staticmethod
@@ -341,7 +362,7 @@ class SotwStream(XdsStream):
         state.wildcard = WILDCARD in names or (
             not names and resources.resource_type(state.type_url).wildcard
         )
-        state.names = names - {WILDCARD}
+        state.names = shared_names(names - {WILDCARD})
 
     def _adopt(self, state: TypeState, request: Request) -> None:
         """A reconnecting client reports the version it holds; if that is current, it is

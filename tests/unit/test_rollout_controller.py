@@ -84,6 +84,7 @@ class SimEnvoy:
             else:
                 reply.version_info = sent.version
             self.pending += self.stream.receive(reply)[2]
+            self.plane.fleet.progressed()  # as the gRPC shell does after an ACK or NACK
 
     @property
     def version(self) -> str | None:

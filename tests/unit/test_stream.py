@@ -289,3 +289,18 @@ def test_synced_and_rejection_follow_the_assigned_snapshot(snapshot) -> None:
     envoy.stream.receive(request(LISTENER, nonce=lds.nonce, error="cannot bind"))
     assert envoy.stream.rejection() == "cannot bind"
     assert not envoy.stream.synced()
+
+
+def test_a_request_naming_an_acked_nonce_is_a_subscription_update_not_an_ack(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    envoy.ack(*envoy.send(request(CLUSTER)))
+    [eds] = envoy.send(request(ENDPOINT, names=("web",)))
+    envoy.ack(eds, names=("web",))
+    acked_at = envoy.stream.types[ENDPOINT].acked_at
+    # Envoy re-sends its EDS interest (new cluster) with the nonce it already ACKed.
+    kind, state, [again] = envoy.stream.receive(
+        request(ENDPOINT, version=eds.version, nonce=eds.nonce, names=("web", "api"))
+    )
+    assert kind is RequestKind.UPDATE
+    assert state.acked_at == acked_at  # not counted as an ACK
+    assert sorted(names_in(again)) == ["api", "web"]
