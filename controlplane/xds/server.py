@@ -15,6 +15,7 @@ import grpc
 import structlog
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
+from prometheus_client import Counter
 from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from controlplane import resources
@@ -58,6 +59,7 @@ class XdsServer:
     def __init__(self, assignments: Assignments, fleet: Fleet, metrics: Metrics) -> None:
         self._assignments = assignments
         self._metrics = metrics
+        self._counter_cache: dict[tuple[str, str], tuple[Counter, ...]] = {}
         self._fleet = fleet
         self._ids = itertools.count(1)
 
@@ -132,15 +134,29 @@ class XdsServer:
                 self._fleet.remove(stream)
                 bound.info("stream closed")
 
+    def _counters(self, type_url: str, stream: XdsStream) -> tuple[Counter, ...]:
+        """(pushes, pushed bytes, ACKs, NACKs) for a type and the stream's group, looked up
+        once per pair rather than once per event."""
+        key = (type_url, self._group(stream))
+        counters = self._counter_cache.get(key)
+        if counters is None:
+            m = self._metrics
+            counters = self._counter_cache[key] = tuple(
+                family.labels(*key) for family in (m.pushes, m.pushed_bytes, m.acks, m.nacks)
+            )
+        return counters
+
     def _group(self, stream: XdsStream) -> str:
         """The metrics label: the group whose pointers serve the node (a bounded set)."""
         return self._assignments.effective_group(stream.group or "")
 
     def _record_send(self, bound: BoundLogger, stream: XdsStream, send: Send) -> None:
-        labels = (send.type_url, self._group(stream))
-        self._metrics.pushes.labels(*labels).inc()
-        self._metrics.pushed_bytes.labels(*labels).inc(len(send.payload))
-        bound.info(
+        pushes, pushed_bytes, _, _ = self._counters(send.type_url, stream)
+        pushes.inc()
+        pushed_bytes.inc(len(send.payload))
+        # Per push and per ACK lines are debug: a publish to N nodes makes thousands of them,
+        # and at info they cost more CPU than the pushes. NACKs stay warnings.
+        bound.debug(
             "push",
             type_url=send.type_url,
             version=send.version,
@@ -153,13 +169,13 @@ class XdsServer:
         self, bound: BoundLogger, stream: XdsStream, kind: RequestKind, state: TypeState
     ) -> None:
         fields = {"type_url": state.type_url, "nonce": state.latest_nonce}
-        labels = (state.type_url, self._group(stream))
+        _, _, acks, nacks = self._counters(state.type_url, stream)
         if kind is RequestKind.NACK:
-            self._metrics.nacks.labels(*labels).inc()
+            nacks.inc()
             bound.warning("nack", version=state.nacked_version, error=state.nack_error, **fields)
         elif kind is RequestKind.ACK:
-            self._metrics.acks.labels(*labels).inc()
-            bound.info("ack", version=state.acked_version, **fields)
+            acks.inc()
+            bound.debug("ack", version=state.acked_version, **fields)
         elif kind is RequestKind.STALE:
             bound.debug("stale request ignored", **fields)
         elif kind is RequestKind.UPDATE:
