@@ -380,15 +380,8 @@ class RolloutController:
         if decision is Decision.PROMOTE:
             candidate = self._assignments.candidate(group)
             assert candidate is not None
-            await asyncio.to_thread(
-                self._store.transition,
-                group,
-                action="promote",
-                version=rollout.candidate,
-                actor=actor,
-                message=rollout.reason,
-                pointers={STABLE: rollout.candidate, CANDIDATE: None},
-                rollout=rollout.to_record(),
+            await self._record(
+                rollout, "promote", actor, {STABLE: rollout.candidate, CANDIDATE: None}
             )
             self._assignments.set_stable(group, candidate)
             self._assignments.end_rollout(group)
@@ -397,34 +390,32 @@ class RolloutController:
                 "rollout promoted", group=group, version=rollout.candidate, reason=rollout.reason
             )
         elif decision is Decision.ABORT:
-            await asyncio.to_thread(
-                self._store.transition,
-                group,
-                action="abort",
-                version=rollout.candidate,
-                actor=actor,
-                message=rollout.reason,
-                pointers={CANDIDATE: None},
-                rollout=rollout.to_record(),
-            )
+            await self._record(rollout, "abort", actor, {CANDIDATE: None})
             self._assignments.end_rollout(group)
             self._metrics.rollouts.labels(group, "aborted").inc()
             log.warning(
                 "rollout aborted", group=group, version=rollout.candidate, reason=rollout.reason
             )
         else:
-            await asyncio.to_thread(
-                self._store.transition,
-                group,
-                action="await_promotion",
-                version=rollout.candidate,
-                actor=actor,
-                message=rollout.reason,
-                rollout=rollout.to_record(),
-            )
+            await self._record(rollout, "await_promotion", actor, {})
             log.info("rollout awaiting promotion", group=group, version=rollout.candidate)
         if not rollout.phase.active and (probe := self._probes.pop(group, None)) is not None:
             probe.cancel()
+
+    async def _record(
+        self, rollout: Rollout, action: str, actor: str, pointers: dict[str, str | None]
+    ) -> None:
+        """Commit one step of a rollout: its record, the pointers it moves, its history."""
+        await asyncio.to_thread(
+            self._store.transition,
+            rollout.group,
+            action=action,
+            version=rollout.candidate,
+            actor=actor,
+            message=rollout.reason,
+            pointers=pointers,
+            rollout=rollout.to_record(),
+        )
 
     async def _record_last_good(self) -> None:
         """last_good: the stable version once every connected node of its group ACKed it."""
