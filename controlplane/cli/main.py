@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2, json_format
 
-from controlplane.cli import render
+from controlplane.cli import authoring, render
 
 DEFAULT_SERVER = "127.0.0.1:18001"
 DEFAULT_TOKEN_FILE = Path(".xdscp") / "admin-token"
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish = commands.add_parser("publish", help="publish a directory of Envoy config")
     publish.add_argument("directory", type=Path)
     publish.add_argument("--group", default="default", help="node group (node.cluster)")
+    publish.add_argument("--env", default=None, help="apply DIR/environments/ENV.yaml")
     publish.add_argument("--message", "-m", default="", help="why: kept in the history")
     _add_server(publish)
     publish.set_defaults(handler=cmd_publish)
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--name", default="")
     _add_server(get)
     get.set_defaults(handler=cmd_get)
+
+    authoring.add_commands(commands, _add_server)
 
     rollout = commands.add_parser("rollout", help="canary rollouts: status, promote, abort")
     rollout_commands = rollout.add_subparsers(
@@ -171,19 +174,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from controlplane import resources
     from controlplane.admin.v1 import admin_pb2
-    from controlplane.config import ConfigError, load_directory
+    from controlplane.cli import authoring
+    from controlplane.config import ConfigError
+    from controlplane.config.environments import load_config
+    from controlplane.config.field_rules import check_field_rules
     from controlplane.snapshot import ConsistencyError, Snapshot
 
     try:
-        loaded = load_directory(args.directory)
+        config = load_config(args.directory, args.env)
+        # Envoy's own field rules: Envoy would NACK a violation, so it never leaves here.
+        if problems := check_field_rules(config.resources, config.sources):
+            raise ConfigError(problems)
     except ConfigError as error:
         for problem in error.problems:
             print(f"error: {problem}", file=sys.stderr)
         raise CommandError(
             f"{args.directory}: {len(error.problems)} error(s); nothing published"
         ) from None
+    loaded = config.resources
     try:
-        Snapshot.from_messages((r.type_url, r.message) for r in loaded)
+        snapshot = Snapshot.from_messages((r.type_url, r.message) for r in loaded)
     except ConsistencyError as error:
         where = {(r.type_url, r.name): r.location for r in loaded}
         for dangling in error.dangling:
@@ -192,6 +202,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         raise CommandError(f"{args.directory}: dangling references; nothing published") from None
+    print(authoring.publish_preview(snapshot, args.group, args), file=sys.stderr)
     request = admin_pb2.PublishRequest(
         group=args.group,
         message=args.message,

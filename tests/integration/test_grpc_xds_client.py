@@ -64,6 +64,8 @@ def write_grpc_config(directory: Path, backend_port: int) -> Path:
         "api_listener": {
             "api_listener": {
                 "@type": HCM,
+                # gRPC ignores it, but Envoy's rules require one, and publish enforces them.
+                "stat_prefix": "echo",
                 "rds": {"route_config_name": ROUTE_NAME, "config_source": ADS},
                 "http_filters": [{"name": "router", "typed_config": {"@type": ROUTER}}],
             }
