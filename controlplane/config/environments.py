@@ -251,7 +251,7 @@ def parse_item(
             return len(seen) - 1
 
     raw: list[ConfigProblem] = []
-    resource = loader._parse_resource(_Tokens(), "", 0, resource_type, body, raw)  # type: ignore[arg-type]
+    resource = loader.parse_resource(_Tokens(), "", 0, resource_type, body, raw)  # type: ignore[arg-type]
     problems = [replace(p, location=seen[p.location.line or 0]) for p in raw]
     if resource is not None:
         resource = replace(resource, location=seen[resource.location.line or 0])
@@ -313,7 +313,7 @@ def _document_items(
     document: YamlDocument, file: str, problems: list[ConfigProblem]
 ) -> Iterator[_Item]:
     """The well-formed items of a `{resources: [...]}` document (others reported)."""
-    for index, resource_type, body in loader._items(document, file, problems):
+    for index, resource_type, body in loader.resource_items(document, file, problems):
         origin = _Origin(file, document, (RESOURCES_KEY, index))
         yield _Item(resource_type, body, {(): origin})
 

@@ -147,14 +147,14 @@ def _load_one(file: Path, problems: list[ConfigProblem]) -> list[SourcedResource
         )
         return []
     loaded = []
-    for index, resource_type, body in _items(document, display, problems):
-        resource = _parse_resource(document, display, index, resource_type, body, problems)
+    for index, resource_type, body in resource_items(document, display, problems):
+        resource = parse_resource(document, display, index, resource_type, body, problems)
         if resource is not None:
             loaded.append(resource)
     return loaded
 
 
-def _items(
+def resource_items(
     document: YamlDocument, file: str, problems: list[ConfigProblem]
 ) -> Iterator[tuple[int, resources.ResourceType, dict[str, Any]]]:
     """(index, type, fields without "@type") of each well-formed item of `resources:`."""
@@ -192,7 +192,7 @@ def _items(
         yield index, resources.BY_URL[type_url], body
 
 
-def _parse_resource(
+def parse_resource(
     document: YamlDocument,
     file: str,
     index: int,
