@@ -37,6 +37,7 @@ class DeltaStream(XdsStream):
             self.started_empty = False
         if not state.subscribed:
             state.client_versions = dict(request.initial_resource_versions)
+            state.held_key = None
 
     def _subscribe(self, state: TypeState, request: Request) -> None:
         assert isinstance(request, discovery_pb2.DeltaDiscoveryRequest)
@@ -54,29 +55,60 @@ class DeltaStream(XdsStream):
             state.wildcard, state.legacy_wildcard = False, False
         state.names = shared_names(frozenset((state.names | subscribe) - unsubscribe - {WILDCARD}))
         # The client forgets what it no longer asks for, so a later resubscription sends it again.
-        for name in unsubscribe:
-            state.client_versions.pop(name, None)
+        if unsubscribe & state.client_versions.keys():
+            state.client_versions = {
+                n: v for n, v in state.client_versions.items() if n not in unsubscribe
+            }  # a new dict: client_versions may be shared with other streams
+            state.held_key = None
 
     def _encode(
         self, state: TypeState, current: TypeResources, names: frozenset[str] | None, nonce: str
     ) -> tuple[bytes, tuple[str, ...]] | None:
-        wanted = {
-            name: resource.version
-            for name, resource in current.by_name.items()
-            if names is None or name in names
-        }
-        held = state.client_versions
-        changed = sorted(name for name, version in wanted.items() if held.get(name) != version)
-        removed = sorted(
-            name for name in held if name not in wanted and (names is None or name in names)
-        )
-        first_answer = state.sent_version is None and not held
-        if not changed and not removed and not first_answer:
-            state.pending_versions = None
+        key = (state.held_key, current.version, names) if state.held_key is not None else None
+        transition = _TRANSITIONS.get(key) if key is not None else None
+        if transition is None:
+            transition = _transition(state.client_versions, current, names)
+            if key is not None:
+                if len(_TRANSITIONS) >= _TRANSITIONS_LIMIT:
+                    _TRANSITIONS.clear()
+                _TRANSITIONS[key] = transition
+        entries, removed, pending, exact = transition
+        first_answer = state.sent_version is None and not state.client_versions
+        if not entries and not removed and not first_answer:
+            state.pending_versions = state.pending_key = None
             return None  # the client holds exactly this (e.g. a reconnect): send nothing
-        state.pending_versions = {
-            name: version for name, version in held.items() if name not in removed
-        } | {name: wanted[name] for name in changed}
-        entries = b"".join(current.by_name[name].delta_entry for name in changed)
-        payload = wire.delta_response(current.version, state.type_url, nonce, entries, removed)
-        return payload, tuple(removed)
+        state.pending_versions = pending
+        state.pending_key = (current.version, names) if exact else None
+        payload = wire.delta_response(
+            current.version, state.type_url, nonce, entries, list(removed)
+        )
+        return payload, removed
+
+
+# entries to send, names removed, what the client then holds, and whether that is exactly
+# the version's resources for those names (so the transition can key a shared cache)
+Transition = tuple[bytes, tuple[str, ...], dict[str, str], bool]
+
+# Diffs shared by every client moving between the same two versions with the same names:
+# a fleet moves together, so each is computed once, not once per stream.
+_TRANSITIONS: dict[tuple[object, str, frozenset[str] | None], Transition] = {}
+_TRANSITIONS_LIMIT = 1024
+
+
+def _transition(
+    held: dict[str, str], current: TypeResources, names: frozenset[str] | None
+) -> Transition:
+    wanted = {
+        name: resource.version
+        for name, resource in current.by_name.items()
+        if names is None or name in names
+    }
+    changed = sorted(name for name, version in wanted.items() if held.get(name) != version)
+    removed = tuple(
+        sorted(name for name in held if name not in wanted and (names is None or name in names))
+    )
+    pending = {name: v for name, v in held.items() if name not in removed} | {
+        name: wanted[name] for name in changed
+    }
+    entries = b"".join(current.by_name[name].delta_entry for name in changed)
+    return entries, removed, pending, len(pending) == len(wanted)

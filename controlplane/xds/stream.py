@@ -93,6 +93,10 @@ class TypeState:
     # once it ACKs the response in flight.
     client_versions: dict[str, str] = field(default_factory=dict)
     pending_versions: dict[str, str] | None = None
+    # (type version, names) when client_versions is exactly that version's resources for
+    # those names: then the diff to the next version is the same for every such client.
+    held_key: tuple[str, frozenset[str] | None] | None = None
+    pending_key: tuple[str, frozenset[str] | None] | None = None
     legacy_wildcard: bool = False
 
 
@@ -199,6 +203,7 @@ class XdsStream:
             state.acked_at = now
             if state.pending_versions is not None:
                 state.client_versions, state.pending_versions = state.pending_versions, None
+                state.held_key, state.pending_key = state.pending_key, None
         if kind is RequestKind.INITIAL:
             self._initial(state, request)
         self._subscribe(state, request)

@@ -201,3 +201,23 @@ def test_ads_order_and_stale_nonces_follow_the_shared_rules() -> None:
 @pytest.mark.parametrize("protocol", ["delta"])
 def test_protocol_is_reported(protocol) -> None:
     assert DeltaStream(1, lambda node: None).protocol == protocol
+
+
+def test_clients_moving_between_the_same_versions_share_one_diff_and_stay_correct() -> None:
+    from controlplane.xds import delta
+
+    first, second = Envoy(snapshot("a", "b")), Envoy(snapshot("a", "b"))
+    for envoy in (first, second):
+        envoy.ack(*envoy.send(request(CLUSTER)))
+    delta._TRANSITIONS.clear()
+    [one] = first.publish(snapshot("a", "c"))
+    assert len(delta._TRANSITIONS) == 1
+    [two] = second.publish(snapshot("a", "c"))
+    assert len(delta._TRANSITIONS) == 1  # reused, not recomputed
+    for update in (one, two):
+        assert names(update) == ["c"] and list(decode(update).removed_resources) == ["b"]
+    # A client that holds something else gets its own diff.
+    held = {"a": "0" * 16, "b": "1" * 16, "z": "2" * 16}
+    [own] = Envoy(snapshot("a", "c")).send(request(CLUSTER, initial=held))
+    assert sorted(names(own)) == ["a", "c"]
+    assert sorted(decode(own).removed_resources) == ["b", "z"]
