@@ -65,7 +65,7 @@ class Send:
     type_url: str
     version: str
     nonce: str
-    resource_names: tuple[str, ...] | None  # None: every resource of the type
+    resource_names: frozenset[str] | None  # None: every resource of the type
     payload: bytes
     removed: tuple[str, ...] = ()  # delta: names the client is told to drop
 
@@ -340,7 +340,7 @@ class XdsStream:
             state.type_url,
             current.version,
             nonce,
-            tuple(sorted(names)) if names is not None else None,
+            names,
             payload,
             removed,
         )
