@@ -1,20 +1,42 @@
-"""Benchmark xdscp with a fleet of simulated Envoys: connect storm, push, rollback, memory.
+"""Benchmark xdscp with a fleet of simulated Envoys, against a floor measured in the same run.
 
-    python -m tests.bench --nodes 1000 [--clusters 200] [--workers K] [--json PATH]
+    python -m tests.bench --nodes 1000 [--protocol sotw|delta] [--clusters 200]
+                          [--idle-nodes 10000] [--profile PATH] [--json PATH]
 
 Starts `xdsctl serve` (tests/integration/harness.py), publishes a generated config (v1),
-connects N simulated Envoys (tests/bench/fleet.py) and measures:
+connects N simulated Envoys (tests/bench/fleet.py) over state of the world or delta, and
+measures, each step bounded by --wait-timeout:
 
 - connect storm: from starting the N streams until every node ACKed every type of v1;
 - push: publishing v2 (a group without a rollout policy goes straight to stable) until
   every node ACKed v2;
 - rollback: `xdsctl rollback --group bench --to <v1>`: the seconds it prints, the command's
-  wall time, and the simulator's own view (from just before the command until every node
-  ACKed v1), with per-node p50/p99/max (node-side ACK timestamp - command start);
-- control-plane RSS: empty, with v1 published, idle with N streams, and per stream.
+  wall time, and the simulator's own view;
+- push and rollback again for --rounds rounds (v3, v4, ...: the same change each time);
+  the headline takes the median of the rounds;
+- control-plane RSS: empty, with v1 published, idle with N streams, and per stream;
+- CPU seconds of the server during each step, and per push per node (CPU of the push step /
+  (nodes x types the push changed)).
 
-It prints numbers and never judges them. Everything it starts is stopped at the end, also on
-an error or Ctrl-C. Exit status: 0 when every step converged, 1 otherwise.
+Each step is timed from the command's start and from the first push seen (the first
+response any node received after the step began; the "fan-out": pushing to N streams and
+collecting their ACKs), with per-node p50/p99/max from node-side ACK timestamps.
+
+Then the same simulator code drives the floor (tests/bench/floor.py, unless --no-floor): a
+minimal grpc.aio server in its own process that answers with the same pre-serialized bytes
+and reads the ACKs; its "publish" is a line on a pipe. The headline is xdscp's fan-out time
+divided by the floor's. --servers floor (or xdscp) measures one of them only.
+
+--idle-nodes N starts a fresh server, connects N streams in batches (--ramp-batch) that
+subscribe CDS, EDS, LDS and RDS, waits until every one is synced and reports the server's
+RSS and KiB per stream (xdscp, then the floor). --nodes 0 runs only that.
+
+--profile PATH runs `py-spy record` on xdscp during the push and rollback steps (PATH.svg: a
+flame graph; PATH.json: speedscope; anything else: collapsed stacks, summarized in the
+report), and on the floor into PATH with "-floor" before the suffix.
+
+It prints numbers against the issue's targets. Everything it starts is stopped at the end,
+also on an error or Ctrl-C. Exit status: 0 when every step converged, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +46,9 @@ import contextlib
 import json
 import os
 import re
+import selectors
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +58,16 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench import config as bench_config
-from tests.bench.fleet import CDS, EDS, LDS, RDS, FleetCount, SimulatedFleet, WaitResult
+from tests.bench.fleet import (
+    CDS,
+    EDS,
+    LDS,
+    PROTOCOLS,
+    RDS,
+    FleetCount,
+    SimulatedFleet,
+    WaitResult,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SHORT = {CDS: "CDS", EDS: "EDS", LDS: "LDS", RDS: "RDS"}
@@ -46,13 +79,38 @@ SECTIONS = (
     "== rollback convergence ==",
     "== control-plane memory ==",
 )
+HEADLINE = "== headline =="
+FLOOR_SECTION = "== floor (minimal grpc.aio server, same bytes) =="
+IDLE_SECTION = "== idle streams memory =="
+PROFILE_SECTION = "== profile (py-spy) =="
+TARGETS = {
+    "update_seconds": 1.0,
+    "ratio": 1.5,
+    "rollback_seconds": 1.0,
+    "idle_rss_kib_at_10000": 1 << 20,
+}
+SERVER_STOP_SECONDS = 15.0
+FLOOR_START_SECONDS = 60.0
+FLOOR_COMMAND_SECONDS = 30.0
+PROFILER_START_SECONDS = 15.0
+PROFILER_STOP_SECONDS = 60.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
-    parser.add_argument("--nodes", type=int, default=1000, help="simulated Envoys")
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--nodes", type=int, default=1000, help="simulated Envoys (0: only --idle-nodes)"
+    )
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="sotw")
     parser.add_argument("--clusters", type=int, default=200, help="EDS clusters in the config")
     parser.add_argument("--listeners", type=int, default=20, help="listeners (one RDS each)")
+    parser.add_argument(
+        "--endpoints", type=int, default=4, help="endpoints per cluster (snapshot size)"
+    )
     parser.add_argument(
         "--workers", type=int, default=None, help="simulator processes (default: CPU count)"
     )
@@ -65,9 +123,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="xdsctl serve --log-level (default info, as `xdsctl serve`; the test harness uses debug)",
     )
     parser.add_argument(
+        "--servers",
+        default="xdscp,floor",
+        help="which servers to measure, in order (default: xdscp,floor)",
+    )
+    parser.add_argument(
+        "--no-floor", action="store_true", help="skip the floor (same as --servers xdscp)"
+    )
+    parser.add_argument(
+        "--floor-style",
+        choices=("direct", "queue"),
+        default="direct",
+        help="the floor's handler shape (see tests/bench/floor.py; default direct)",
+    )
+    parser.add_argument(
+        "--idle-nodes",
+        type=int,
+        default=0,
+        help="also measure RSS with this many idle synced streams (fresh servers)",
+    )
+    parser.add_argument(
+        "--ramp-batch",
+        type=int,
+        default=1000,
+        help="idle streams are connected this many at a time, each batch synced before the next",
+    )
+    parser.add_argument(
+        "--idle-settle", type=float, default=3.0, help="seconds idle before reading RSS"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="py-spy record xdscp (and the floor) during push and rollback into this file",
+    )
+    parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples/s")
+    parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="py-spy --native: also sample C/Cython frames (gRPC core, protobuf); slower",
+    )
+    parser.add_argument(
         "--wait-timeout", type=float, default=300.0, help="bound on each fleet-wide wait (s)"
     )
     parser.add_argument("--rollback-timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="update + rollback rounds per server; the headline takes each figure's median",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="keep files here (default: temp)"
@@ -77,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if args.no_floor:
+        args.servers = [s for s in args.servers if s != "floor"]
+    if not args.servers or set(args.servers) - {"xdscp", "floor"}:
+        build_parser().error("--servers takes xdscp, floor or both")
+    if args.nodes < 0 or args.idle_nodes < 0 or (args.nodes == 0 and args.idle_nodes == 0):
+        build_parser().error("need --nodes > 0 or --idle-nodes > 0")
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
         workdir, cleanup = args.workdir, False
@@ -96,64 +208,472 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if results["ok"] else 1
 
 
+# -- the servers ------------------------------------------------------------------------------
+
+
+class XdscpServer:
+    """`xdsctl serve` through the integration harness; publish and rollback with xdsctl."""
+
+    name = "xdscp"
+
+    def __init__(self, workdir: Path, args: argparse.Namespace, dirs: dict[str, Path]) -> None:
+        from tests.integration.harness import XdsControlPlane
+
+        self.args = args
+        self.dirs = dirs
+        self.plane = XdsControlPlane(workdir, "--log-level", args.server_log_level)
+        self.plane.workdir.mkdir(parents=True, exist_ok=True)
+        self.pid = 0
+        self.xds_target = ""
+
+    def start(self) -> None:
+        self.plane.start()
+        assert self.plane.process is not None
+        self.pid = self.plane.process.pid
+        self.xds_target = f"127.0.0.1:{self.plane.xds_port}"
+
+    def publish(self, variant: str) -> dict[str, Any]:
+        started = time.time()
+        out = self.plane.xdsctl(
+            "publish", str(self.dirs[variant]), "--group", self.args.group
+        ).stdout.strip()
+        return {"command_wall_seconds": round(time.time() - started, 3), "published": out}
+
+    def rollback(self, version: str) -> dict[str, Any]:
+        started = time.time()
+        out = rollback(self.plane, self.args.group, version, self.args.rollback_timeout)
+        out["command_wall_seconds"] = round(time.time() - started, 3)
+        return out
+
+    def view(self, version: str) -> dict[str, Any]:
+        return server_view(self.plane, self.args.group, version)
+
+    def log(self) -> dict[str, Any]:
+        return server_log(self.plane)
+
+    def stop(self) -> None:
+        with contextlib.suppress(BaseException):
+            self.plane.stop()
+        process = self.plane.process
+        if process is not None and process.poll() is None:  # the harness gave up: make sure
+            process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(5)
+
+
+class FloorServer:
+    """tests/bench/floor.py in its own process; publish is a line on its stdin."""
+
+    name = "floor"
+
+    def __init__(self, workdir: Path, dirs: dict[str, Path], style: str = "direct") -> None:
+        self.workdir = workdir
+        self.style = style
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.dirs = dirs
+        self.order = list(dirs)  # variant names in the floor's argument order
+        self.process: subprocess.Popen[bytes] | None = None
+        self.pid = 0
+        self.xds_target = ""
+        self._buffer = b""
+
+    def start(self) -> None:
+        with (self.workdir / "floor.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.bench.floor",
+                    "--style",
+                    self.style,
+                    *(str(self.dirs[v]) for v in self.order),
+                ],
+                cwd=REPO,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                bufsize=0,
+            )
+        self.pid = self.process.pid
+        words = self._line(FLOOR_START_SECONDS).split()
+        if words[:1] != ["serving"]:
+            raise RuntimeError(f"floor did not start: {' '.join(words)!r}")
+        self.xds_target = f"127.0.0.1:{int(words[1])}"
+
+    def publish(self, variant: str) -> dict[str, Any]:
+        started = time.time()
+        words = self._command(f"publish {self.order.index(variant)}").split()
+        if words[:1] != ["published"]:
+            raise RuntimeError(f"floor publish failed: {' '.join(words)!r}")
+        return {"command_wall_seconds": round(time.time() - started, 3)}
+
+    def rollback(self, version: str) -> dict[str, Any]:
+        out = self.publish("v1")
+        out["exit_code"] = 0
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads(self._command("stats"))
+
+    def _command(self, line: str) -> str:
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        return self._line(FLOOR_COMMAND_SECONDS)
+
+    def _line(self, timeout: float) -> str:
+        assert self.process is not None and self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.process.stdout, selectors.EVENT_READ)
+            while b"\n" not in self._buffer:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"floor did not answer within {timeout:g}s")
+                if selector.select(min(left, 0.5)):
+                    chunk = os.read(self.process.stdout.fileno(), 65536)
+                    if not chunk:
+                        raise RuntimeError(
+                            f"floor exited ({self.process.poll()}); see {self.workdir}/floor.log"
+                        )
+                    self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def stop(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(OSError):
+            assert process.stdin is not None
+            process.stdin.write(b"stop\n")
+            process.stdin.close()
+        try:
+            process.wait(SERVER_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+# -- profiling --------------------------------------------------------------------------------
+
+
+class Profiler:
+    """`py-spy record --pid` from start() to stop(); the format follows the file's suffix."""
+
+    def __init__(self, pid: int, path: Path, rate: int, native: bool = False) -> None:
+        self.pid = pid
+        self.path = path
+        self.rate = rate
+        self.native = native
+        self.format = {".svg": "flamegraph", ".json": "speedscope"}.get(path.suffix, "raw")
+        self.log_path = path.with_name(path.name + ".py-spy.log")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+
+    def start(self) -> None:
+        binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    binary,
+                    "record",
+                    "--pid",
+                    str(self.pid),
+                    "--rate",
+                    str(self.rate),
+                    *(["--native"] if self.native else ["--nonblocking"]),
+                    "--threads",
+                    "--format",
+                    self.format,
+                    "--output",
+                    str(self.path),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + PROFILER_START_SECONDS
+        while b"Sampling" not in self.log_path.read_bytes():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"py-spy did not start: {self.log_path.read_text()[-500:]}")
+            time.sleep(0.05)
+        self.started = time.monotonic()
+
+    def stop(self) -> dict[str, Any]:
+        process = self.process
+        if process is None:
+            return {}
+        seconds = time.monotonic() - self.started
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+            try:
+                process.wait(PROFILER_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        self.process = None
+        out: dict[str, Any] = {
+            "path": str(self.path),
+            "format": self.format,
+            "seconds": round(seconds, 1),
+            "rate": self.rate,
+            "native": self.native,
+        }
+        if self.format == "raw" and self.path.exists():
+            out.update(summarize_collapsed(self.path.read_text()))
+        return out
+
+
+def _frame(frame: str) -> tuple[str, str]:
+    """("path:function", package) of a py-spy frame `function (path:line)`."""
+    match = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
+    if not match:
+        return frame, "?"
+    function, path = match[1], match[2]
+    for marker in ("site-packages/", "lib/python3.11/", "lib/python3.12/", "lib/python3.13/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    else:
+        with contextlib.suppress(ValueError):
+            path = str(Path(path).resolve().relative_to(REPO))
+    parts = path.split("/")
+    package = "/".join(parts[:2]) if parts[0] == "controlplane" and len(parts) > 2 else parts[0]
+    if package.endswith(".py"):
+        package = package[:-3]
+    return f"{path}:{function}", package
+
+
+IDLE_FRAMES = (
+    "epoll_wait",
+    "PyThread_acquire_lock_timed",
+    "pthread_cond_wait",
+    "pthread_cond_timedwait",
+    "SimpleQueue_get",
+    "futex",
+    "nanosleep",
+    "sem_wait",
+    "sem_timedwait",
+)
+
+
+def summarize_collapsed(text: str, top: int = 15) -> dict[str, Any]:
+    """Self and inclusive sample shares by function, self share by package and by thread.
+
+    Samples of a thread waiting (a lock, epoll) are left out: py-spy leaves them out itself
+    unless --native, where it cannot tell."""
+    self_counts: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    total = idle_samples = 0
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        raw = [f for f in stack.split(";") if f]
+        if any(marker in f for f in raw[-3:] for marker in IDLE_FRAMES):
+            idle_samples += count
+            continue
+        thread = "?"
+        if raw and raw[0].startswith("thread ("):
+            thread = raw[0].split(":", 1)[-1].strip() or raw[0]
+            raw = raw[1:]
+        total += count
+        threads[thread] += count
+        frames = [f for f in (_frame(f) for f in raw) if f[1] != "?"]
+        if not frames:
+            continue
+        leaf, package = frames[-1]
+        self_counts[leaf] += count
+        packages[package] += count
+        for name in {name for name, _ in frames}:
+            inclusive[name] += count
+
+    def share(counter: Counter[str], keep: Any = lambda name: True) -> list[list[Any]]:
+        return [
+            [name, round(100 * n / total, 1)] for name, n in counter.most_common() if keep(name)
+        ][:top]
+
+    if not total:
+        return {"samples": 0, "idle_samples_left_out": idle_samples}
+    return {
+        "samples": total,
+        "idle_samples_left_out": idle_samples,
+        "percent_by_thread": share(threads),
+        "self_percent": share(self_counts),
+        "inclusive_percent_controlplane": share(
+            inclusive,
+            lambda name: (
+                name.startswith("controlplane/")
+                and not name.startswith(("controlplane/cli/", "controlplane/app.py"))
+            ),
+        ),
+        "self_percent_by_package": share(packages),
+    }
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from tests.integration.harness import XdsControlPlane
+class Incomplete(Exception):
+    pass
 
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {
         "ok": False,
         "params": {
             "nodes": args.nodes,
+            "protocol": args.protocol,
             "clusters": args.clusters,
             "listeners": args.listeners,
+            "endpoints_per_cluster": args.endpoints,
             "group": args.group,
             "server_log_level": args.server_log_level,
             "channels_per_worker": args.channels_per_worker,
             "cpu_count": os.cpu_count(),
+            "workers": args.workers or os.cpu_count() or 1,
+            "load_average_at_start": os.getloadavg(),
+            "idle_nodes": args.idle_nodes,
+            "ramp_batch": args.ramp_batch,
+            "rounds": args.rounds,
+            "servers": args.servers,
+            "floor_style": args.floor_style,
+            "profile": str(args.profile) if args.profile else None,
+            "command": "python -m tests.bench " + " ".join(sys.argv[1:]),
         },
         "errors": [],
     }
     started = time.monotonic()
-    dirs = {
-        v: bench_config.write_config(
-            workdir / f"config-{v}", clusters=args.clusters, listeners=args.listeners, variant=v
-        )
-        for v in ("v1", "v2")
-    }
-    (v1, v1_types), (v2, v2_types) = (bench_config.target_versions(dirs[v]) for v in ("v1", "v2"))
-    results["snapshot"] = {
-        "v1": v1,
-        "v2": v2,
-        "v1_types": {SHORT[t]: v for t, v in v1_types.items()},
-        "v2_types": {SHORT[t]: v for t, v in v2_types.items()},
-        "rollback_changes": [SHORT[t] for t in v1_types if v1_types[t] != v2_types[t]],
-        "config_bytes": sum(f.stat().st_size for f in dirs["v1"].iterdir()),
-    }
-    plane = XdsControlPlane(workdir / "xdscp", "--log-level", args.server_log_level)
-    plane.workdir.mkdir(parents=True, exist_ok=True)
-    fleet: SimulatedFleet | None = None
     try:
-        plane.start()
-        assert plane.process is not None
-        pid = plane.process.pid
-        memory: dict[str, Any] = {"pid": pid, "rss_empty_kib": rss_kib(pid)}
-        results["memory"] = memory
+        dirs = {
+            v: bench_config.write_config(
+                workdir / f"config-{v}",
+                clusters=args.clusters,
+                listeners=args.listeners,
+                endpoints_per_cluster=args.endpoints,
+                variant=v,
+            )
+            for v in variants(args)
+        }
+        results["snapshot"] = snapshot_info(dirs)
+        if args.nodes:
+            for name in args.servers:
+                if name == "xdscp":
+                    server: Any = XdscpServer(workdir / "xdscp", args, dirs)
+                    results.update(scenario(server, args, results["snapshot"], results["errors"]))
+                else:
+                    server = FloorServer(workdir / "floor", dirs, args.floor_style)
+                    results["floor"] = scenario(server, args, results["snapshot"], [])
+                    results["errors"] += [f"floor: {e}" for e in results["floor"]["errors"]]
+        if args.idle_nodes:
+            idle_results: dict[str, Any] = {}
+            results["idle"] = idle_results
+            for name in args.servers:
+                if name == "xdscp":
+                    server = XdscpServer(workdir / "xdscp-idle", args, dirs)
+                else:
+                    server = FloorServer(workdir / "floor-idle", dirs, args.floor_style)
+                idle_results[name] = idle(server, args, results["snapshot"])
+                results["errors"] += [f"idle {name}: {e}" for e in idle_results[name]["errors"]]
+    finally:
+        results["total_seconds"] = round(time.monotonic() - started, 1)
+    results["headline"] = headline(results)
+    steps: list[Any] = []
+    for name in args.servers if args.nodes else []:
+        where = results if name == "xdscp" else results.get("floor", {})
+        steps.append(where.get("connect_storm"))
+        for key in ("pushes", "rollbacks"):
+            done = where.get(key) or []
+            steps += done if len(done) == max(1, args.rounds) else [None]
+    steps += [r.get("ramp") for r in results.get("idle", {}).values()]
+    results["ok"] = not results["errors"] and all(s and s.get("converged") for s in steps)
+    return results
 
-        published = plane.xdsctl("publish", str(dirs["v1"]), "--group", args.group).stdout.strip()
-        if published != v1:
-            results["errors"].append(f"published v1 is {published}, computed {v1}")
+
+def variants(args: argparse.Namespace) -> list[str]:
+    """v1, then one update per round: v2, v3, ... (each v1 plus one change)."""
+    return ["v1", *(f"v{k + 2}" for k in range(max(1, args.rounds)))]
+
+
+def snapshot_info(dirs: dict[str, Path]) -> dict[str, Any]:
+    """Versions (as xdscp computes them) and sizes in bytes of v1 and v2."""
+    from controlplane.config import load_directory
+    from controlplane.snapshot import Snapshot
+    from controlplane.xds import wire
+
+    out: dict[str, Any] = {}
+    types: dict[str, dict[str, str]] = {}
+    for variant, directory in dirs.items():
+        loaded = load_directory(directory)
+        snap = Snapshot.from_messages((r.type_url, r.message) for r in loaded)
+        types[variant] = {url: snap.of_type(url).version for url in SHORT}
+        sizes = {}
+        for url, short in SHORT.items():
+            current = snap.of_type(url)
+            sizes[short] = {
+                "resources": len(current.by_name),
+                "bytes": sum(len(r.body) for r in current.by_name.values()),
+                "sotw_response_bytes": len(
+                    wire.sotw_response(current.version, url, "1", current.wire_entries)
+                ),
+                "delta_response_bytes": len(
+                    wire.delta_response(
+                        current.version,
+                        url,
+                        "1",
+                        b"".join(r.delta_entry for r in current.by_name.values()),
+                        [],
+                    )
+                ),
+            }
+        out.setdefault("versions", {})[variant] = snap.version
+        if variant not in ("v1", "v2"):
+            continue
+        out[variant] = snap.version
+        out[f"{variant}_types"] = {SHORT[t]: v for t, v in types[variant].items()}
+        out[f"{variant}_sizes"] = sizes
+        out[f"{variant}_bytes"] = snap.size_bytes
+        out[f"{variant}_sotw_bytes_per_node"] = sum(
+            s["sotw_response_bytes"] for s in sizes.values()
+        )
+    out["rollback_changes"] = [SHORT[t] for t in SHORT if types["v1"][t] != types["v2"][t]]
+    out["config_bytes"] = sum(f.stat().st_size for f in dirs["v1"].iterdir())
+    out["_targets"] = {v: {url: types[v][url] for url in SHORT} for v in types}
+    return out
+
+
+def scenario(
+    server: Any, args: argparse.Namespace, snap: dict[str, Any], errors: list[str]
+) -> dict[str, Any]:
+    """Connect storm, idle memory, then rounds of push vN and rollback to v1, on one server."""
+    v1 = snap["v1"]
+    v1_types = snap["_targets"]["v1"]
+    changed = len(snap["rollback_changes"])
+    out: dict[str, Any] = {"server": server.name, "errors": errors}
+    fleet: SimulatedFleet | None = None
+    profiler: Profiler | None = None
+    try:
+        server.start()
+        pid = server.pid
+        memory: dict[str, Any] = {"pid": pid, "rss_empty_kib": rss_kib(pid)}
+        out["memory"] = memory
+        published = server.publish("v1")
+        if published.get("published", v1) != v1:
+            errors.append(f"published v1 is {published['published']}, computed {v1}")
         memory["rss_v1_published_kib"] = rss_kib(pid)
 
         fleet = SimulatedFleet(
-            f"127.0.0.1:{plane.xds_port}",
+            server.xds_target,
             args.nodes,
             group=args.group,
             workers=args.workers,
             channels_per_worker=args.channels_per_worker,
+            protocol=args.protocol,
         )
-        results["params"]["workers"] = fleet.workers
+        out["workers"] = fleet.workers
         fleet.start()
 
         # Connect storm: every node opens its stream at once; until all ACKed every v1 type.
@@ -161,9 +681,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         cpu0 = cpu_pair(pid, fleet)
         t0 = fleet.connect()
         storm = fleet.wait_until_all("storm", args.wait_timeout)
-        results["connect_storm"] = phase(storm, t0, cpu_since(cpu0, pid, fleet))
+        out["connect_storm"] = phase(storm, t0, cpu_since(cpu0, pid, fleet), fleet.workers)
         if not storm.ok:
-            results["connect_storm"]["lagging"] = fleet.lagging("storm")
+            out["connect_storm"]["lagging"] = fleet.lagging("storm")
             raise Incomplete("connect storm did not converge")
 
         idle_cpu = cpu_seconds(pid)
@@ -174,71 +694,160 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         memory["per_stream_kib"] = round(
             (memory["rss_idle_kib"] - memory["rss_v1_published_kib"]) / max(1, args.nodes), 1
         )
-        results["server_view"] = server_view(plane, args.group, v1)
+        if hasattr(server, "view"):
+            out["server_view"] = server.view(v1)
 
-        # Push v2: straight to stable (no rollout policy for the group).
-        fleet.watch("v2", v2_types)
-        before = fleet.query("v2")
-        cpu0 = cpu_pair(pid, fleet)
-        t0 = time.time()
-        out = plane.xdsctl("publish", str(dirs["v2"]), "--group", args.group).stdout.strip()
-        publish_wall = time.time() - t0
-        if out != v2:
-            results["errors"].append(f"published v2 is {out}, computed {v2}")
-        push = fleet.wait_until_all("v2", args.wait_timeout)
-        results["push_v2"] = phase(push, t0, cpu_since(cpu0, pid, fleet), before)
-        results["push_v2"]["publish_command_wall_seconds"] = round(publish_wall, 3)
-        if not push.ok:
-            results["push_v2"]["lagging"] = fleet.lagging("v2")
-            raise Incomplete("push of v2 did not converge")
+        if args.profile is not None:
+            path = args.profile
+            if server.name != "xdscp":
+                path = path.with_name(f"{path.stem}-{server.name}{path.suffix}")
+            profiler = Profiler(pid, path, args.profile_rate, args.profile_native)
+            profiler.start()
 
-        # Rollback to v1, timed three ways.
-        fleet.watch("rollback", v1_types)
-        before = fleet.query("rollback")
-        cpu0 = cpu_pair(pid, fleet)
-        t0 = time.time()
-        command = rollback(plane, args.group, v1, args.rollback_timeout)
-        wall = time.time() - t0
-        back = fleet.wait_until_all("rollback", args.wait_timeout)
-        rb = phase(back, t0, cpu_since(cpu0, pid, fleet), before)
-        rb["command_wall_seconds"] = round(wall, 3)
-        rb.update(command)
-        results["rollback"] = rb
-        if not back.ok:
-            rb["lagging"] = fleet.lagging("rollback")
-            raise Incomplete("rollback did not converge")
+        # Rounds: push vN (straight to stable: the group has no rollout policy), then roll
+        # back to v1 (xdscp: `xdsctl rollback --to v1`; the floor: publish v1 again).
+        out["pushes"], out["rollbacks"] = [], []
+        for variant in variants(args)[1:]:
+            version, target = snap["versions"][variant], snap["_targets"][variant]
+            fleet.watch(variant, target)
+            before = fleet.query(variant)
+            cpu0 = cpu_pair(pid, fleet)
+            t0 = time.time()
+            command = server.publish(variant)
+            push = fleet.wait_until_all(variant, args.wait_timeout)
+            step = phase(push, t0, cpu_since(cpu0, pid, fleet), fleet.workers, before, changed)
+            step["version"] = version
+            step["publish_command_wall_seconds"] = command["command_wall_seconds"]
+            out["pushes"].append(step)
+            out.setdefault("push_v2", step)
+            if command.get("published", version) != version:
+                errors.append(f"published {variant} is {command['published']}, computed {version}")
+            if not push.ok:
+                step["lagging"] = fleet.lagging(variant)
+                raise Incomplete(f"push of {variant} did not converge")
+
+            key = f"rollback-from-{variant}"
+            fleet.watch(key, v1_types)
+            before = fleet.query(key)
+            cpu0 = cpu_pair(pid, fleet)
+            t0 = time.time()
+            command = server.rollback(v1)
+            back = fleet.wait_until_all(key, args.wait_timeout)
+            step = phase(back, t0, cpu_since(cpu0, pid, fleet), fleet.workers, before, changed)
+            step.update(command)
+            out["rollbacks"].append(step)
+            out.setdefault("rollback", step)
+            if not back.ok:
+                step["lagging"] = fleet.lagging(key)
+                raise Incomplete(f"rollback from {variant} did not converge")
+            if command.get("exit_code") != 0:
+                errors.append(f"rollback command exited {command.get('exit_code')}")
+        if profiler is not None:
+            out["profile"] = profiler.stop()
+            profiler = None
         memory["rss_after_rollback_kib"] = rss_kib(pid)
-        results["ok"] = not results["errors"] and command["exit_code"] == 0
+        if isinstance(server, FloorServer):
+            time.sleep(0.5)  # the last ACKs written may still be on their way
+            out["floor_stats"] = server.stats()
     except Incomplete as error:
-        results["errors"].append(str(error))
+        errors.append(str(error))
     except Exception as error:  # report it with the numbers we have
-        results["errors"].append(f"{type(error).__name__}: {error}")
+        errors.append(f"{type(error).__name__}: {error}")
     except BaseException as error:  # pytest.fail() from the harness, Ctrl-C
         if isinstance(error, KeyboardInterrupt):
             raise
-        results["errors"].append(f"{type(error).__name__}: {error}")
+        errors.append(f"{type(error).__name__}: {error}")
+    finally:
+        if profiler is not None:
+            with contextlib.suppress(BaseException):
+                out["profile"] = profiler.stop()
+        if fleet is not None:
+            fleet.close()
+        server.stop()
+        if hasattr(server, "log"):
+            with contextlib.suppress(BaseException):
+                out["server_log"] = server.log()
+    return out
+
+
+def idle(server: Any, args: argparse.Namespace, snap: dict[str, Any]) -> dict[str, Any]:
+    """RSS of a fresh server with `--idle-nodes` synced streams, connected in batches."""
+    v1_types = snap["_targets"]["v1"]
+    nodes = args.idle_nodes
+    out: dict[str, Any] = {"server": server.name, "nodes": nodes, "errors": []}
+    fleet: SimulatedFleet | None = None
+    try:
+        server.start()
+        pid = server.pid
+        out["rss_empty_kib"] = rss_kib(pid)
+        server.publish("v1")
+        out["rss_v1_published_kib"] = rss_kib(pid)
+        fleet = SimulatedFleet(
+            server.xds_target,
+            nodes,
+            group=args.group,
+            workers=args.workers,
+            channels_per_worker=args.channels_per_worker,
+            protocol=args.protocol,
+            first_node=100_000,
+        )
+        out["workers"] = fleet.workers
+        fleet.start()
+        fleet.watch("idle", v1_types)
+        cpu0 = cpu_pair(pid, fleet)
+        t0 = time.time()
+        batch = max(1, args.ramp_batch)
+        wait: WaitResult | None = None
+        batches = 0
+        for upto in range(batch, nodes + batch, batch):
+            fleet.connect(min(upto, nodes))
+            batches += 1
+            wait = fleet.wait_until_all("idle", args.wait_timeout, at_least=fleet.started)
+            if not wait.ok:
+                break
+        assert wait is not None
+        ramp = phase(wait, t0, cpu_since(cpu0, pid, fleet), fleet.workers)
+        ramp["batches"] = batches
+        ramp["batch"] = batch
+        out["ramp"] = ramp
+        if not wait.ok:
+            ramp["lagging"] = fleet.lagging("idle")
+            raise Incomplete(f"only {wait.count.current}/{nodes} idle streams synced")
+        cpu0 = cpu_pair(pid, fleet)
+        time.sleep(args.idle_settle)
+        cpu = cpu_since(cpu0, pid, fleet)
+        out["idle_cpu_percent"] = round(cpu[0] / args.idle_settle * 100, 1)
+        out["rss_idle_kib"] = rss_kib(pid)
+        out["streams"] = fleet.query("idle").streams_open
+        out["per_stream_kib"] = round(
+            (out["rss_idle_kib"] - out["rss_v1_published_kib"]) / nodes, 1
+        )
+        out["simulator_rss_kib"] = sum(rss_kib(w) for w in fleet.worker_pids())
+    except Incomplete as error:
+        out["errors"].append(str(error))
+    except Exception as error:
+        out["errors"].append(f"{type(error).__name__}: {error}")
+    except BaseException as error:
+        if isinstance(error, KeyboardInterrupt):
+            raise
+        out["errors"].append(f"{type(error).__name__}: {error}")
     finally:
         if fleet is not None:
             fleet.close()
-        with contextlib.suppress(BaseException):
-            plane.stop()
-        with contextlib.suppress(BaseException):
-            results["server_log"] = server_log(plane)
-        results["total_seconds"] = round(time.monotonic() - started, 1)
-    return results
-
-
-class Incomplete(Exception):
-    pass
+        server.stop()
+    return out
 
 
 def phase(
     wait: WaitResult,
     t0: float,
-    cpu: tuple[float, float],
+    cpu: tuple[float, float, float],
+    workers: int,
     before: FleetCount | None = None,
+    types_changed: int = 0,
 ) -> dict[str, Any]:
-    """Numbers of one fleet-wide wait; per-node times are node-side ACK times minus t0."""
+    """Numbers of one fleet-wide wait; per-node times are node-side ACK times minus t0, and
+    minus the first push any node saw (fan-out)."""
     count = wait.count
     per_node = sorted(t - t0 for t in count.times.values())
     out: dict[str, Any] = {
@@ -246,8 +855,11 @@ def phase(
         "nodes_matched": count.current,
         "nodes": count.total,
         "poll_wall_seconds": round(wait.waited, 3),
-        "server_cpu_seconds": round(cpu[0], 2),
+        "server_cpu_seconds": round(cpu[0], 3),
         "simulator_cpu_seconds": round(cpu[1], 2),
+        # Other processes on the machine (not the server, simulator, bench or its xdsctl
+        # commands): well above 0 means someone else took CPU and the timings are off.
+        "other_cpu_seconds": round(cpu[2], 2),
         "stream_errors": count.stream_errors - (before.stream_errors if before else 0),
         "connects": count.connects - (before.connects if before else 0),
         "responses": {
@@ -261,13 +873,29 @@ def phase(
     }
     if per_node:
         out["sim_seconds"] = round(per_node[-1], 3)  # the last node's ACK
-        out["per_node_seconds"] = {
-            "p50": round(percentile(per_node, 50), 3),
-            "p99": round(percentile(per_node, 99), 3),
-            "max": round(per_node[-1], 3),
-            "min": round(per_node[0], 3),
-        }
+        out["per_node_seconds"] = _quantiles(per_node)
+        wall = max(per_node[-1], 1e-3)
+        out["simulator_busy_percent"] = round(100 * cpu[1] / (wall * workers), 1)
+        out["server_busy_percent"] = round(100 * cpu[0] / wall, 1)
+    if count.first_response is not None and per_node:
+        first = count.first_response
+        out["first_push_after_seconds"] = round(first - t0, 3)
+        fanout = sorted(t - first for t in count.times.values())
+        out["fanout_seconds"] = round(fanout[-1], 3)
+        out["fanout_per_node_seconds"] = _quantiles(fanout)
+    if types_changed:
+        out["types_pushed"] = types_changed
+        out["cpu_ms_per_push_per_node"] = round(1000 * cpu[0] / (count.total * types_changed), 4)
     return out
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": round(percentile(values, 50), 3),
+        "p99": round(percentile(values, 99), 3),
+        "max": round(values[-1], 3),
+        "min": round(values[0], 3),
+    }
 
 
 def rollback(plane: Any, group: str, version: str, timeout: float) -> dict[str, Any]:
@@ -346,18 +974,36 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_pair(pid: int, fleet: SimulatedFleet) -> tuple[float, float]:
-    """(CPU seconds of xdscp, of all simulator workers) so far."""
+def machine_busy_seconds() -> float:
+    """CPU seconds every process of the machine used so far (all cores, not idle/iowait)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that ended (xdsctl commands)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def cpu_pair(pid: int, fleet: SimulatedFleet) -> tuple[float, float, float]:
+    """(CPU seconds of the server, of all simulator workers, of everything else) so far."""
     workers = 0.0
     for worker in fleet.worker_pids():
         with contextlib.suppress(OSError):
             workers += cpu_seconds(worker)
-    return cpu_seconds(pid), workers
+    return cpu_seconds(pid), workers, machine_busy_seconds() - own_cpu_seconds()
 
 
-def cpu_since(before: tuple[float, float], pid: int, fleet: SimulatedFleet) -> tuple[float, float]:
+def cpu_since(
+    before: tuple[float, float, float], pid: int, fleet: SimulatedFleet
+) -> tuple[float, float, float]:
+    """CPU seconds since `before`: the server, the simulator, and other processes of the
+    machine (neither those two, nor this one, nor the xdsctl commands it ran)."""
     now = cpu_pair(pid, fleet)
-    return now[0] - before[0], now[1] - before[1]
+    server, sim = now[0] - before[0], now[1] - before[1]
+    return server, sim, max(0.0, now[2] - before[2] - server - sim)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -366,39 +1012,235 @@ def percentile(values: list[float], p: float) -> float:
     return values[int(rank) - 1]
 
 
+# -- the headline -----------------------------------------------------------------------------
+
+
+def _ratio(ours: float | None, floor: float | None) -> float | None:
+    if ours is None or not floor:
+        return None
+    return round(ours / floor, 2)
+
+
+def _median(values: list[float]) -> float | None:
+    """The median (the lower middle one of an even count), None for no values."""
+    if not values:
+        return None
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def headline(r: dict[str, Any]) -> dict[str, Any]:
+    """The figures the issue sets targets for, with the floor's and the ratios."""
+    floor = r.get("floor", {})
+    out: dict[str, Any] = {"nodes": r["params"]["nodes"], "protocol": r["params"]["protocol"]}
+    storm, storm_floor = r.get("connect_storm") or {}, floor.get("connect_storm") or {}
+    out["storm"] = {
+        "xdscp_seconds": storm.get("sim_seconds"),
+        "floor_seconds": storm_floor.get("sim_seconds"),
+        "ratio": _ratio(storm.get("sim_seconds"), storm_floor.get("sim_seconds")),
+        "xdscp_fanout_seconds": storm.get("fanout_seconds"),
+        "floor_fanout_seconds": storm_floor.get("fanout_seconds"),
+    }
+    for key, steps in (("update", "pushes"), ("rollback", "rollbacks")):
+        ours, theirs = r.get(steps) or [], floor.get(steps) or []
+        row: dict[str, Any] = {"rounds": max(len(ours), len(theirs))}
+        for field, label in (
+            ("fanout_seconds", "fanout_seconds"),
+            ("sim_seconds", "from_command_seconds"),
+            ("cpu_ms_per_push_per_node", "cpu_ms_per_push_per_node"),
+        ):
+            for who, found in (("xdscp", ours), ("floor", theirs)):
+                values = [s[field] for s in found if s.get(field) is not None]
+                row[f"{who}_{label}"] = _median(values)
+                row[f"{who}_{label}_each"] = values
+        row["ratio"] = _ratio(row["xdscp_fanout_seconds"], row["floor_fanout_seconds"])
+        row["cpu_ratio"] = _ratio(
+            row["xdscp_cpu_ms_per_push_per_node"], row["floor_cpu_ms_per_push_per_node"]
+        )
+        if key == "rollback":
+            for field, label in (
+                ("command_seconds", "xdsctl_printed_seconds"),
+                ("command_wall_seconds", "xdsctl_wall_seconds"),
+            ):
+                values = [s[field] for s in ours if s.get(field) is not None]
+                row[label] = _median(values)
+                row[f"{label}_each"] = values
+        out[key] = row
+    if idle_results := r.get("idle"):
+        ours, theirs = idle_results.get("xdscp", {}), idle_results.get("floor", {})
+        out["idle"] = {
+            "streams": r["params"]["idle_nodes"],
+            "xdscp_rss_kib": ours.get("rss_idle_kib"),
+            "xdscp_per_stream_kib": ours.get("per_stream_kib"),
+            "floor_rss_kib": theirs.get("rss_idle_kib"),
+            "floor_per_stream_kib": theirs.get("per_stream_kib"),
+            "ratio": _ratio(ours.get("per_stream_kib"), theirs.get("per_stream_kib")),
+        }
+        if ours.get("per_stream_kib") is not None:
+            out["idle"]["xdscp_projected_rss_kib_at_10000"] = round(
+                ours["rss_v1_published_kib"] + 10000 * ours["per_stream_kib"]
+            )
+    return out
+
+
+def _verdict(value: float | None, target: float) -> str:
+    if value is None:
+        return "not measured"
+    return "met" if value <= target else "MISSED"
+
+
+def _s(value: float | None, unit: str = "s") -> str:
+    return "?" if value is None else f"{value:.3f} {unit}"
+
+
+def _each(values: list[float]) -> str:
+    return " ".join(f"{v:.3f}" for v in values) or "?"
+
+
+def headline_lines(r: dict[str, Any]) -> list[str]:
+    h = r["headline"]
+    n = h["nodes"]
+    title = f"{HEADLINE} ({h['protocol']}, {r['params']['clusters']} clusters"
+    if n:
+        title += f"; medians of {h['update']['rounds']} round(s)"
+    lines = [title + ")"]
+    if n:
+        up, rb, storm = h["update"], h["rollback"], h["storm"]
+        lines.append(
+            f"update convergence {n} nodes: xdscp {_s(up['xdscp_fanout_seconds'])}, "
+            f"floor {_s(up['floor_fanout_seconds'])}, ratio {up['ratio'] or '?'} "
+            f"(target <= {TARGETS['ratio']}: {_verdict(up['ratio'], TARGETS['ratio'])}); "
+            f"xdscp target <= {TARGETS['update_seconds']:g} s: "
+            f"{_verdict(up['xdscp_fanout_seconds'], TARGETS['update_seconds'])}"
+        )
+        lines.append(
+            f"  first push -> last ACK, each round: xdscp {_each(up['xdscp_fanout_seconds_each'])}"
+            f", floor {_each(up['floor_fanout_seconds_each'])}; xdscp from the publish "
+            f"command's start: {_s(up['xdscp_from_command_seconds'])}"
+        )
+        lines.append(
+            f"rollback {n} nodes: xdscp {_s(rb['xdscp_fanout_seconds'])}, "
+            f"floor {_s(rb['floor_fanout_seconds'])}, ratio {rb['ratio'] or '?'}; "
+            f"xdsctl rollback printed {_s(rb.get('xdsctl_printed_seconds'))}, "
+            f"wall {_s(rb.get('xdsctl_wall_seconds'))} "
+            f"(target <= {TARGETS['rollback_seconds']:g} s: "
+            f"{_verdict(rb.get('xdsctl_printed_seconds'), TARGETS['rollback_seconds'])})"
+        )
+        lines.append(
+            f"  first push -> last ACK, each round: xdscp {_each(rb['xdscp_fanout_seconds_each'])}"
+            f", floor {_each(rb['floor_fanout_seconds_each'])}; xdsctl printed each round: "
+            f"{_each(rb.get('xdsctl_printed_seconds_each', []))}"
+        )
+        lines.append(
+            f"connect storm {n} nodes: xdscp {_s(storm['xdscp_seconds'])}, "
+            f"floor {_s(storm['floor_seconds'])}, ratio {storm['ratio'] or '?'} "
+            "(start of N streams -> all ACKed every type)"
+        )
+        lines.append(
+            f"CPU per push per node: update xdscp {_s(up['xdscp_cpu_ms_per_push_per_node'], 'ms')}"
+            f", floor {_s(up['floor_cpu_ms_per_push_per_node'], 'ms')} "
+            f"(ratio {up['cpu_ratio'] or '?'}); rollback xdscp "
+            f"{_s(rb['xdscp_cpu_ms_per_push_per_node'], 'ms')}, floor "
+            f"{_s(rb['floor_cpu_ms_per_push_per_node'], 'ms')} (ratio {rb['cpu_ratio'] or '?'})"
+        )
+    if idle_h := h.get("idle"):
+        rss = idle_h.get("xdscp_rss_kib")
+        lines.append(
+            f"idle RSS per stream ({idle_h['streams']} streams): xdscp "
+            f"{_s(idle_h['xdscp_per_stream_kib'], 'KiB')} (RSS {_mib(rss)}), floor "
+            f"{_s(idle_h['floor_per_stream_kib'], 'KiB')} (RSS {_mib(idle_h['floor_rss_kib'])}), "
+            f"ratio {idle_h['ratio'] or '?'}"
+        )
+        if idle_h["streams"] >= 10000 and rss is not None:
+            lines.append(
+                f"  target 10,000 streams <= 1 GiB: "
+                f"{_verdict(rss, TARGETS['idle_rss_kib_at_10000'])}"
+            )
+        elif "xdscp_projected_rss_kib_at_10000" in idle_h:
+            lines.append(
+                f"  projected at 10,000 streams: "
+                f"{_mib(idle_h['xdscp_projected_rss_kib_at_10000'])} (target <= 1 GiB)"
+            )
+    return lines
+
+
 # -- the report -------------------------------------------------------------------------------
 
 
 def render(r: dict[str, Any]) -> str:
     p = r["params"]
-    lines = [
-        SECTIONS[0],
-        f"nodes {p['nodes']} over {p.get('workers', '?')} worker process(es) x "
-        f"{p['channels_per_worker']} channel(s); group {p['group']}; {p['cpu_count']} CPU(s); "
-        f"server log level {p['server_log_level']}",
-    ]
+    lines = [*headline_lines(r), "", SECTIONS[0]]
+    lines.append(
+        f"nodes {p['nodes']} ({p['protocol']}) over {r.get('workers', p['workers'])} worker "
+        f"process(es) x {p['channels_per_worker']} channel(s); group {p['group']}; "
+        f"{p['cpu_count']} CPU(s); server log level {p['server_log_level']}; "
+        f"load average at start {' '.join(f'{x:.2f}' for x in p['load_average_at_start'])}"
+    )
+    lines.append(f"command: {p['command']}")
     if snap := r.get("snapshot"):
         lines += [
-            f"config: {p['clusters']} EDS clusters, {p['listeners']} listeners (RDS each), "
-            f"{snap['config_bytes'] / 1e3:.0f} kB of YAML",
+            f"config: {p['clusters']} EDS clusters ({p['endpoints_per_cluster']} endpoints each), "
+            f"{p['listeners']} listeners (RDS each), {snap['config_bytes']:,} bytes of YAML",
             f"v1 {snap['v1']}  v2 {snap['v2']}  (rollback changes: "
             f"{', '.join(snap['rollback_changes']) or 'nothing'})",
         ]
+        for variant in ("v1", "v2"):
+            sizes = snap[f"{variant}_sizes"]
+            lines.append(
+                f"snapshot {variant}: {snap[f'{variant}_bytes']:,} bytes of resources; "
+                + ", ".join(f"{t} {s['resources']} = {s['bytes']:,} B" for t, s in sizes.items())
+                + f"; a full SotW fetch is {snap[f'{variant}_sotw_bytes_per_node']:,} B per node"
+            )
+    if p["nodes"] and "xdscp" in p["servers"]:
+        lines += ["", *_scenario_lines(r, "xdscp")]
+    if floor := r.get("floor"):
+        lines += ["", f"{FLOOR_SECTION} (style {p['floor_style']})"]
+        lines += _scenario_lines(floor, "floor")
+        if stats := floor.get("floor_stats"):
+            lines.append(
+                "floor counters: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.items()))
+            )
+    if idle_results := r.get("idle"):
+        lines += ["", IDLE_SECTION]
+        for name, result in idle_results.items():
+            lines += _idle_lines(name, result)
+    for name, result in (("xdscp", r), ("floor", r.get("floor", {}))):
+        if prof := result.get("profile"):
+            lines += ["", f"{PROFILE_SECTION} {name}", *_profile_lines(prof)]
+    if log := r.get("server_log"):
+        lines.append("")
+        lines.append("== server log ==")
+        lines.append("levels: " + ", ".join(f"{k} {v}" for k, v in sorted(log["levels"].items())))
+        lines.append("events: " + ", ".join(f"{k} {v}" for k, v in log["events"].items()))
+        for w in log["warnings"]:
+            lines.append(f"  {w}")
     lines.append("")
-    lines.append(SECTIONS[1])
+    lines.append(f"total {r.get('total_seconds', '?')}s; " + ("OK" if r["ok"] else "NOT OK"))
+    for error in r["errors"]:
+        lines.append(f"error: {error}")
+    return "\n".join(lines)
+
+
+def _scenario_lines(r: dict[str, Any], name: str) -> list[str]:
+    lines = []
+    if name == "xdscp":
+        lines.append(SECTIONS[1])
+    else:
+        lines.append("-- connect storm --")
     lines += _phase_lines(r.get("connect_storm"), "start of N streams -> all ACKed every v1 type")
     if view := r.get("server_view"):
         lines.append(f"xdscp's own view: {view['synced']}/{view['nodes']} nodes SYNCED on v1")
     lines.append("")
-    lines.append(SECTIONS[2])
+    lines.append(SECTIONS[2] if name == "xdscp" else "-- push v2 --")
     push = r.get("push_v2")
-    lines += _phase_lines(push, "publish command start -> all ACKed every v2 type")
+    what = "publish command start" if name == "xdscp" else "publish line written"
+    lines += _phase_lines(push, f"{what} -> all ACKed every v2 type")
     if push and "publish_command_wall_seconds" in push:
         lines.append(f"publish command wall: {push['publish_command_wall_seconds']:.3f}s")
+    lines += _rounds_lines(r.get("pushes") or [])
     lines.append("")
-    lines.append(SECTIONS[3])
+    lines.append(SECTIONS[3] if name == "xdscp" else "-- rollback (publish v1 again) --")
     rb = r.get("rollback")
-    if rb:
+    if rb and name == "xdscp":
         if "command_seconds" in rb:
             lines.append(
                 f"xdsctl rollback printed: {rb['command_acked']}/{rb['command_total']} nodes "
@@ -411,10 +1253,11 @@ def render(r: dict[str, Any]) -> str:
                 lines.append(f"  stderr: {rb['command_stderr'][-500:]}")
         lines.append(f"xdsctl rollback wall time: {rb['command_wall_seconds']:.3f}s")
     lines += _phase_lines(rb, "command start -> all nodes ACKed every v1 type")
+    lines += _rounds_lines(r.get("rollbacks") or [])
     lines.append("")
-    lines.append(SECTIONS[4])
+    lines.append(SECTIONS[4] if name == "xdscp" else "-- memory --")
     if mem := r.get("memory"):
-        lines.append(f"xdscp pid {mem['pid']}: RSS empty {_mib(mem.get('rss_empty_kib'))}")
+        lines.append(f"{name} pid {mem['pid']}: RSS empty {_mib(mem.get('rss_empty_kib'))}")
         for key, label in (
             ("rss_v1_published_kib", "with v1 published, no streams"),
             ("rss_idle_kib", f"idle with {mem.get('streams', '?')} streams"),
@@ -431,18 +1274,76 @@ def render(r: dict[str, Any]) -> str:
             lines.append(
                 f"  CPU while idle with N streams: {mem['idle_cpu_percent']:.1f}% of a core"
             )
-    if log := r.get("server_log"):
-        lines.append("")
-        lines.append("== server log ==")
-        lines.append("levels: " + ", ".join(f"{k} {v}" for k, v in sorted(log["levels"].items())))
-        lines.append("events: " + ", ".join(f"{k} {v}" for k, v in log["events"].items()))
-        for w in log["warnings"]:
-            lines.append(f"  {w}")
-    lines.append("")
-    lines.append(f"total {r.get('total_seconds', '?')}s; " + ("OK" if r["ok"] else "NOT OK"))
+    return lines
+
+
+def _rounds_lines(steps: list[dict[str, Any]]) -> list[str]:
+    """One line for every round (the step above is round 1)."""
+    if len(steps) < 2:
+        return []
+
+    def each(field: str) -> str:
+        return " ".join(f"{s[field]:.3f}" if field in s else "?" for s in steps)
+
+    line = (
+        f"all {len(steps)} rounds: fan-out {each('fanout_seconds')} s; from the start "
+        f"{each('sim_seconds')} s; server CPU per push per node "
+        f"{each('cpu_ms_per_push_per_node')} ms"
+    )
+    if any("command_seconds" in s for s in steps):
+        line += f"; xdsctl printed {each('command_seconds')} s"
+    return [line]
+
+
+def _idle_lines(name: str, r: dict[str, Any]) -> list[str]:
+    lines = [f"{name}: {r['nodes']} streams over {r.get('workers', '?')} worker process(es)"]
+    if ramp := r.get("ramp"):
+        lines += [
+            "  " + line
+            for line in _phase_lines(
+                ramp,
+                f"{ramp['batches']} batch(es) of {ramp['batch']} -> all synced on v1",
+            )
+        ]
+    if "rss_idle_kib" in r:
+        lines.append(
+            f"  RSS: empty {_mib(r['rss_empty_kib'])}, with v1 published "
+            f"{_mib(r['rss_v1_published_kib'])}, idle with {r['streams']} streams "
+            f"{_mib(r['rss_idle_kib'])}: {r['per_stream_kib']:.1f} KiB per stream"
+        )
+        lines.append(
+            f"  CPU while idle: {r['idle_cpu_percent']:.1f}% of a core; simulator workers' "
+            f"RSS {_mib(r['simulator_rss_kib'])}"
+        )
     for error in r["errors"]:
-        lines.append(f"error: {error}")
-    return "\n".join(lines)
+        lines.append(f"  error: {error}")
+    return lines
+
+
+def _profile_lines(prof: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{prof['path']} ({prof['format']}, {prof['rate']} Hz, {prof['seconds']} s of push + "
+        f"rollback; timings of a profiled run are perturbed)"
+    ]
+    if "samples" in prof:
+        lines.append(
+            f"samples (non-idle): {prof['samples']}; by thread: "
+            + ", ".join(f"{name} {pct}%" for name, pct in prof.get("percent_by_thread", []))
+        )
+        lines.append(
+            "self time by package: "
+            + ", ".join(
+                f"{name} {pct}%" for name, pct in prof.get("self_percent_by_package", [])[:10]
+            )
+        )
+        lines.append("top self time:")
+        lines += [f"  {pct:5.1f}%  {name}" for name, pct in prof.get("self_percent", [])]
+        if prof.get("inclusive_percent_controlplane"):
+            lines.append("top inclusive time in controlplane/:")
+            lines += [
+                f"  {pct:5.1f}%  {name}" for name, pct in prof["inclusive_percent_controlplane"]
+            ]
+    return lines
 
 
 def _phase_lines(ph: dict[str, Any] | None, what: str) -> list[str]:
@@ -459,15 +1360,34 @@ def _phase_lines(ph: dict[str, Any] | None, what: str) -> list[str]:
             f"per node: p50 {q['p50']:.3f}s  p99 {q['p99']:.3f}s  max {q['max']:.3f}s  "
             f"min {q['min']:.3f}s"
         )
+    if "fanout_seconds" in ph:
+        q = ph["fanout_per_node_seconds"]
+        lines.append(
+            f"fan-out: first push seen {ph['first_push_after_seconds']:.3f}s after the start; "
+            f"from it to the last ACK {ph['fanout_seconds']:.3f}s (p50 {q['p50']:.3f}s  "
+            f"p99 {q['p99']:.3f}s  max {q['max']:.3f}s)"
+        )
     responses = ", ".join(f"{t} {n}" for t, n in ph["responses"].items() if n)
     lines.append(
         f"responses received: {responses or 'none'} ({ph['response_megabytes']:.2f} MB); "
         f"stream errors {ph['stream_errors']}"
     )
-    lines.append(
-        f"CPU during this step: xdscp {ph['server_cpu_seconds']:.2f}s, "
-        f"simulator workers {ph['simulator_cpu_seconds']:.2f}s"
+    cpu = (
+        f"CPU during this step: server {ph['server_cpu_seconds']:.2f}s, "
+        f"simulator workers {ph['simulator_cpu_seconds']:.2f}s, "
+        f"other processes {ph.get('other_cpu_seconds', 0):.2f}s"
     )
+    if "server_busy_percent" in ph:
+        cpu += (
+            f" (server {ph['server_busy_percent']:.0f}% of a core, simulator "
+            f"{ph['simulator_busy_percent']:.0f}% of its cores)"
+        )
+    lines.append(cpu)
+    if "cpu_ms_per_push_per_node" in ph:
+        lines.append(
+            f"server CPU per push per node: {ph['cpu_ms_per_push_per_node']:.3f} ms "
+            f"({ph['types_pushed']} types changed)"
+        )
     for error in ph.get("last_errors", []):
         lines.append(f"  last stream error: {error}")
     for node in ph.get("lagging", []):

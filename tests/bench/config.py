@@ -5,7 +5,8 @@ each, `listeners` HTTP listeners whose HttpConnectionManager takes its routes ov
 RouteConfiguration per listener), and route configs whose routes together reference every
 cluster. `variant="v2"` differs a little from v1, as a typical change does: one extra
 cluster (with endpoints) and a route to it, and one more endpoint in cluster 0. Going back
-from v2 to v1 so changes CDS, EDS and RDS, and leaves LDS alone.
+from v2 to v1 so changes CDS, EDS and RDS, and leaves LDS alone. "v3", "v4", ... are the
+same change with another name for the extra cluster (a fresh update for each round).
 
 `target_versions(dir)` computes the per-type versions xdscp will serve for that directory,
 exactly as `xdsctl publish` builds the snapshot (versions are content hashes).
@@ -138,17 +139,18 @@ def write_config(
     endpoints_per_cluster: int = 4,
     variant: str = "v1",
 ) -> Path:
-    """Write the bench config (`variant` "v1" or "v2") into `directory`; return it."""
-    if variant not in ("v1", "v2"):
-        raise ValueError(f"variant must be v1 or v2, not {variant!r}")
+    """Write the bench config (`variant` "v1", "v2", "v3", ...) into `directory`."""
+    if not (variant.startswith("v") and variant[1:].isdigit() and int(variant[1:]) >= 1):
+        raise ValueError(f"variant must be v1, v2, v3, ..., not {variant!r}")
     if clusters < 1 or listeners < 1:
         raise ValueError("need at least one cluster and one listener")
     directory.mkdir(parents=True, exist_ok=True)
     names = [cluster_name(i) for i in range(clusters)]
     endpoint_counts = {name: endpoints_per_cluster for name in names}
-    if variant == "v2":
-        names.append(EXTRA_CLUSTER)
-        endpoint_counts[EXTRA_CLUSTER] = endpoints_per_cluster
+    if variant != "v1":
+        extra = EXTRA_CLUSTER if variant == "v2" else f"{EXTRA_CLUSTER}-{variant}"
+        names.append(extra)
+        endpoint_counts[extra] = endpoints_per_cluster
         endpoint_counts[names[0]] += 1
     # Cluster k is routed from route config k % listeners (the extra one lands in some config).
     by_listener: list[list[str]] = [[] for _ in range(listeners)]

@@ -1,9 +1,10 @@
 """A fleet of simulated Envoys: real ADS gRPC clients, spread over worker processes.
 
-Each simulated Envoy opens one ADS stream
-(`/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources`) and
-behaves as Envoy does in state-of-the-world:
+Each simulated Envoy opens one ADS stream and behaves as Envoy does, over state of the world
+(`protocol="sotw"`, `.../StreamAggregatedResources`) or delta (`protocol="delta"`,
+`.../DeltaAggregatedResources`).
 
+State of the world:
 - the first request carries Node(id="sim-<i>", cluster=<group>, user_agent_name="envoy-sim");
 - it asks for CDS and LDS as wildcards (no names), and on a reconnect sends the versions it
   holds and the EDS/RDS names it had;
@@ -15,15 +16,35 @@ behaves as Envoy does in state-of-the-world:
 - after an LDS response it subscribes RDS to every HttpConnectionManager's
   rds.route_config_name, when that set changed, before the LDS ACK.
 
+Delta:
+- the first request of each type carries resource_names_subscribe (empty for the CDS and LDS
+  wildcards) and, on the stream's first request, the node; on a reconnect it also carries
+  initial_resource_versions (name -> version of every resource held) and the names held;
+- it keeps each resource's version (Resource.version) and drops removed_resources;
+- after a CDS (LDS) response it subscribes EDS (RDS) to names that appeared and unsubscribes
+  names that went, in one request sent before the ACK, as Envoy does;
+- the ACK is DeltaDiscoveryRequest(type_url, response_nonce); once it is written, the node
+  holds the response's system_version_info for that type.
+
+A node "holds version X of a type" once it wrote the ACK of a response carrying X.
+
+Responses are received as bytes and decoded once per distinct response (and once per
+distinct resource) in each worker: thousands of nodes receive the same bytes, and a client
+that re-decoded them all would take the CPU the server needs on a small machine. What each
+node does with the result, and what it sends, is unchanged by that.
+
 The nodes run on `workers` processes (default os.cpu_count()), each one asyncio loop with a
 handful of grpc.aio channels (own TCP connections) carrying many streams, so the simulator
 does not share the control plane's GIL. The parent talks to each worker over a Pipe:
 
+- `connect(upto)`: start the streams of the first `upto` nodes (default all): a connect
+  storm, or one batch of a ramp;
 - `watch(key, {type_url: version})`: from now on, each worker records, per node, the first
-  time (node-side `time.time()` just after writing the ACK) its ACKed versions match;
+  time (node-side `time.time()` just after writing the ACK) its ACKed versions match, and the
+  first time any node received a response (the first push seen);
 - `query(key)`: how many nodes match right now, how many have matched since the watch, and
   (optionally) each node's first-match timestamp;
-- `wait_until_all(key, timeout)`: poll `query` until every node matches (bounded).
+- `wait_until_all(key, timeout)`: poll `query` until every started node matches (bounded).
 
 Use as a context manager, or call `close()`: workers are always stopped.
 """
@@ -32,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import multiprocessing
 import os
 import signal
@@ -41,17 +63,20 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+DELTA_ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+PROTOCOLS = ("sotw", "delta")
 
 READY_TIMEOUT_SECONDS = 60.0
 COMMAND_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 15.0
 RECONNECT_BASE_SECONDS = 0.2
 RECONNECT_MAX_SECONDS = 2.0
+DECODE_CACHE_ENTRIES = 512  # per worker; cleared when full
 
 
 class FleetError(RuntimeError):
@@ -74,6 +99,8 @@ class FleetCount:
     responses: dict[str, int]  # by type URL, since the fleet started
     response_bytes: int
     last_errors: list[str]
+    started: int = 0  # nodes whose stream was started (connect)
+    first_response: float | None = None  # first response any node got since the watch (epoch s)
     times: dict[str, float] = field(default_factory=dict)  # node id -> first match (epoch s)
 
     @property
@@ -98,15 +125,20 @@ class SimulatedFleet:
         workers: int | None = None,
         channels_per_worker: int = 4,
         first_node: int = 0,
+        protocol: str = "sotw",
     ) -> None:
         if nodes < 1:
             raise ValueError("need at least one node")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
         self.xds_target = xds_target
         self.nodes = nodes
         self.group = group
         self.workers = max(1, min(workers or os.cpu_count() or 1, nodes))
         self.channels_per_worker = max(1, channels_per_worker)
         self.first_node = first_node
+        self.protocol = protocol
+        self.started = 0
         self._context = multiprocessing.get_context("spawn")  # never fork a grpc process
         self._procs: list[Any] = []
         self._conns: list[Connection] = []
@@ -137,6 +169,7 @@ class SimulatedFleet:
                         self.xds_target,
                         self.group,
                         self.channels_per_worker,
+                        self.protocol,
                     ),
                     name=f"sim-fleet-{w}",
                     daemon=True,
@@ -152,10 +185,12 @@ class SimulatedFleet:
             raise
         return self
 
-    def connect(self) -> float:
-        """Every node opens its stream now (a connect storm). Returns the start (epoch s)."""
+    def connect(self, upto: int | None = None) -> float:
+        """Start the streams of the first `upto` nodes (default every node) at once: a connect
+        storm, or a batch of a ramp. Returns the start (epoch s); `self.started` counts."""
         started = time.time()
-        self._broadcast(("connect",))
+        share = 1.0 if upto is None else max(0, min(upto, self.nodes)) / self.nodes
+        self.started = sum(self._broadcast(("connect", share)))
         return started
 
     def watch(self, key: str, target: dict[str, str]) -> None:
@@ -178,6 +213,7 @@ class SimulatedFleet:
         for reply in replies:
             count.current += reply["current"]
             count.matched += reply["matched"]
+            count.started += reply["started"]
             count.streams_open += reply["streams_open"]
             count.connects += reply["connects"]
             count.stream_errors += reply["stream_errors"]
@@ -186,6 +222,9 @@ class SimulatedFleet:
                 count.responses[type_url] = count.responses.get(type_url, 0) + n
             count.last_errors.extend(reply["last_errors"])
             count.times.update(reply["times"])
+            first = reply["first_response"]
+            if first is not None and (count.first_response is None or first < count.first_response):
+                count.first_response = first
         return count
 
     def lagging(self, key: str, limit: int = 10) -> list[dict[str, Any]]:
@@ -195,13 +234,17 @@ class SimulatedFleet:
             out.extend(reply)
         return out[:limit]
 
-    def wait_until_all(self, key: str, timeout: float, *, poll: float = 0.05) -> WaitResult:
-        """Poll until every node's ACKed versions match the watch `key` (or `timeout`)."""
+    def wait_until_all(
+        self, key: str, timeout: float, *, poll: float = 0.05, at_least: int | None = None
+    ) -> WaitResult:
+        """Poll until every node's ACKed versions match the watch `key` (or `timeout`); with
+        `at_least`, until that many do (e.g. the nodes started so far in a ramp)."""
+        want = self.nodes if at_least is None else at_least
         started = time.monotonic()
         while True:
             count = self.query(key)
             waited = time.monotonic() - started
-            if count.all_current:
+            if count.current >= want:
                 return WaitResult(True, waited, self.query(key, times=True))
             if waited >= timeout:
                 return WaitResult(False, waited, self.query(key, times=True))
@@ -266,11 +309,13 @@ def _worker_main(
     xds_target: str,
     group: str,
     channels: int,
+    protocol: str,
 ) -> None:
     # The parent owns Ctrl-C and stops us through the pipe (or terminates us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        asyncio.run(_Worker(conn, index, node_ids, xds_target, group, channels).run())
+        worker = _Worker(conn, index, node_ids, xds_target, group, channels, protocol)
+        asyncio.run(worker.run())
     except Exception as error:  # report, then die: the parent sees the exit
         with contextlib.suppress(Exception):
             conn.send(("error", f"{type(error).__name__}: {error}"))
@@ -281,6 +326,32 @@ def _worker_main(
 class _Watch:
     target: dict[str, str]
     times: dict[str, float] = field(default_factory=dict)
+    first_response: float | None = None
+
+
+@dataclass(frozen=True)
+class _Sotw:
+    """A decoded state-of-the-world response (shared by every node that got these bytes)."""
+
+    type_url: str
+    version: str
+    nonce: str
+    clusters: dict[str, bytes] | None = None  # CDS: name -> serialized Cluster
+    eds_names: list[str] | None = None  # CDS: sorted EDS service names
+    route_names: list[str] | None = None  # LDS: sorted RDS names
+
+
+@dataclass(frozen=True)
+class _Delta:
+    """A decoded delta response (shared by every node that got these bytes)."""
+
+    type_url: str
+    version: str  # system_version_info
+    nonce: str
+    resources: tuple[tuple[str, str], ...]  # (name, version)
+    removed: tuple[str, ...]
+    # CDS: name -> EDS service name (None: not an EDS cluster); LDS: name -> RDS names
+    derived: dict[str, Any] = field(default_factory=dict)
 
 
 class _Worker:
@@ -292,6 +363,7 @@ class _Worker:
         xds_target: str,
         group: str,
         channels: int,
+        protocol: str,
     ) -> None:
         self.conn = conn
         self.index = index
@@ -299,11 +371,16 @@ class _Worker:
         self.xds_target = xds_target
         self.group = group
         self.channel_count = channels
+        self.protocol = protocol
         self.watches: dict[str, _Watch] = {}
+        self.awaiting_first: list[_Watch] = []  # watches that saw no response yet
         self.nodes: list[_SimEnvoy] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.channels: list[Any] = []
         self.stopped: asyncio.Event | None = None
+        self._decoded: dict[bytes, Any] = {}
+        self._clusters: dict[bytes, tuple[str, str | None, bytes]] = {}
+        self._listeners: dict[bytes, tuple[str, tuple[str, ...]]] = {}
         # counters
         self.streams_open = 0
         self.connects = 0
@@ -326,8 +403,9 @@ class _Worker:
             grpc.aio.insecure_channel(self.xds_target, options=[*options, ("bench.channel", k)])
             for k in range(min(self.channel_count, len(self.node_ids)))
         ]
+        kind = _DeltaEnvoy if self.protocol == "delta" else _SotwEnvoy
         self.nodes = [
-            _SimEnvoy(self, node_id, self.channels[k % len(self.channels)])
+            kind(self, node_id, self.channels[k % len(self.channels)])
             for k, node_id in enumerate(self.node_ids)
         ]
         loop = asyncio.get_running_loop()
@@ -362,12 +440,15 @@ class _Worker:
     def _dispatch(self, command: tuple[Any, ...]) -> None:
         name = command[0]
         if name == "connect":
-            if not self.tasks:
-                self.tasks = [asyncio.create_task(node.run()) for node in self.nodes]
-            self._reply("ok", None)
+            _, share = command
+            upto = min(len(self.nodes), math.ceil(len(self.nodes) * share - 1e-9))
+            for node in self.nodes[len(self.tasks) : upto]:
+                self.tasks.append(asyncio.create_task(node.run()))
+            self._reply("ok", len(self.tasks))
         elif name == "watch":
             _, key, target = command
             watch = self.watches[key] = _Watch(target)
+            self.awaiting_first.append(watch)
             now = time.time()
             for node in self.nodes:
                 if node.matches(target):
@@ -384,6 +465,8 @@ class _Worker:
                     "current": sum(node.matches(watch.target) for node in self.nodes),
                     "matched": len(watch.times),
                     "times": dict(watch.times) if with_times else {},
+                    "first_response": watch.first_response,
+                    "started": len(self.tasks),
                     "streams_open": self.streams_open,
                     "connects": self.connects,
                     "stream_errors": self.stream_errors,
@@ -409,6 +492,15 @@ class _Worker:
         else:
             raise ValueError(f"unknown command {name!r}")
 
+    def received(self, type_url: str, size: int) -> None:
+        self.responses[type_url] = self.responses.get(type_url, 0) + 1
+        self.response_bytes += size
+        if self.awaiting_first:
+            now = time.time()
+            for watch in self.awaiting_first:
+                watch.first_response = now
+            self.awaiting_first = []
+
     def acked(self, node: _SimEnvoy) -> None:
         """A node ACKed something: note the first time it matches each watch."""
         now = time.time()
@@ -419,6 +511,106 @@ class _Worker:
     def stream_error(self, text: str) -> None:
         self.stream_errors += 1
         self.last_errors = [*self.last_errors[-9:], text]
+
+    # -- decoding, once per distinct bytes ---------------------------------------------------
+
+    def _remember(self, raw: bytes, decoded: Any) -> Any:
+        if len(self._decoded) >= DECODE_CACHE_ENTRIES:
+            self._decoded.clear()
+        self._decoded[raw] = decoded
+        return decoded
+
+    def decode_sotw(self, raw: bytes) -> _Sotw:
+        found = self._decoded.get(raw)
+        if found is not None:
+            return found
+        from envoy.service.discovery.v3 import discovery_pb2
+
+        response = discovery_pb2.DiscoveryResponse.FromString(raw)
+        type_url = response.type_url
+        decoded = _Sotw(type_url, response.version_info, response.nonce)
+        if type_url == CDS:
+            clusters: dict[str, bytes] = {}
+            eds_names = []
+            for item in response.resources:
+                name, eds_name, body = self.cluster(item.value)
+                clusters[name] = body
+                if eds_name is not None:
+                    eds_names.append(eds_name)
+            decoded = _Sotw(type_url, decoded.version, decoded.nonce, clusters, sorted(eds_names))
+        elif type_url == LDS:
+            names: set[str] = set()
+            for item in response.resources:
+                names.update(self.listener(item.value)[1])
+            decoded = _Sotw(type_url, decoded.version, decoded.nonce, route_names=sorted(names))
+        return self._remember(raw, decoded)
+
+    def decode_delta(self, raw: bytes) -> _Delta:
+        found = self._decoded.get(raw)
+        if found is not None:
+            return found
+        from envoy.service.discovery.v3 import discovery_pb2
+
+        response = discovery_pb2.DeltaDiscoveryResponse.FromString(raw)
+        type_url = response.type_url
+        derived: dict[str, Any] = {}
+        if type_url == CDS:
+            for item in response.resources:
+                derived[item.name] = self.cluster(item.resource.value)[1]
+        elif type_url == LDS:
+            for item in response.resources:
+                derived[item.name] = self.listener(item.resource.value)[1]
+        decoded = _Delta(
+            type_url,
+            response.system_version_info,
+            response.nonce,
+            tuple((item.name, item.version) for item in response.resources),
+            tuple(response.removed_resources),
+            derived,
+        )
+        return self._remember(raw, decoded)
+
+    def cluster(self, body: bytes) -> tuple[str, str | None, bytes]:
+        """(name, EDS service name or None, the shared body) of a serialized Cluster."""
+        found = self._clusters.get(body)
+        if found is None:
+            from envoy.config.cluster.v3 import cluster_pb2
+
+            cluster = cluster_pb2.Cluster.FromString(body)
+            eds_name = None
+            if cluster.type == cluster_pb2.Cluster.EDS or cluster.HasField("eds_cluster_config"):
+                eds_name = cluster.eds_cluster_config.service_name or cluster.name
+            if len(self._clusters) >= 100 * DECODE_CACHE_ENTRIES:
+                self._clusters.clear()
+            found = self._clusters[body] = (cluster.name, eds_name, body)
+        return found
+
+    def listener(self, body: bytes) -> tuple[str, tuple[str, ...]]:
+        """(name, RDS names of its HttpConnectionManagers) of a serialized Listener."""
+        found = self._listeners.get(body)
+        if found is None:
+            from envoy.config.listener.v3 import listener_pb2
+            from envoy.extensions.filters.network.http_connection_manager.v3 import (
+                http_connection_manager_pb2 as hcm_pb2,
+            )
+
+            listener = listener_pb2.Listener.FromString(body)
+            chains = [*listener.filter_chains]
+            if listener.HasField("default_filter_chain"):
+                chains.append(listener.default_filter_chain)
+            names: set[str] = set()
+            for chain in chains:
+                for network_filter in chain.filters:
+                    typed = network_filter.typed_config
+                    if typed.type_url != HCM:
+                        continue
+                    hcm = hcm_pb2.HttpConnectionManager.FromString(typed.value)
+                    if hcm.HasField("rds") and hcm.rds.route_config_name:
+                        names.add(hcm.rds.route_config_name)
+            if len(self._listeners) >= 100 * DECODE_CACHE_ENTRIES:
+                self._listeners.clear()
+            found = self._listeners[body] = (listener.name, tuple(sorted(names)))
+        return found
 
 
 class _SimEnvoy:
@@ -433,9 +625,7 @@ class _SimEnvoy:
         self.node = base_pb2.Node(
             id=self.node_id, cluster=worker.group, user_agent_name="envoy-sim"
         )
-        self.acked: dict[str, str] = {}  # type URL -> last ACKed version_info
-        self.names: dict[str, list[str]] = {EDS: [], RDS: []}
-        self.clusters: dict[str, bytes] = {}  # name -> serialized Cluster (to spot changes)
+        self.acked: dict[str, str] = {}  # type URL -> version of the last response ACKed
         self.connected = False
 
     def matches(self, target: dict[str, str]) -> bool:
@@ -447,20 +637,37 @@ class _SimEnvoy:
 
         backoff = RECONNECT_BASE_SECONDS
         while True:
+            worker = self.worker
+            worker.connects += 1
+            worker.streams_open += 1
+            self.connected = True
             try:
                 await self._stream()
-                self.worker.stream_error(f"{self.node_id}: stream ended by the server")
+                worker.stream_error(f"{self.node_id}: stream ended by the server")
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as error:
                 where = (error.debug_error_string() or "")[:300]
-                self.worker.stream_error(
+                worker.stream_error(
                     f"{self.node_id}: {error.code().name}: {error.details()} ({where})"
                 )
             except Exception as error:
-                self.worker.stream_error(f"{self.node_id}: {type(error).__name__}: {error}")
+                worker.stream_error(f"{self.node_id}: {type(error).__name__}: {error}")
+            finally:
+                self.connected = False
+                worker.streams_open -= 1
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RECONNECT_MAX_SECONDS)
+
+    async def _stream(self) -> None:
+        raise NotImplementedError
+
+
+class _SotwEnvoy(_SimEnvoy):
+    def __init__(self, worker: _Worker, index: int, channel: Any) -> None:
+        super().__init__(worker, index, channel)
+        self.names: dict[str, list[str]] = {EDS: [], RDS: []}
+        self.clusters: dict[str, bytes] = {}  # name -> serialized Cluster (to spot changes)
 
     async def _stream(self) -> None:
         import grpc
@@ -469,7 +676,7 @@ class _SimEnvoy:
         call = self.channel.stream_stream(
             ADS_METHOD,
             request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+            response_deserializer=None,  # bytes: decoded once per worker (decode_sotw)
         )()
         nonces: dict[str, str] = {}  # per stream: the latest nonce of each type
         first = True
@@ -490,9 +697,6 @@ class _SimEnvoy:
             return req
 
         worker = self.worker
-        worker.connects += 1
-        worker.streams_open += 1
-        self.connected = True
         try:
             # Initial requests: wildcard CDS and LDS; after a reconnect also the EDS/RDS
             # names held (Envoy re-sends its subscriptions with the versions it holds).
@@ -503,12 +707,12 @@ class _SimEnvoy:
             if self.names[RDS]:
                 await call.write(request(RDS, self.names[RDS]))
             while True:
-                response = await call.read()
-                if response is grpc.aio.EOF:
+                raw = await call.read()
+                if raw is grpc.aio.EOF:
                     return
+                response = worker.decode_sotw(raw)
                 type_url = response.type_url
-                worker.responses[type_url] = worker.responses.get(type_url, 0) + 1
-                worker.response_bytes += response.ByteSize()
+                worker.received(type_url, len(raw))
                 nonces[type_url] = response.nonce
                 # Subscription changes go out before the ACK that caused them, as in Envoy.
                 if type_url == CDS and self._clusters_changed(response):
@@ -518,7 +722,7 @@ class _SimEnvoy:
                 # The ACK: same type, the response's version and nonce, the names asked for.
                 ack = discovery_pb2.DiscoveryRequest(
                     type_url=type_url,
-                    version_info=response.version_info,
+                    version_info=response.version,
                     response_nonce=response.nonce,
                     resource_names=self.names.get(type_url, []),
                 )
@@ -526,53 +730,125 @@ class _SimEnvoy:
                     ack.node.CopyFrom(self.node)
                     first = False
                 await call.write(ack)
-                self.acked[type_url] = response.version_info
+                self.acked[type_url] = response.version
                 worker.acked(self)
         finally:
-            self.connected = False
-            worker.streams_open -= 1
             call.cancel()
 
-    def _clusters_changed(self, response: Any) -> bool:
-        """Decode the clusters; True when Envoy would (re)subscribe EDS."""
-        from envoy.config.cluster.v3 import cluster_pb2
-
-        clusters: dict[str, bytes] = {}
-        eds_names: list[str] = []
-        for item in response.resources:
-            cluster = cluster_pb2.Cluster.FromString(item.value)
-            clusters[cluster.name] = item.value
-            if cluster.type == cluster_pb2.Cluster.EDS or cluster.HasField("eds_cluster_config"):
-                eds_names.append(cluster.eds_cluster_config.service_name or cluster.name)
-        eds_names.sort()
-        added_or_changed = any(self.clusters.get(n) != body for n, body in clusters.items())
+    def _clusters_changed(self, response: _Sotw) -> bool:
+        """True when Envoy would (re)subscribe EDS: names changed, or a cluster was added or
+        changed (Envoy rebuilds it and it warms on a fresh EDS request)."""
+        assert response.clusters is not None and response.eds_names is not None
+        clusters, eds_names = response.clusters, response.eds_names
+        if clusters is self.clusters:
+            return False
+        old = self.clusters
+        added_or_changed = any(old.get(n) != body for n, body in clusters.items())
         changed = eds_names != self.names[EDS] or (added_or_changed and bool(eds_names))
         self.clusters = clusters
         self.names[EDS] = eds_names
         return changed
 
-    def _route_names_changed(self, response: Any) -> bool:
-        """Decode the listeners' HttpConnectionManagers; True when the RDS names changed."""
-        from envoy.config.listener.v3 import listener_pb2
-        from envoy.extensions.filters.network.http_connection_manager.v3 import (
-            http_connection_manager_pb2 as hcm_pb2,
-        )
-
-        names: set[str] = set()
-        for item in response.resources:
-            listener = listener_pb2.Listener.FromString(item.value)
-            chains = [*listener.filter_chains]
-            if listener.HasField("default_filter_chain"):
-                chains.append(listener.default_filter_chain)
-            for chain in chains:
-                for network_filter in chain.filters:
-                    typed = network_filter.typed_config
-                    if typed.type_url != HCM:
-                        continue
-                    hcm = hcm_pb2.HttpConnectionManager.FromString(typed.value)
-                    if hcm.HasField("rds") and hcm.rds.route_config_name:
-                        names.add(hcm.rds.route_config_name)
-        route_names = sorted(names)
-        changed = route_names != self.names[RDS]
-        self.names[RDS] = route_names
+    def _route_names_changed(self, response: _Sotw) -> bool:
+        assert response.route_names is not None
+        changed = response.route_names != self.names[RDS]
+        self.names[RDS] = response.route_names
         return changed
+
+
+class _DeltaEnvoy(_SimEnvoy):
+    def __init__(self, worker: _Worker, index: int, channel: Any) -> None:
+        super().__init__(worker, index, channel)
+        # What the node holds: per type, resource name -> version (Resource.version).
+        self.versions: dict[str, dict[str, str]] = {t: {} for t in (CDS, EDS, LDS, RDS)}
+        self.names: dict[str, set[str]] = {EDS: set(), RDS: set()}  # subscribed
+        self.clusters: dict[str, str | None] = {}  # held cluster -> its EDS name
+        self.listeners: dict[str, tuple[str, ...]] = {}  # held listener -> its RDS names
+
+    async def _stream(self) -> None:
+        import grpc
+        from envoy.service.discovery.v3 import discovery_pb2
+
+        Request = discovery_pb2.DeltaDiscoveryRequest
+        call = self.channel.stream_stream(
+            DELTA_ADS_METHOD,
+            request_serializer=Request.SerializeToString,
+            response_deserializer=None,  # bytes: decoded once per worker (decode_delta)
+        )()
+        first = True
+
+        def initial(type_url: str, names: set[str] | None) -> discovery_pb2.DeltaDiscoveryRequest:
+            nonlocal first
+            req = Request(
+                type_url=type_url,
+                resource_names_subscribe=sorted(names or ()),
+                initial_resource_versions=self.versions[type_url],
+            )
+            if first:
+                req.node.CopyFrom(self.node)
+                first = False
+            return req
+
+        worker = self.worker
+        try:
+            # Initial requests: wildcard CDS and LDS; after a reconnect also the EDS/RDS
+            # names held, each with the versions held (initial_resource_versions).
+            await call.write(initial(CDS, None))
+            if self.names[EDS]:
+                await call.write(initial(EDS, self.names[EDS]))
+            await call.write(initial(LDS, None))
+            if self.names[RDS]:
+                await call.write(initial(RDS, self.names[RDS]))
+            while True:
+                raw = await call.read()
+                if raw is grpc.aio.EOF:
+                    return
+                response = worker.decode_delta(raw)
+                type_url = response.type_url
+                worker.received(type_url, len(raw))
+                held = self.versions.setdefault(type_url, {})
+                held.update(response.resources)
+                for name in response.removed:
+                    held.pop(name, None)
+                # Subscription changes go out before the ACK that caused them, as in Envoy.
+                if type_url == CDS:
+                    change = self._follow(response, self.clusters, EDS, lambda v: (v,) if v else ())
+                elif type_url == LDS:
+                    change = self._follow(response, self.listeners, RDS, lambda v: v)
+                else:
+                    change = None
+                if change is not None:
+                    subscribe, unsubscribe, dependent = change
+                    req = Request(
+                        type_url=dependent,
+                        resource_names_subscribe=subscribe,
+                        resource_names_unsubscribe=unsubscribe,
+                    )
+                    if first:  # never: CDS and LDS were asked first
+                        req.node.CopyFrom(self.node)
+                        first = False
+                    await call.write(req)
+                await call.write(Request(type_url=type_url, response_nonce=response.nonce))
+                self.acked[type_url] = response.version
+                worker.acked(self)
+        finally:
+            call.cancel()
+
+    def _follow(
+        self, response: _Delta, held: dict[str, Any], dependent: str, names_of: Any
+    ) -> tuple[list[str], list[str], str] | None:
+        """Apply a CDS (LDS) response to the held clusters (listeners); the EDS (RDS) names
+        to subscribe and unsubscribe, or None when they did not change."""
+        held.update(response.derived)
+        for name in response.removed:
+            held.pop(name, None)
+        wanted = {n for value in held.values() for n in names_of(value)}
+        subscribed = self.names[dependent]
+        if wanted == subscribed:
+            return None
+        subscribe, unsubscribe = sorted(wanted - subscribed), sorted(subscribed - wanted)
+        self.names[dependent] = wanted
+        versions = self.versions[dependent]
+        for name in unsubscribe:  # Envoy forgets what it no longer asks for
+            versions.pop(name, None)
+        return subscribe, unsubscribe, dependent

@@ -1,23 +1,31 @@
 """The benchmark (python -m tests.bench) works end to end at a small size.
 
-A smoke test: 50 simulated Envoys over 2 worker processes against a real `xdsctl serve`.
-It checks that every step converged and the report is complete, never how fast.
+Smoke tests: 50 simulated Envoys over 2 worker processes against a real `xdsctl serve` and
+against the floor (tests/bench/floor.py), over state of the world and over delta, plus a
+small ramp of idle streams. They check that every step converged and the report is
+complete, never how fast.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from tests.bench.__main__ import SECTIONS
+import pytest
+
+from tests.bench.__main__ import FLOOR_SECTION, HEADLINE, IDLE_SECTION, PROFILE_SECTION, SECTIONS
 from tests.integration.harness import REPO
 
 NODES = 50
+IDLE_NODES = 60
+STEPS = ("connect_storm", "push_v2", "rollback")
 
 
-def test_bench_runs_end_to_end_at_a_small_size(tmp_path: Path) -> None:
+def run_bench(tmp_path: Path, *extra: str) -> tuple[str, dict[str, Any]]:
     report_path = tmp_path / "bench.json"
     result = subprocess.run(
         [
@@ -40,36 +48,91 @@ def test_bench_runs_end_to_end_at_a_small_size(tmp_path: Path) -> None:
             str(report_path),
             "--workdir",
             str(tmp_path / "work"),
+            *extra,
         ],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=150,
     )
     report = result.stdout
     assert result.returncode == 0, f"{report}\n{result.stderr}"
-    for section in SECTIONS:
-        assert section in report, report
     assert "OK" in report.splitlines()[-1], report
-
+    for section in (*SECTIONS, HEADLINE, FLOOR_SECTION):
+        assert section in report, report
     numbers = json.loads(report_path.read_text())
     assert numbers["ok"] and not numbers["errors"], numbers["errors"]
+    return report, numbers
+
+
+def check_steps(numbers: dict[str, Any], protocol: str, rounds: int) -> None:
+    """Both servers: every step converged, every node got every type it needed once."""
+    assert numbers["params"]["protocol"] == protocol
+    for server in (numbers, numbers["floor"]):
+        assert len(server["pushes"]) == len(server["rollbacks"]) == rounds, server.keys()
+        versions = [push["version"] for push in server["pushes"]]
+        assert len(set(versions)) == rounds and numbers["snapshot"]["v1"] not in versions
+        for name, step in [
+            *((name, server[name]) for name in STEPS),
+            *(("push_v2", step) for step in server["pushes"]),
+            *(("rollback", step) for step in server["rollbacks"]),
+        ]:
+            assert step["converged"], (name, step)
+            assert step["nodes_matched"] == step["nodes"] == NODES, (name, step)
+            assert set(step["per_node_seconds"]) == {"p50", "p99", "max", "min"}, step
+            assert set(step["fanout_per_node_seconds"]) == {"p50", "p99", "max", "min"}, step
+            assert "fanout_seconds" in step and "server_cpu_seconds" in step, step
+            assert step["stream_errors"] == 0, (name, step)
+        assert server["connect_storm"]["responses"] == {
+            "CDS": NODES,
+            "EDS": NODES,
+            "LDS": NODES,
+            "RDS": NODES,
+        }, server["connect_storm"]
+        for step in (*server["pushes"], *server["rollbacks"]):
+            # v1 <-> vN changes CDS, EDS and RDS: one response of each per node, LDS none.
+            responses = {t: n for t, n in step["responses"].items() if n}
+            assert responses == {"CDS": NODES, "EDS": NODES, "RDS": NODES}, step
+            assert step["types_pushed"] == 3
+            assert step["cpu_ms_per_push_per_node"] > 0
+        memory = server["memory"]
+        assert memory["streams"] == NODES
+        assert memory["rss_idle_kib"] > 0 and "per_stream_kib" in memory
+    # Both servers sent the same bytes for the same steps.
+    for name in STEPS:
+        assert numbers[name]["response_megabytes"] == numbers["floor"][name]["response_megabytes"]
+
+    headline = numbers["headline"]
+    for key in ("storm", "update", "rollback"):
+        assert headline[key]["ratio"] is not None, headline
+        assert headline[key]["xdscp_fanout_seconds"] is not None, headline
+        assert headline[key]["floor_fanout_seconds"] is not None, headline
+    for key in ("update", "rollback"):
+        assert headline[key]["rounds"] == rounds, headline
+        assert len(headline[key]["xdscp_fanout_seconds_each"]) == rounds, headline
+        assert headline[key]["xdscp_cpu_ms_per_push_per_node"] is not None, headline
+    assert headline["rollback"]["xdsctl_printed_seconds"] is not None, headline
+
+
+def test_bench_sotw_with_floor_and_idle_ramp(tmp_path: Path) -> None:
+    report, numbers = run_bench(
+        tmp_path,
+        "--rounds",
+        "2",
+        "--idle-nodes",
+        str(IDLE_NODES),
+        "--ramp-batch",
+        "25",
+        "--idle-settle",
+        "0.5",
+    )
+    check_steps(numbers, "sotw", rounds=2)
     v1, v2 = numbers["snapshot"]["v1"], numbers["snapshot"]["v2"]
     assert v1 != v2
     assert set(numbers["snapshot"]["rollback_changes"]) == {"CDS", "EDS", "RDS"}
-    for name in ("connect_storm", "push_v2", "rollback"):
-        step = numbers[name]
-        assert step["converged"], (name, step)
-        assert step["nodes_matched"] == step["nodes"] == NODES, (name, step)
-        assert len(step["per_node_seconds"]) == 4, (name, step)
-        assert step["stream_errors"] == 0, (name, step)
-    # Every node got each v1 type exactly once in the storm.
-    assert numbers["connect_storm"]["responses"] == {
-        "CDS": NODES,
-        "EDS": NODES,
-        "LDS": NODES,
-        "RDS": NODES,
-    }
+    for variant in ("v1", "v2"):
+        assert numbers["snapshot"][f"{variant}_bytes"] > 0
+        assert numbers["snapshot"][f"{variant}_sotw_bytes_per_node"] > 0
     assert numbers["server_view"] == {"nodes": NODES, "synced": NODES}
 
     rollback = numbers["rollback"]
@@ -77,7 +140,52 @@ def test_bench_runs_end_to_end_at_a_small_size(tmp_path: Path) -> None:
     assert rollback["command_acked"] == rollback["command_total"] == NODES, rollback
     assert rollback["command_version"] == v1
     assert f"{NODES}/{NODES} nodes ACKed {v1}" in report
+    assert "update convergence 50 nodes: xdscp" in report
 
-    memory = numbers["memory"]
-    assert memory["streams"] == NODES
-    assert memory["rss_idle_kib"] > 0 and "per_stream_kib" in memory
+    assert IDLE_SECTION in report
+    for server in ("xdscp", "floor"):
+        idle = numbers["idle"][server]
+        assert not idle["errors"], idle
+        assert idle["ramp"]["converged"] and idle["ramp"]["batches"] == 3, idle
+        assert idle["streams"] == IDLE_NODES, idle
+        assert idle["rss_idle_kib"] > 0 and "per_stream_kib" in idle, idle
+    assert numbers["headline"]["idle"]["xdscp_per_stream_kib"] is not None
+
+
+def _py_spy_works() -> bool:
+    binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(binary).exists():
+        return False
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        result = subprocess.run(
+            [binary, "dump", "--pid", str(child.pid)], capture_output=True, timeout=20
+        )
+        return result.returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+    finally:
+        child.kill()
+        child.wait(5)
+
+
+def test_bench_delta_with_floor(tmp_path: Path) -> None:
+    profile = tmp_path / "profile.txt"
+    extra = ["--protocol", "delta", "--rounds", "1"]
+    profiling = _py_spy_works()
+    if profiling:
+        extra += ["--profile", str(profile)]
+    report, numbers = run_bench(tmp_path, *extra)
+    check_steps(numbers, "delta", rounds=1)
+    # Delta pushes only what changed: far fewer bytes than the storm's full fetch.
+    for server in (numbers, numbers["floor"]):
+        assert (
+            server["push_v2"]["response_megabytes"]
+            < server["connect_storm"]["response_megabytes"] / 2
+        )
+    if not profiling:
+        pytest.skip("delta checked; py-spy cannot attach here, so --profile was not")
+    assert PROFILE_SECTION in report
+    for server, path in ((numbers, profile), (numbers["floor"], tmp_path / "profile-floor.txt")):
+        assert path.exists() and path.stat().st_size > 0
+        assert server["profile"]["samples"] > 0, server["profile"]
