@@ -226,7 +226,7 @@ def load_config(directory: str | Path, env: str | None = None) -> LoadedConfig:
         if resource is not None:
             loaded.append(resource)
             by_key.setdefault((resource.type_url, resource.name), item)
-    problems.extend(_duplicates(loaded))
+    problems.extend(loader.duplicates(loaded))
     if problems:
         raise ConfigError(problems)
     return LoadedConfig(env, loaded, SourceMap(by_key))
@@ -532,18 +532,6 @@ def _text(value: Any) -> str:
 
 
 # --- Helpers -------------------------------------------------------------------------------
-
-
-def _duplicates(loaded: list[SourcedResource]) -> Iterator[ConfigProblem]:
-    first: dict[tuple[str, str], SourcedResource] = {}
-    for resource in loaded:
-        key = (resource.type_url, resource.name)
-        if key in first:
-            kind = resource.message.DESCRIPTOR.name
-            message = f'duplicate {kind} "{resource.name}" (first defined at {first[key].location})'
-            yield ConfigProblem(resource.location, None, message)
-        else:
-            first[key] = resource
 
 
 def _camel(name: str) -> str:

@@ -131,7 +131,7 @@ def _load_files(files: list[Path]) -> list[SourcedResource]:
     loaded: list[SourcedResource] = []
     for file in files:
         loaded.extend(_load_one(file, problems))
-    problems.extend(_duplicates(loaded))
+    problems.extend(duplicates(loaded))
     if problems:
         raise ConfigError(problems)
     return loaded
@@ -231,7 +231,8 @@ def _parse_error(value: Any, message: Message) -> str | None:
     return None
 
 
-def _duplicates(loaded: list[SourcedResource]) -> Iterator[ConfigProblem]:
+def duplicates(loaded: list[SourcedResource]) -> Iterator[ConfigProblem]:
+    """A problem for each resource whose type and name an earlier one already has."""
     first: dict[tuple[str, str], SourcedResource] = {}
     for resource in loaded:
         key = (resource.type_url, resource.name)
