@@ -31,9 +31,9 @@ from controlplane.config.environments import (
     UnknownEnvironmentError,
     load_config,
 )
-from controlplane.config.loader import ConfigError, ConfigProblem
+from controlplane.config.loader import ConfigError, ConfigProblem, snapshot_of
 from controlplane.diff import diff_snapshots, render_diff
-from controlplane.snapshot import ConsistencyError, Snapshot
+from controlplane.snapshot import Snapshot
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ENVOY_ENV = "XDSCTL_ENVOY"
@@ -161,14 +161,9 @@ def validate_directory(
 
 def _snapshot(loaded: LoadedConfig, report: Report) -> Snapshot | None:
     try:
-        snapshot = Snapshot.from_messages((r.type_url, r.message) for r in loaded.resources)
-    except ConsistencyError as error:
-        where = {(r.type_url, r.name): r.location for r in loaded.resources}
-        for dangling in error.dangling:
-            location = where[(dangling.from_type, dangling.from_name)]
-            report.problems.append(
-                Problem("error", "references", str(dangling), location.file, location.line)
-            )
+        snapshot = snapshot_of(loaded.resources)
+    except ConfigError as error:
+        report.problems += [_problem(p, "references") for p in error.problems]
         return None
     report.version = snapshot.version
     return snapshot
@@ -256,14 +251,11 @@ def _from_directory(directory: Path, env: str | None) -> tuple[Snapshot, str]:
     from controlplane.cli.main import CommandError
 
     try:
-        loaded = load_config(directory, env)
-        snapshot = Snapshot.from_messages((r.type_url, r.message) for r in loaded.resources)
+        snapshot = snapshot_of(load_config(directory, env).resources)
     except ConfigError as error:
         for problem in error.problems:
             print(f"error: {problem}", file=sys.stderr)
         raise CommandError(f"{directory}: {len(error.problems)} error(s)") from None
-    except ConsistencyError as error:
-        raise CommandError(f"{directory}: {error}") from None
     env_label = f", environment {env}" if env else ""
     return snapshot, f"{directory}{env_label} (version {snapshot.version})"
 

@@ -175,16 +175,16 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from controlplane import resources
     from controlplane.admin.v1 import admin_pb2
     from controlplane.cli import authoring
-    from controlplane.config import ConfigError
+    from controlplane.config import ConfigError, snapshot_of
     from controlplane.config.environments import load_config
     from controlplane.config.field_rules import check_field_rules
-    from controlplane.snapshot import ConsistencyError, Snapshot
 
     try:
         config = load_config(args.directory, args.env)
         # Envoy's own field rules: Envoy would NACK a violation, so it never leaves here.
         if problems := check_field_rules(config.resources, config.sources):
             raise ConfigError(problems)
+        snapshot = snapshot_of(config.resources)
     except ConfigError as error:
         for problem in error.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -192,16 +192,6 @@ def cmd_publish(args: argparse.Namespace) -> int:
             f"{args.directory}: {len(error.problems)} error(s); nothing published"
         ) from None
     loaded = config.resources
-    try:
-        snapshot = Snapshot.from_messages((r.type_url, r.message) for r in loaded)
-    except ConsistencyError as error:
-        where = {(r.type_url, r.name): r.location for r in loaded}
-        for dangling in error.dangling:
-            print(
-                f"error: {where[(dangling.from_type, dangling.from_name)]}: {dangling}",
-                file=sys.stderr,
-            )
-        raise CommandError(f"{args.directory}: dangling references; nothing published") from None
     print(authoring.publish_preview(snapshot, args.group, args), file=sys.stderr)
     request = admin_pb2.PublishRequest(
         group=args.group,

@@ -7,6 +7,7 @@ from controlplane.config.loader import (
     SourcedResource,
     load_directory,
     load_file,
+    snapshot_of,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "SourcedResource",
     "load_directory",
     "load_file",
+    "snapshot_of",
 ]

@@ -32,6 +32,7 @@ from controlplane.config.yaml_source import (
     YamlSourceError,
     parse_file,
 )
+from controlplane.snapshot import ConsistencyError, Snapshot
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 RESOURCES_KEY = "resources"
@@ -229,6 +230,18 @@ def _parse_error(value: Any, message: Message) -> str | None:
     except (json_format.ParseError, ValueError, TypeError, AttributeError) as err:
         return str(err)
     return None
+
+
+def snapshot_of(loaded: list[SourcedResource]) -> Snapshot:
+    """The snapshot of loaded resources; a dangling reference is a ConfigProblem located at
+    the resource that holds it."""
+    try:
+        return Snapshot.from_messages((r.type_url, r.message) for r in loaded)
+    except ConsistencyError as error:
+        where = {(r.type_url, r.name): r.location for r in loaded}
+        raise ConfigError(
+            [ConfigProblem(where[(d.from_type, d.from_name)], None, str(d)) for d in error.dangling]
+        ) from None
 
 
 def duplicates(loaded: list[SourcedResource]) -> Iterator[ConfigProblem]:
