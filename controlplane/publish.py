@@ -9,7 +9,6 @@ import asyncio
 from collections.abc import Iterable
 
 from google.protobuf import any_pb2
-from google.protobuf.message import Message
 
 from controlplane import resources
 from controlplane.snapshot import Snapshot
@@ -17,12 +16,6 @@ from controlplane.snapshot import Snapshot
 
 async def build_snapshot(packed: Iterable[any_pb2.Any]) -> Snapshot:
     """Raises UnknownTypeError, DecodeError, DuplicateResourceError or ConsistencyError."""
-    items = [(item.type_url, _unpack_resource(item)) for item in packed]
+    items = [(item.type_url, resources.parse(item.type_url, item.value)) for item in packed]
     # Canonicalizing and serializing a large config takes a while: keep the loop serving.
     return await asyncio.to_thread(Snapshot.from_messages, items)
-
-
-def _unpack_resource(item: any_pb2.Any) -> Message:
-    message = resources.resource_type(item.type_url).message_class()
-    message.ParseFromString(item.value)
-    return message

@@ -91,6 +91,13 @@ def resource_name(message: Message) -> str:
     return message.name  # type: ignore[attr-defined]
 
 
+def parse(type_url: str, body: bytes) -> Message:
+    """A resource of a served type from its serialized bytes."""
+    message = resource_type(type_url).message_class()
+    message.ParseFromString(body)
+    return message
+
+
 @cache
 def load_all_descriptors() -> int:
     """Import every Envoy/xds/udpa protobuf module, so any `@type` in a typed_config resolves.

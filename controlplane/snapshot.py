@@ -75,9 +75,7 @@ class Resource:
         )
 
     def message(self) -> Message:
-        message = resources.resource_type(self.type_url).message_class()
-        message.ParseFromString(self.body)
-        return message
+        return resources.parse(self.type_url, self.body)
 
 
 @dataclass(frozen=True)

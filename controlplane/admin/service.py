@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 import structlog
@@ -83,19 +84,21 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def Promote(
         self, request: admin_pb2.RolloutCommand, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RolloutStatus:
-        try:
-            rollout = await self._controller.promote(
-                request.group or DEFAULT_GROUP, actor=request.actor, reason=request.reason
-            )
-        except RolloutError as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        return self._rollout_status(rollout)
+        return await self._rollout_command(self._controller.promote, request, context)
 
     async def Abort(
         self, request: admin_pb2.RolloutCommand, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RolloutStatus:
+        return await self._rollout_command(self._controller.abort, request, context)
+
+    async def _rollout_command(
+        self,
+        command: Callable[..., Awaitable[Rollout]],
+        request: admin_pb2.RolloutCommand,
+        context: grpc.aio.ServicerContext,
+    ) -> admin_pb2.RolloutStatus:
         try:
-            rollout = await self._controller.abort(
+            rollout = await command(
                 request.group or DEFAULT_GROUP, actor=request.actor, reason=request.reason
             )
         except RolloutError as error:
