@@ -23,7 +23,8 @@ from controlplane.rollout.probe import XdsEndpoint
 from controlplane.store.sqlite import SQLiteStore
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet
-from controlplane.xds.server import XdsServer
+from controlplane.xds.ordering import DEFAULT_WARMING_TIMEOUT_SECONDS
+from controlplane.xds.server import KEEPALIVE_OPTIONS, XdsServer
 
 log = structlog.get_logger("app")
 
@@ -55,6 +56,8 @@ class Config:
     http_address: Address = Address("127.0.0.1", 18002)
     store_path: Path = DEFAULT_STORE
     drain_seconds: float = 5.0
+    # How long listeners and routes wait for Envoy to ACK (warm) the clusters sent before them.
+    warming_timeout: float = DEFAULT_WARMING_TIMEOUT_SECONDS
     # xDS on a Unix socket too: reachable from a probe Envoy in its own network namespace.
     xds_socket: Path | None = None
     policies: dict[str, RolloutPolicy] = field(default_factory=dict)
@@ -100,8 +103,14 @@ class ControlPlane:
         self.bound: dict[str, Address] = {}
         # so_reuseport off: a second xdscp on the same port must fail, not split the fleet.
         self._xds = grpc.aio.server(
-            handlers=XdsServer(self.assignments, self.fleet, self.metrics).handlers(),
+            handlers=XdsServer(
+                self.assignments,
+                self.fleet,
+                self.metrics,
+                warming_timeout=config.warming_timeout,
+            ).handlers(),
             options=[
+                *KEEPALIVE_OPTIONS,
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 64 << 20),
                 # A fleet reconnecting at once (after a restart) must not see its streams

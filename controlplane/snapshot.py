@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -76,6 +77,12 @@ class Resource:
 
     def message(self) -> Message:
         return resources.parse(self.type_url, self.body)
+
+    @cached_property
+    def references(self) -> tuple[tuple[str, str], ...]:
+        """(type URL, name) of each resource this one needs (see resources.references),
+        parsed once per snapshot however many streams ask."""
+        return tuple(dict.fromkeys(resources.references(self.message())))
 
 
 @dataclass(frozen=True)

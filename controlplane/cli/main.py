@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--drain-seconds", type=float, default=5.0, help="grace period on shutdown")
+    serve.add_argument(
+        "--warming-timeout",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="how long listeners and routes wait for Envoy to warm (ACK) new clusters "
+        "before they are sent anyway (default 10)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     publish = commands.add_parser("publish", help="publish a directory of Envoy config")
@@ -78,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.set_defaults(handler=cmd_publish)
 
     status = commands.add_parser(
-        "status", help="per node and type: SYNCED, STALE, NACKED, NOT_SENT"
+        "status", help="per node and type: SYNCED, WARMING, STALE, NACKED, NOT_SENT"
     )
     status.add_argument("--json", action="store_true")
     _add_server(status)
@@ -145,6 +153,16 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 seconds: {text}")
+    return seconds
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from controlplane import app
     from controlplane.observability import logging as obs_logging
@@ -161,6 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             xds_socket=args.xds_socket,
             policies=load_policies(args.rollout_policy) if args.rollout_policy else {},
             admin_token_file=args.admin_token_file,
+            **({"warming_timeout": args.warming_timeout} if args.warming_timeout else {}),
         )
     except ValueError as error:
         raise CommandError(str(error)) from None

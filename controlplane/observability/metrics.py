@@ -71,6 +71,12 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.ignored_requests = Counter(
+            "xdscp_ignored_requests",
+            "xDS requests ignored without ending their stream (e.g. a type not served)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.convergence = Histogram(
             "xdscp_convergence_seconds",
             "From a snapshot becoming a node's to that node ACKing every type of it",

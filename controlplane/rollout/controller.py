@@ -66,7 +66,7 @@ class Convergence:
     total: int
     acked: int
     seconds: float
-    lagging: list[tuple[str, str]]  # (node id, why: "STALE" or the NACK text)
+    lagging: list[tuple[str, str]]  # (node id, why: "STALE", "WARMING" or the NACK text)
     last_ack_at: float | None = None  # when the last node to get there ACKed
 
 
@@ -284,7 +284,8 @@ class RolloutController:
         for stream in nodes:
             assert stream.node is not None
             if not _holds(stream, version):
-                lagging.append((stream.node.id, stream.rejection() or "STALE"))
+                why = stream.rejection() or ("WARMING" if stream.warming() else "STALE")
+                lagging.append((stream.node.id, why))
                 continue
             acked = max((t.acked_at or 0.0) for t in stream.types.values() if t.subscribed)
             last_ack_at = max(acked, last_ack_at or acked)

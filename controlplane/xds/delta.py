@@ -1,13 +1,21 @@
 """Delta (incremental) xDS on the shared protocol core (stream.XdsStream).
 
 What delta adds to the shared rules:
-- Subscriptions change by `resource_names_subscribe` / `_unsubscribe`. The first request of
-  a wildcard-capable type with no names is the legacy wildcard, which ends once the client
-  names resources without `*`; `*` subscribes or unsubscribes the wildcard explicitly.
-- The stream tracks which version of each resource the client holds. A response carries
-  only resources whose version differs, and `removed_resources` for resources the client
-  holds (and still asks for) that left the snapshot. What the client holds changes only when
-  it ACKs; a NACK leaves it as it was.
+- Subscriptions change by `resource_names_subscribe` / `_unsubscribe`, on any request,
+  stale nonce or not. The first request of a wildcard-capable type with no names is the
+  legacy wildcard; names subscribed later are added to it, and it stays a wildcard. `*`
+  subscribes or unsubscribes the wildcard explicitly.
+- The stream tracks which version of each resource the client holds, counting every
+  response sent as applied (responses are applied in order) unless it is NACKed. A
+  response carries only resources whose version differs, and `removed_resources` for
+  resources the client holds (and still asks for) that are not in the snapshot.
+- After a NACK, what the client holds of that response's resources is unknown (Envoy applies
+  the valid part of an update): they are marked UNKNOWN, and the next response sends or
+  removes each of them, so the client is exact again.
+- Subscribing to a name sends it, even if the client held it; a subscribed name that does
+  not exist is answered in `removed_resources`. Unsubscribing an explicit name under a
+  wildcard is answered with the resource (or its removal). A name unsubscribed is forgotten
+  at once, even while a response carrying it is in flight.
 - On (re)connect, `initial_resource_versions` says what the client holds: only what differs
   is sent, and nothing at all when everything is current.
 - A client that holds nothing gets an answer even when there is nothing for it (an empty
@@ -24,6 +32,13 @@ from controlplane.snapshot import TypeResources
 from controlplane.xds import wire
 from controlplane.xds.stream import WILDCARD, Request, TypeState, XdsStream, shared_names
 
+# The version of a resource whose state on the client is not known: never a content hash,
+# so the next response sends the resource, or its removal.
+UNKNOWN = ""
+# Unacknowledged responses remembered per type; if a NACK names an older one, everything the
+# client holds of the type is treated as unknown.
+IN_FLIGHT_LIMIT = 16
+
 
 class DeltaStream(XdsStream):
     protocol = "delta"
@@ -36,34 +51,53 @@ class DeltaStream(XdsStream):
         if request.initial_resource_versions:
             self.started_empty = False
         if not state.subscribed:
-            state.client_versions = dict(request.initial_resource_versions)
+            state.held = dict(request.initial_resource_versions)
             state.held_key = None
 
     def _subscribe(self, state: TypeState, request: Request) -> None:
         assert isinstance(request, discovery_pb2.DeltaDiscoveryRequest)
-        if state.subscribed and not (
-            request.resource_names_subscribe or request.resource_names_unsubscribe
-        ):
-            return  # an ACK or NACK: the subscription stays as it is
         subscribe = set(request.resource_names_subscribe)
         unsubscribe = set(request.resource_names_unsubscribe)
-        if not state.subscribed:
+        first = not state.subscribed
+        if first:
             state.subscribed = True
             if not subscribe and resources.resource_type(state.type_url).wildcard:
                 state.wildcard = state.legacy_wildcard = True
-        elif state.legacy_wildcard and subscribe:
-            state.wildcard = state.legacy_wildcard = False
+        if not subscribe and not unsubscribe:
+            return
+        if subscribe:
+            state.legacy_wildcard = False  # a legacy wildcard stays a wildcard, with names
         if WILDCARD in subscribe:
-            state.wildcard, state.legacy_wildcard = True, False
+            state.wildcard = True
         if WILDCARD in unsubscribe:
-            state.wildcard, state.legacy_wildcard = False, False
+            state.wildcard = False
+        held = dict(state.held)  # a new dict: `held` may be shared with other streams
+        for name in subscribe - {WILDCARD}:
+            if not (first and name in request.initial_resource_versions):
+                held[name] = UNKNOWN  # send it, or answer that it does not exist
+        for name in unsubscribe - {WILDCARD}:
+            if state.wildcard and name in state.names:
+                held[name] = UNKNOWN  # the wildcard still covers it: say where it stands
+            else:
+                held.pop(name, None)
         state.names = shared_names(frozenset((state.names | subscribe) - unsubscribe - {WILDCARD}))
-        # The client forgets what it no longer asks for, so a later resubscription sends it again.
-        if unsubscribe & state.client_versions.keys():
-            state.client_versions = {
-                n: v for n, v in state.client_versions.items() if n not in unsubscribe
-            }  # a new dict: client_versions may be shared with other streams
+        if held != state.held:
+            state.held, state.held_key = held, None
+            state.refresh = True
+
+    def _nacked(self, state: TypeState, nonce: str) -> None:
+        touched = state.in_flight.get(nonce)
+        if touched is None:
+            touched = tuple(state.held)  # not remembered: nothing of the type is certain
+        state.held = state.held | dict.fromkeys(touched, UNKNOWN)
+        state.held_key = None
+
+    def _refresh(self, state: TypeState, names: frozenset[str]) -> None:
+        stale = [name for name in names if name in state.held]
+        if stale:
+            state.held = state.held | dict.fromkeys(stale, UNKNOWN)
             state.held_key = None
+            state.refresh = True
 
     def _encode(
         self, state: TypeState, current: TypeResources, names: frozenset[str] | None, nonce: str
@@ -71,27 +105,30 @@ class DeltaStream(XdsStream):
         key = (state.held_key, current.version, names) if state.held_key is not None else None
         transition = _TRANSITIONS.get(key) if key is not None else None
         if transition is None:
-            transition = _transition(state.client_versions, current, names)
+            transition = _transition(state.held, current, names)
             if key is not None:
                 if len(_TRANSITIONS) >= _TRANSITIONS_LIMIT:
                     _TRANSITIONS.clear()
                 _TRANSITIONS[key] = transition
-        entries, removed, pending, exact = transition
-        first_answer = state.sent_version is None and not state.client_versions
+        entries, changed, removed, held, exact = transition
+        first_answer = state.sent_version is None and not state.held
         if not entries and not removed and not first_answer:
-            state.pending_versions = state.pending_key = None
             return None  # the client holds exactly this (e.g. a reconnect): send nothing
-        state.pending_versions = pending
-        state.pending_key = (current.version, names) if exact else None
+        state.held = held
+        state.held_key = (current.version, names) if exact else None
+        if len(state.in_flight) >= IN_FLIGHT_LIMIT:
+            state.in_flight.pop(next(iter(state.in_flight)))
+        state.in_flight[nonce] = changed + removed
         payload = wire.delta_response(
             current.version, state.type_url, nonce, entries, list(removed)
         )
         return payload, removed
 
 
-# entries to send, names removed, what the client then holds, and whether that is exactly
-# the version's resources for those names (so the transition can key a shared cache)
-Transition = tuple[bytes, tuple[str, ...], dict[str, str], bool]
+# entries to send, the names they carry, names removed, what the client then holds, and
+# whether that is exactly the version's resources for those names (so the transition can
+# key a shared cache)
+Transition = tuple[bytes, tuple[str, ...], tuple[str, ...], dict[str, str], bool]
 
 # Diffs shared by every client moving between the same two versions with the same names:
 # a fleet moves together, so each is computed once, not once per stream.
@@ -107,12 +144,13 @@ def _transition(
         for name, resource in current.by_name.items()
         if names is None or name in names
     }
-    changed = sorted(name for name, version in wanted.items() if held.get(name) != version)
+    changed = tuple(sorted(name for name, version in wanted.items() if held.get(name) != version))
     removed = tuple(
         sorted(name for name in held if name not in wanted and (names is None or name in names))
     )
-    pending = {name: v for name, v in held.items() if name not in removed} | {
+    gone = set(removed)
+    now_held = {name: v for name, v in held.items() if name not in gone} | {
         name: wanted[name] for name in changed
     }
     entries = b"".join(current.by_name[name].delta_entry for name in changed)
-    return entries, removed, pending, len(pending) == len(wanted)
+    return entries, changed, removed, now_held, len(now_held) == len(wanted)

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from controlplane.resources import ADS_ORDER
 from controlplane.snapshot import Snapshot
+from controlplane.xds import ordering
 from controlplane.xds.stream import TypeState, XdsStream
 
 
@@ -31,6 +32,10 @@ class StreamControl(Protocol):
 class SyncState(enum.Enum):
     SYNCED = "SYNCED"  # ACKed the version it should hold
     STALE = "STALE"  # sent (or due) but not ACKed
+    # Clusters sent and not ACKed: Envoy holds the CDS ACK until every new or changed cluster
+    # has warmed (an EDS cluster, until its endpoints arrive). Listeners and routes that use
+    # them wait, for at most the warming timeout.
+    WARMING = "WARMING"
     NACKED = "NACKED"  # rejected the version it should hold
     NOT_SENT = "NOT_SENT"  # never sent anything of this type
 
@@ -70,6 +75,8 @@ def type_status(state: TypeState, snapshot: Snapshot | None) -> TypeStatus:
         sync = SyncState.SYNCED
     elif state.nacked_version == expected and not state.awaiting_ack:
         sync = SyncState.NACKED
+    elif state.awaiting_ack and state.type_url in ordering.WARMS_BEFORE_ACK:
+        sync = SyncState.WARMING
     else:
         sync = SyncState.STALE
     return TypeStatus(

@@ -1,7 +1,8 @@
-"""The grpc.aio shell around SotwStream: read, feed the state machine, write, repeat.
+"""The grpc.aio shell around the stream state machines: read, feed, write, repeat.
 
-Serves ADS and the per-type discovery services. Only this module maps protocol errors to
-gRPC status codes. A bad request ends its own stream and nothing else.
+Serves ADS and the per-type discovery services, state of the world and delta. Only this
+module maps protocol errors to gRPC status codes. A bad request ends its own stream and
+nothing else. Time reaches a stream only as a tick at the deadline it asks for.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from controlplane import resources
 from controlplane.observability.metrics import Metrics
-from controlplane.xds import wire
+from controlplane.xds import ordering, wire
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.delta import DeltaStream
 from controlplane.xds.fleet import Fleet
@@ -52,12 +53,34 @@ SERVICES: tuple[tuple[str, str | None, str | None, str | None], ...] = (
 )  # fmt: skip
 
 _WAKE = object()  # the group's snapshot may have changed
+_TICK = object()  # the stream's next deadline has come
 _END = object()  # the client closed its side
+
+# HTTP/2 keepalive on xDS connections. Envoy's `connection_keepalive` pings the server; with
+# gRPC's defaults, pings more often than every 5 minutes on a connection that sends no data
+# are answered with GOAWAY too_many_pings, and Envoy reconnects. So client pings are accepted
+# down to every 0.5 s (Envoy jitters its interval by 15%, so 1 s may come as 0.85 s), and the
+# server pings idle connections itself to find peers that died without closing them.
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.http2.min_ping_interval_without_data_ms", 500),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_time_ms", 30_000),  # server ping after 30 s without activity
+    ("grpc.keepalive_timeout_ms", 10_000),  # no answer within 10 s: the peer is gone
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging however long a stream is idle
+)
 
 
 class XdsServer:
-    def __init__(self, assignments: Assignments, fleet: Fleet, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        assignments: Assignments,
+        fleet: Fleet,
+        metrics: Metrics,
+        *,
+        warming_timeout: float = ordering.DEFAULT_WARMING_TIMEOUT_SECONDS,
+    ) -> None:
         self._assignments = assignments
+        self._warming_timeout = warming_timeout
         self._metrics = metrics
         self._counter_cache: dict[tuple[str, str], tuple[Counter, ...]] = {}
         self._fleet = fleet
@@ -86,7 +109,12 @@ class XdsServer:
         async def handle(
             request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[bytes]:
-            stream = protocol(next(self._ids), self._assignments.resolve, types=types)
+            stream = protocol(
+                next(self._ids),
+                self._assignments.resolve,
+                types=types,
+                warming_timeout=self._warming_timeout,
+            )
             async for payload in self._serve(stream, request_type, request_iterator, context):
                 yield payload
 
@@ -105,9 +133,12 @@ class XdsServer:
         reader = asyncio.create_task(_read_into(request_iterator, events))
         bound = log.bind(stream_id=stream.stream_id, peer=context.peer())
         converged_on: str | None = None
+        timer = _Timer(events)
         try:
             while (event := await events.get()) is not _END:
-                if event is _WAKE:
+                if event is _TICK:
+                    sends = stream.on_tick()
+                elif event is _WAKE:
                     if stream.node is None:
                         continue
                     sends = stream.on_snapshot(self._assignments.resolve(stream.node))
@@ -124,12 +155,14 @@ class XdsServer:
                 for send in sends:
                     self._record_send(bound, stream, send)
                     yield send.payload
+                timer.set(stream.next_deadline())
         except RemoteProtocolError as error:
             bound.warning("protocol error", error=str(error))
             self._metrics.stream_errors.labels(error.reason).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         finally:
             reader.cancel()
+            timer.set(None)
             if stream in self._fleet:
                 self._fleet.remove(stream)
                 bound.info("stream closed")
@@ -180,6 +213,11 @@ class XdsServer:
             bound.debug("stale request ignored", **fields)
         elif kind is RequestKind.UPDATE:
             bound.debug("subscription update", names=len(state.names), **fields)
+        elif kind is RequestKind.UNSUPPORTED:
+            self._metrics.ignored_requests.labels("unsupported_type").inc()
+            if state.type_url not in stream.ignored_types:
+                stream.ignored_types.add(state.type_url)
+                bound.warning("request for a type not served: ignored", type_url=state.type_url)
 
     def _record_convergence(self, stream: XdsStream, converged_on: str | None) -> str | None:
         """Observe, once per snapshot, how long this node took to ACK all of it."""
@@ -191,6 +229,30 @@ class XdsServer:
                 max(0.0, time.time() - stream.assigned_at)
             )
         return snapshot.version
+
+
+class _Timer:
+    """At most one pending tick for a stream, at the deadline it last asked for."""
+
+    def __init__(self, events: asyncio.Queue[object]) -> None:
+        self._events = events
+        self._deadline: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    def set(self, deadline: float | None) -> None:
+        if deadline == self._deadline:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._deadline = deadline
+        if deadline is not None:
+            delay = max(0.0, deadline - time.time())  # streams keep time with time.time
+            self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._deadline = self._handle = None
+        self._events.put_nowait(_TICK)
 
 
 class _QueueControl:

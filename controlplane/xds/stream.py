@@ -1,22 +1,36 @@
 """xDS streams as sans-IO state machines: the rules both protocols share, and state of the world.
 
 One stream object per gRPC stream (ADS, or one per-type service). The shell feeds it requests
-(`receive`) and snapshot changes (`on_snapshot`); each call returns the responses to send, as
-bytes already encoded. It never touches a socket or a clock it was not given.
+(`receive`), snapshot changes (`on_snapshot`) and the passing of time (`on_tick`, at
+`next_deadline()`); each call returns the responses to send, as bytes already encoded. It
+never touches a socket, and reads time only from the clock it was given.
 
 `XdsStream` holds every rule state-of-the-world and delta share; `SotwStream` (here) and
-`delta.DeltaStream` add only how a protocol reads subscriptions and encodes responses.
+`delta.DeltaStream` add only how a protocol reads subscriptions and encodes responses. What
+waits on what is the table in `ordering.py`.
 
 Rules kept here and nowhere else:
 - The Node comes from the first request; a stream without one is refused.
-- Every response has its own nonce. A request whose nonce is not the type's latest is stale
-  and ignored. A request with no nonce is an initial request (or a resubscription).
+- Every response has its own nonce. A request naming a nonce that is not its type's latest
+  is stale: it is neither an ACK nor a NACK, but the subscription it carries still counts.
+  A request with no nonce is an initial request (or a resubscription).
 - A request answering the latest nonce is a NACK when `error_detail` is set, else an ACK.
-- One response per type is in flight at a time; a new snapshot waits for the ACK or NACK.
-- ADS order: a type is held while an earlier type (CDS, EDS, LDS, RDS, SDS) awaits its ACK,
-  so clusters and endpoints are in place before the listeners and routes that use them.
-- A version the client NACKed is not sent again unless what it asks for changes.
-- A client that already holds the current version (reconnect) is not sent it again.
+- A newer response supersedes an unACKed one: a type is never held behind its own ACK, so a
+  new snapshot, an abort or a rollback reaches the client whatever is in flight.
+- A type waits for the ACK of the types `ordering.WAITS_FOR` names, for at most the warming
+  timeout; after a response that added or changed clusters, their endpoints are sent again.
+- A version the client NACKed is not sent again unless the snapshot or the subscription
+  changes: never in a loop.
+- An unknown type URL on ADS is ignored (reported to the shell), not a reason to end the
+  stream; on a per-type service, another type is a protocol error.
+
+State of the world (SotwStream):
+- The first request for a wildcard-capable type with no names is the legacy wildcard. It
+  lasts while requests name nothing; once names are given, only `*` asks for everything,
+  and an empty list then means nothing.
+- A reconnecting client that reports the version it holds is sent nothing if that is
+  current, only on wildcard subscriptions: for named ones the version says nothing about
+  which names the client holds.
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ from controlplane import resources
 from controlplane.resources import ADS_ORDER
 from controlplane.snapshot import Snapshot, TypeResources
 from controlplane.store import DEFAULT_GROUP
-from controlplane.xds import wire
+from controlplane.xds import ordering, wire
 
 WILDCARD = "*"
 
@@ -52,10 +66,11 @@ class RemoteProtocolError(Exception):
 
 class RequestKind(enum.Enum):
     INITIAL = "initial"  # no nonce: first request for a type, or a resubscription
-    STALE = "stale"  # answers a response that is no longer the latest: ignored
+    STALE = "stale"  # answers a response that is no longer the latest: not an ACK or NACK
     ACK = "ack"
     NACK = "nack"
     UPDATE = "update"  # names the latest nonce, already ACKed: only the subscription changes
+    UNSUPPORTED = "unsupported"  # a type this server does not serve: ignored
 
 
 @dataclass(frozen=True)
@@ -78,26 +93,30 @@ class TypeState:
     subscribed: bool = False
     names: frozenset[str] = frozenset()
     wildcard: bool = False
+    # The first request named nothing, and no request has named anything since.
+    legacy_wildcard: bool = False
     latest_nonce: str | None = None
     awaiting_ack: bool = False
     sent_version: str | None = None
     sent_names: frozenset[str] | None = None
-    sent_at: float | None = None
+    sent_resources: TypeResources | None = None
+    sent_at: float | None = None  # the latest response of this type
+    # Send again even if the version is unchanged: what the client holds must be refreshed.
+    refresh: bool = False
     acked_version: str | None = None
     acked_at: float | None = None
     nacked_version: str | None = None
     nack_error: str | None = None
     nacked_at: float | None = None
     stale_requests: int = 0
-    # Delta only: what the client holds (name -> resource version), and what it will hold
-    # once it ACKs the response in flight.
-    client_versions: dict[str, str] = field(default_factory=dict)
-    pending_versions: dict[str, str] | None = None
-    # (type version, names) when client_versions is exactly that version's resources for
-    # those names: then the diff to the next version is the same for every such client.
+    # Delta only: what the client holds (name -> resource version; UNKNOWN after a NACK),
+    # counting every response sent as applied unless it is NACKed.
+    held: dict[str, str] = field(default_factory=dict)
+    # (type version, names) when `held` is exactly that version's resources for those
+    # names: then the diff to the next version is the same for every such client.
     held_key: tuple[str, frozenset[str] | None] | None = None
-    pending_key: tuple[str, frozenset[str] | None] | None = None
-    legacy_wildcard: bool = False
+    # Delta only: nonce -> the names an unACKed response added, changed or removed.
+    in_flight: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -153,6 +172,31 @@ def classify(state: TypeState, request: Request) -> RequestKind:
     return RequestKind.ACK
 
 
+_REFRESH_CACHE: dict[tuple[str, str, str], frozenset[str]] = {}
+_REFRESH_CACHE_LIMIT = 256
+
+
+def added_or_changed_references(
+    previous: TypeResources, current: TypeResources, to_type: str
+) -> frozenset[str]:
+    """Names of `to_type` referenced by the resources that `current` adds or changes over
+    `previous`. The same for every client making that move, so computed once per move."""
+    key = (previous.version, current.version, to_type)
+    names = _REFRESH_CACHE.get(key)
+    if names is None:
+        if len(_REFRESH_CACHE) >= _REFRESH_CACHE_LIMIT:
+            _REFRESH_CACHE.clear()
+        names = _REFRESH_CACHE[key] = frozenset(
+            name
+            for resource_name, resource in current.by_name.items()
+            if (old := previous.by_name.get(resource_name)) is None
+            or old.version != resource.version
+            for type_url, name in resource.references
+            if type_url == to_type
+        )
+    return names
+
+
 class XdsStream:
     """The protocol core both state-of-the-world and delta streams run on."""
 
@@ -165,12 +209,16 @@ class XdsStream:
         *,
         types: Iterable[str] | None = None,
         clock: Callable[[], float] = time.time,
+        warming_timeout: float = ordering.DEFAULT_WARMING_TIMEOUT_SECONDS,
     ) -> None:
         """`resolve(node)` gives the snapshot a node should hold; `types` limits the stream
-        to those type URLs (a per-type service), default every type (ADS)."""
+        to those type URLs (a per-type service), default every type (ADS); types wait for a
+        CDS ACK at most `warming_timeout` seconds."""
         self.stream_id = stream_id
         self._resolve = resolve
         self._clock = clock
+        self._warming_timeout = warming_timeout
+        self._ads = types is None
         allowed = tuple(types) if types is not None else tuple(t.type_url for t in ADS_ORDER)
         self._allowed = allowed
         self.types: dict[str, TypeState] = {}  # created on a type's first request
@@ -180,36 +228,38 @@ class XdsStream:
         self.started_at = clock()
         # Fresh: the client held nothing when it connected (a new Envoy, not a reconnect).
         self.started_empty = True
+        self.ignored_types: set[str] = set()  # asked for on ADS, not served (the shell logs)
         self._nonce_counter = 0
 
     def receive(self, request: Request) -> tuple[RequestKind, TypeState, list[Send]]:
         """Take one request; return what it was, the type's state after it, and what to send."""
         self._learn_node(request)
         state = self._state_for(request.type_url)
+        if state is None:
+            return RequestKind.UNSUPPORTED, TypeState(request.type_url), []
         kind = classify(state, request)
         now = self._clock()
         if kind is RequestKind.STALE:
             state.stale_requests += 1
-            return kind, state, []
-        if kind is RequestKind.NACK:
+            if request.HasField("error_detail"):
+                self._nacked(state, request.response_nonce)
+        elif kind is RequestKind.NACK:
             state.awaiting_ack = False
             state.nacked_version = state.sent_version
             state.nack_error = request.error_detail.message
             state.nacked_at = now
-            state.pending_versions = None
+            self._nacked(state, request.response_nonce)
         elif kind is RequestKind.ACK:
             state.awaiting_ack = False
             state.acked_version = self._acked_version(state, request)
             state.acked_at = now
-            if state.pending_versions is not None:
-                state.client_versions, state.pending_versions = state.pending_versions, None
-                state.held_key, state.pending_key = state.pending_key, None
-        if kind is RequestKind.INITIAL:
+            state.in_flight.clear()
+        elif kind is RequestKind.INITIAL:
             self._initial(state, request)
         self._subscribe(state, request)
         if kind is RequestKind.INITIAL:
             self._adopt(state, request)
-        # An ACK or NACK may release types held behind this one in ADS order.
+        # An ACK may release types held behind this one; a subscription change may be due.
         return kind, state, self._send_due()
 
     # -- what each protocol defines ---------------------------------------------------------
@@ -227,6 +277,13 @@ class XdsStream:
     def _adopt(self, state: TypeState, request: Request) -> None:
         """After subscribing: record that the client already holds what is current."""
 
+    def _nacked(self, state: TypeState, nonce: str) -> None:
+        """The response with `nonce` was NACKed (possibly after a newer one was sent)."""
+
+    def _refresh(self, state: TypeState, names: frozenset[str]) -> None:
+        """Make the next response of `state`'s type carry `names` again."""
+        raise NotImplementedError
+
     def _encode(
         self, state: TypeState, current: TypeResources, names: frozenset[str] | None, nonce: str
     ) -> tuple[bytes, tuple[str, ...]] | None:
@@ -239,6 +296,20 @@ class XdsStream:
     def on_snapshot(self, snapshot: Snapshot | None) -> list[Send]:
         self._assign(snapshot)
         return self._send_due()
+
+    def on_tick(self) -> list[Send]:
+        """Time passed (the shell calls this at `next_deadline()`): send what stopped waiting."""
+        return self._send_due()
+
+    def next_deadline(self) -> float | None:
+        """When a type held back by an unACKed one is released anyway, if any is held."""
+        now = self._clock()
+        deadlines = [
+            deadline
+            for state in self.types.values()
+            if state.subscribed and (deadline := self._held_until(state, now)) is not None
+        ]
+        return min(deadlines, default=None)
 
     def _assign(self, snapshot: Snapshot | None) -> None:
         if snapshot != self.snapshot:
@@ -257,6 +328,12 @@ class XdsStream:
         return bool(subscribed) and all(
             not s.awaiting_ack and s.acked_version == self.snapshot.of_type(s.type_url).version
             for s in subscribed
+        )
+
+    def warming(self) -> bool:
+        """Sent resources the client ACKs only once they warm, and it has not ACKed yet."""
+        return any(
+            s.awaiting_ack for url, s in self.types.items() if url in ordering.WARMS_BEFORE_ACK
         )
 
     def rejection(self) -> str | None:
@@ -283,12 +360,15 @@ class XdsStream:
                 "node_changed",
             )
 
-    def _state_for(self, type_url: str) -> TypeState:
+    def _state_for(self, type_url: str) -> TypeState | None:
+        """The type's state, created on its first request; None for a type ADS ignores."""
         if not type_url and len(self._allowed) == 1:
             type_url = self._allowed[0]
         state = self.types.get(type_url)
         if state is None:
             if type_url not in self._allowed:
+                if self._ads:
+                    return None
                 if type_url in resources.BY_URL:
                     raise RemoteProtocolError(
                         f"type_url {type_url!r} is not served on this stream", "wrong_service"
@@ -301,49 +381,70 @@ class XdsStream:
     def _names_to_send(state: TypeState) -> frozenset[str] | None:
         return None if state.wildcard else state.names
 
+    def _held_until(self, state: TypeState, now: float) -> float | None:
+        """When `state`'s type stops waiting for the types ordering.WAITS_FOR names, or None
+        if it is not waiting."""
+        deadlines = []
+        for blocker_url in ordering.blockers(state.type_url):
+            blocker = self.types.get(blocker_url)
+            if blocker is None or not blocker.awaiting_ack or blocker.sent_at is None:
+                continue
+            deadline = blocker.sent_at + self._warming_timeout
+            if deadline > now:
+                deadlines.append(deadline)
+        return max(deadlines, default=None)
+
     def _send_due(self) -> list[Send]:
         sends: list[Send] = []
+        now = self._clock()
         for resource_type in ADS_ORDER:
             state = self.types.get(resource_type.type_url)
-            if state is None or not state.subscribed:
+            if state is None or not state.subscribed or self._held_until(state, now):
                 continue
-            if state.awaiting_ack:
-                break  # later types wait for this one: make before break
-            send = self._send_if_changed(state)
+            send = self._send_if_changed(state, now)
             if send is not None:
                 sends.append(send)
-                break
         return sends
 
-    def _send_if_changed(self, state: TypeState) -> Send | None:
+    def _send_if_changed(self, state: TypeState, now: float) -> Send | None:
         if self.snapshot is None:
             return None
         current = self.snapshot.of_type(state.type_url)
         names = self._names_to_send(state)
-        if state.sent_version == current.version and state.sent_names == names:
+        unchanged = state.sent_version == current.version and state.sent_names == names
+        if unchanged and not state.refresh:
             return None  # holds it already, or NACKed exactly this: never resend in a loop
+        state.refresh = False
         nonce = str(self._nonce_counter + 1)
+        previous = state.sent_resources
         encoded = self._encode(state, current, names, nonce)
+        state.sent_version = current.version
+        state.sent_names = names
+        state.sent_resources = current
         if encoded is None:  # nothing differs for this client: it holds what is current
-            state.sent_version = state.acked_version = current.version
-            state.sent_names = names
-            state.acked_at = self._clock()
+            if not state.awaiting_ack:
+                state.acked_version = current.version
+                state.acked_at = now
             return None
         self._nonce_counter += 1
         state.latest_nonce = nonce
         state.awaiting_ack = True
-        state.sent_version = current.version
-        state.sent_names = names
-        state.sent_at = self._clock()
+        state.sent_at = now
+        self._refresh_dependents(state.type_url, previous, current)
         payload, removed = encoded
-        return Send(
-            state.type_url,
-            current.version,
-            nonce,
-            names,
-            payload,
-            removed,
-        )
+        return Send(state.type_url, current.version, nonce, names, payload, removed)
+
+    def _refresh_dependents(
+        self, type_url: str, previous: TypeResources | None, current: TypeResources
+    ) -> None:
+        """Resources added or changed by this response get what they need to warm again."""
+        dependent_url = ordering.refreshes_after(type_url)
+        dependent = self.types.get(dependent_url) if dependent_url else None
+        if previous is None or dependent is None or not dependent.subscribed:
+            return  # the client asks for what its new resources need when it first gets them
+        names = added_or_changed_references(previous, current, dependent.type_url)
+        if names:
+            self._refresh(dependent, names)
 
 
 class SotwStream(XdsStream):
@@ -363,22 +464,30 @@ class SotwStream(XdsStream):
     def _subscribe(self, state: TypeState, request: Request) -> None:
         assert isinstance(request, discovery_pb2.DiscoveryRequest)
         names = frozenset(request.resource_names)
-        state.subscribed = True
-        state.wildcard = WILDCARD in names or (
-            not names and resources.resource_type(state.type_url).wildcard
-        )
+        if not state.subscribed:
+            state.subscribed = True
+            state.legacy_wildcard = not names and resources.resource_type(state.type_url).wildcard
+        elif names:
+            state.legacy_wildcard = False
+        state.wildcard = state.legacy_wildcard or WILDCARD in names
         state.names = shared_names(names - {WILDCARD})
 
     def _adopt(self, state: TypeState, request: Request) -> None:
-        """A reconnecting client reports the version it holds; if that is current, it is
-        treated as sent and ACKed, so it is not pushed again."""
+        """A reconnecting client reports the version it holds; on a wildcard subscription,
+        if that is current, it is treated as sent and ACKed, so it is not pushed again."""
         assert isinstance(request, discovery_pb2.DiscoveryRequest)
-        if not request.version_info or self.snapshot is None:
+        if not request.version_info or self.snapshot is None or not state.wildcard:
             return
-        if self.snapshot.of_type(state.type_url).version == request.version_info:
+        current = self.snapshot.of_type(state.type_url)
+        if current.version == request.version_info:
             state.sent_version = state.acked_version = request.version_info
-            state.sent_names = self._names_to_send(state)
+            state.sent_names = None
+            state.sent_resources = current
             state.acked_at = self._clock()
+
+    def _refresh(self, state: TypeState, names: frozenset[str]) -> None:
+        if state.wildcard or not names.isdisjoint(state.names):
+            state.refresh = True
 
     def _encode(
         self, state: TypeState, current: TypeResources, names: frozenset[str] | None, nonce: str

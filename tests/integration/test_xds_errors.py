@@ -12,7 +12,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resources
 from tests.integration import edge_config
-from tests.integration.harness import free_port
+from tests.integration.harness import free_port, http_get
 
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 CDS = "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters"
@@ -60,8 +60,8 @@ def first_request(type_url: str, **fields) -> discovery_pb2.DiscoveryRequest:  #
     return discovery_pb2.DiscoveryRequest(type_url=type_url, node=base_pb2.Node(id="t-1"), **fields)
 
 
-def failure_of(channel: grpc.Channel, payload: bytes) -> grpc.RpcError:
-    client = Client(channel)
+def failure_of(channel: grpc.Channel, payload: bytes, method: str = ADS) -> grpc.RpcError:
+    client = Client(channel, method)
     client.send(payload)
     with pytest.raises(grpc.RpcError) as caught:
         client.receive()
@@ -74,10 +74,6 @@ BAD_REQUESTS = {
     "no node": (
         discovery_pb2.DiscoveryRequest(type_url=resources.CLUSTER).SerializeToString(),
         "must carry a Node",
-    ),
-    "unknown type url": (
-        first_request("type.googleapis.com/envoy.config.nope.v3.Nope").SerializeToString(),
-        "unsupported type_url",
     ),
 }
 
@@ -108,6 +104,45 @@ def test_bad_request_gets_invalid_argument_and_other_streams_carry_on(
     good.close()
     warnings = [e for e in control_plane.log_events() if e["event"] == "protocol error"]
     assert message in warnings[-1]["error"]
+
+
+@pytest.mark.parametrize(
+    "type_url",
+    [
+        "type.googleapis.com/envoy.config.endpoint.v3.LbEndpoint",  # LEDS: not served
+        "type.googleapis.com/envoy.api.v2.Cluster",  # a v2 URL
+    ],
+)
+def test_an_unknown_type_url_on_ads_is_ignored_and_the_stream_carries_on(
+    control_plane, channel, type_url
+) -> None:
+    client = Client(channel)
+    client.send(first_request(resources.CLUSTER))
+    cds = client.receive()
+    client.send(discovery_pb2.DiscoveryRequest(type_url=type_url))
+    client.send(
+        discovery_pb2.DiscoveryRequest(
+            type_url=resources.CLUSTER, version_info=cds.version_info, response_nonce=cds.nonce
+        )
+    )
+    client.send(discovery_pb2.DiscoveryRequest(type_url=resources.LISTENER))
+    lds = client.receive()  # the same stream goes on
+    assert lds.type_url == resources.LISTENER and len(lds.resources) == 1
+    client.close()
+    ignored = [e for e in control_plane.log_events() if e.get("type_url") == type_url]
+    assert [e["event"] for e in ignored] == ["request for a type not served: ignored"]
+    _, metrics = http_get(f"http://127.0.0.1:{control_plane.http_port}/metrics")
+    assert 'xdscp_ignored_requests_total{reason="unsupported_type"} 1.0' in metrics
+
+
+def test_an_unknown_type_url_on_a_per_type_service_ends_that_stream(channel) -> None:
+    error = failure_of(
+        channel,
+        first_request("type.googleapis.com/envoy.config.nope.v3.Nope").SerializeToString(),
+        CDS,
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unsupported type_url" in error.details()
 
 
 def test_per_type_cluster_service_serves_clusters(channel) -> None:

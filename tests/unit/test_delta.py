@@ -9,7 +9,7 @@ from google.rpc import status_pb2
 
 from controlplane.resources import CLUSTER, ENDPOINT, LISTENER
 from controlplane.snapshot import Snapshot
-from controlplane.xds.delta import DeltaStream
+from controlplane.xds.delta import UNKNOWN, DeltaStream
 from controlplane.xds.stream import RequestKind, Send
 from tests import factories
 
@@ -127,12 +127,23 @@ def test_wildcard_with_explicit_names() -> None:
     assert not state.wildcard and state.names == {"a"}
 
 
-def test_legacy_wildcard_ends_when_names_are_given_without_star() -> None:
+def test_legacy_wildcard_stays_wildcard_when_a_name_is_subscribed() -> None:
     envoy = Envoy(snapshot("a", "b"))
     envoy.ack(*envoy.send(request(CLUSTER)))
     assert envoy.stream.types[CLUSTER].wildcard
-    envoy.send(request(CLUSTER, subscribe=("a",)))
-    assert not envoy.stream.types[CLUSTER].wildcard
+    [again] = envoy.send(request(CLUSTER, subscribe=("a",)))
+    state = envoy.stream.types[CLUSTER]
+    assert state.wildcard and not state.legacy_wildcard and state.names == {"a"}
+    assert names(again) == ["a"]  # subscribing to a name sends it
+    envoy.ack(again)
+    [update] = envoy.publish(snapshot("a", "b", "c"))
+    assert names(update) == ["c"]  # still every cluster, not just "a"
+
+
+def test_a_first_request_naming_resources_is_not_a_wildcard() -> None:
+    envoy = Envoy(snapshot("a", "b"))
+    [cds] = envoy.send(request(CLUSTER, subscribe=("a",)))
+    assert names(cds) == ["a"] and not envoy.stream.types[CLUSTER].wildcard
 
 
 def test_reconnect_with_current_versions_sends_nothing() -> None:
@@ -168,30 +179,35 @@ def test_a_resource_leaving_the_snapshot_is_removed() -> None:
     [update] = envoy.publish(snapshot("a"))
     assert list(decode(update).removed_resources) == ["b"] and not decode(update).resources
     envoy.ack(update)
-    assert envoy.stream.types[CLUSTER].client_versions.keys() == {"a"}
+    assert envoy.stream.types[CLUSTER].held.keys() == {"a"}
 
 
 def test_nack_on_one_resource_is_recorded_and_not_resent_in_a_loop() -> None:
     envoy = Envoy(snapshot("a"))
     envoy.ack(*envoy.send(request(CLUSTER)))
-    held_before = dict(envoy.stream.types[CLUSTER].client_versions)
+    held_before = dict(envoy.stream.types[CLUSTER].held)
     [bad] = envoy.publish(snapshot("a", "b"))
     kind, state, sends = envoy.stream.receive(
         request(CLUSTER, nonce=bad.nonce, error="cluster b: bad config")
     )
     assert kind is RequestKind.NACK and sends == []
     assert state.nack_error == "cluster b: bad config"
-    assert state.client_versions == held_before  # still holds what it had
+    # What the NACKed response carried is unknown now; the rest is held as it was.
+    assert state.held == held_before | {"b": UNKNOWN}
     assert envoy.stream.rejection() == "cluster b: bad config"
+    assert not envoy.stream.synced()
     assert envoy.send(request(CLUSTER, nonce=bad.nonce, error="again")) == []
     [fixed] = envoy.publish(snapshot("a", "c"))
-    assert names(fixed) == ["c"]  # diffed against what the client really holds
+    assert names(fixed) == ["c"]  # a was never in doubt
+    assert list(decode(fixed).removed_resources) == ["b"]  # b may have been applied
 
 
 def test_ads_order_and_stale_nonces_follow_the_shared_rules() -> None:
     envoy = Envoy(snapshot("a"))
     [cds] = envoy.send(request(CLUSTER))
     assert envoy.send(request(LISTENER)) == []  # held behind CDS
+    [eds] = envoy.send(request(ENDPOINT, subscribe=("a",)))  # never held behind CDS
+    assert names(eds) == ["a"]
     kind, _, _ = envoy.stream.receive(request(CLUSTER, nonce="99"))
     assert kind is RequestKind.STALE
     [lds] = envoy.ack(cds)
@@ -221,3 +237,69 @@ def test_clients_moving_between_the_same_versions_share_one_diff_and_stay_correc
     [own] = Envoy(snapshot("a", "c")).send(request(CLUSTER, initial=held))
     assert sorted(names(own)) == ["a", "c"]
     assert sorted(decode(own).removed_resources) == ["b", "z"]
+
+
+def test_resubscribing_to_a_name_the_client_holds_sends_it_again() -> None:
+    envoy = Envoy(snapshot("a", "b"))
+    [cds] = envoy.send(request(CLUSTER, subscribe=("a",)))
+    envoy.ack(cds)
+    [again] = envoy.send(request(CLUSTER, subscribe=("a",), nonce=cds.nonce))
+    assert names(again) == ["a"]
+
+
+def test_a_name_unsubscribed_while_its_response_is_in_flight_stays_forgotten() -> None:
+    envoy = Envoy(snapshot("a", "b"))
+    [cds] = envoy.send(request(CLUSTER, subscribe=("a", "b")))
+    # The client drops b before it ACKs the response that carried it.
+    envoy.send(request(CLUSTER, unsubscribe=("b",), nonce=cds.nonce))
+    envoy.ack(cds)
+    state = envoy.stream.types[CLUSTER]
+    assert state.held.keys() == {"a"}
+    [b] = envoy.send(request(CLUSTER, subscribe=("b",), nonce=cds.nonce))
+    assert names(b) == ["b"]  # so subscribing again sends it
+
+
+def test_unsubscribing_an_explicit_name_under_a_wildcard_is_answered() -> None:
+    envoy = Envoy(snapshot("a", "b"))
+    [cds] = envoy.send(request(CLUSTER, subscribe=("*", "a")))
+    envoy.ack(cds)
+    [answer] = envoy.send(request(CLUSTER, unsubscribe=("a",), nonce=cds.nonce))
+    assert names(answer) == ["a"]  # the wildcard still covers it: here it is
+    envoy.ack(answer)
+    envoy.publish(snapshot("b"))
+    state = envoy.stream.types[CLUSTER]
+    assert state.wildcard and state.names == frozenset()
+
+
+def test_a_subscribed_name_that_does_not_exist_is_answered_as_removed() -> None:
+    envoy = Envoy(snapshot("a"))
+    [eds] = envoy.send(request(ENDPOINT, subscribe=("a", "missing")))
+    assert names(eds) == ["a"] and list(decode(eds).removed_resources) == ["missing"]
+    envoy.ack(eds)
+    assert envoy.stream.synced()  # and it is not sent again
+
+
+def test_subscription_changes_on_a_stale_nonce_are_honoured() -> None:
+    envoy = Envoy(snapshot("a", "b"))
+    [eds] = envoy.send(request(ENDPOINT, subscribe=("a",)))
+    [newer] = envoy.publish(snapshot("a", "b", port=9090))  # supersedes `eds`
+    kind, state, sends = envoy.stream.receive(request(ENDPOINT, subscribe=("b",), nonce=eds.nonce))
+    assert kind is RequestKind.STALE
+    assert state.names == {"a", "b"}
+    [b] = sends
+    assert names(b) == ["b"]
+    envoy.ack(b)
+    assert envoy.stream.synced()
+    assert newer.nonce != b.nonce
+
+
+def test_a_nack_of_a_superseded_response_still_makes_its_resources_unknown() -> None:
+    envoy = Envoy(snapshot("a"))
+    envoy.ack(*envoy.send(request(CLUSTER)))
+    [bad] = envoy.publish(snapshot("a", "b"))
+    [newer] = envoy.publish(snapshot("a", "b", "c"))
+    envoy.send(request(CLUSTER, nonce=bad.nonce, error="cluster b: invalid"))  # stale NACK
+    envoy.ack(newer)
+    assert envoy.stream.types[CLUSTER].held["b"] == UNKNOWN
+    [fixed] = envoy.publish(snapshot("a", "c"))
+    assert list(decode(fixed).removed_resources) == ["b"]

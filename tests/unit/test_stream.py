@@ -92,10 +92,28 @@ def test_node_without_cluster_is_in_group_default() -> None:
     assert stream.group == "default"
 
 
-def test_unknown_type_url_is_refused(snapshot) -> None:
+@pytest.mark.parametrize(
+    "type_url",
+    [
+        "type.googleapis.com/envoy.config.endpoint.v3.LbEndpoint",  # LEDS
+        "type.googleapis.com/envoy.api.v2.Cluster",  # a v2 URL
+        "type.googleapis.com/not.A.Type",
+    ],
+)
+def test_an_unknown_type_url_on_ads_is_ignored_and_the_stream_goes_on(snapshot, type_url) -> None:
     envoy = FakeEnvoy(snapshot)
+    [cds] = envoy.send(request(CLUSTER))
+    kind, _, sends = envoy.stream.receive(request(type_url))
+    assert (kind, sends) == (RequestKind.UNSUPPORTED, [])
+    assert type_url not in envoy.stream.types
+    assert envoy.ack(cds) == []
+    assert envoy.stream.types[CLUSTER].acked_version == cds.version
+
+
+def test_an_unknown_type_url_on_a_per_type_service_is_refused(snapshot) -> None:
+    stream = SotwStream(1, lambda node: snapshot, types=[CLUSTER])
     with pytest.raises(RemoteProtocolError, match="unsupported type_url"):
-        envoy.send(request("type.googleapis.com/not.A.Type"))
+        stream.receive(request("type.googleapis.com/not.A.Type", node=NODE))
 
 
 def test_per_type_stream_refuses_other_types(snapshot) -> None:
@@ -127,15 +145,15 @@ def test_every_response_has_its_own_nonce(snapshot) -> None:
     assert cds.nonce != eds.nonce
 
 
-def test_ads_order_holds_later_types_until_earlier_ones_are_acked(snapshot) -> None:
+def test_listeners_and_routes_wait_for_the_cds_ack_but_endpoints_do_not(snapshot) -> None:
     envoy = FakeEnvoy(snapshot)
     [cds] = envoy.send(request(CLUSTER))
     assert envoy.send(request(LISTENER)) == []  # held: CDS not ACKed yet
-    [lds] = envoy.ack(cds)
-    assert lds.type_url == LISTENER
-    assert envoy.send(request(ROUTE, names=("routes",))) == []  # held behind LDS
-    [rds] = envoy.ack(lds)
-    assert rds.type_url == ROUTE
+    assert envoy.send(request(ROUTE, names=("routes",))) == []
+    [eds] = envoy.send(request(ENDPOINT, names=("web", "api")))  # what warming clusters need
+    assert sorted(names_in(eds)) == ["api", "web"]
+    lds, rds = envoy.ack(cds)
+    assert (lds.type_url, rds.type_url) == (LISTENER, ROUTE)
 
 
 def test_a_new_snapshot_is_pushed_in_ads_order(snapshot) -> None:
@@ -157,13 +175,13 @@ def test_a_new_snapshot_is_pushed_in_ads_order(snapshot) -> None:
             (ROUTE, factories.routes("routes", "web", "/v2")),
         ]
     )
-    [eds2] = envoy.stream.on_snapshot(changed)  # CDS unchanged: not re-pushed
-    assert eds2.type_url == ENDPOINT
-    [lds2] = envoy.ack(eds2, names=("web", "api"))
-    assert lds2.type_url == LISTENER
-    [rds2] = envoy.ack(lds2)
-    assert rds2.type_url == ROUTE
+    # CDS unchanged: not re-pushed, so nothing waits for it.
+    eds2, lds2, rds2 = envoy.stream.on_snapshot(changed)
+    assert [s.type_url for s in (eds2, lds2, rds2)] == [ENDPOINT, LISTENER, ROUTE]
+    assert envoy.ack(eds2, names=("web", "api")) == []
+    assert envoy.ack(lds2) == []
     assert envoy.ack(rds2, names=("routes",)) == []
+    assert envoy.stream.synced()
 
 
 def test_eds_sends_only_the_names_asked_for(snapshot) -> None:
@@ -221,16 +239,18 @@ def test_a_fixed_snapshot_after_a_nack_is_sent(snapshot) -> None:
     assert resent.nonce != cds.nonce
 
 
-def test_snapshot_arriving_while_unacked_waits_for_the_ack(snapshot) -> None:
+def test_a_newer_snapshot_supersedes_an_unacked_response(snapshot) -> None:
     envoy = FakeEnvoy(snapshot)
     [cds] = envoy.send(request(CLUSTER))
     newer = Snapshot.from_messages(
         [(CLUSTER, factories.cluster("web")), (ENDPOINT, factories.endpoints("web"))]
     )
-    assert envoy.stream.on_snapshot(newer) == []  # one response in flight per type
-    [cds2] = envoy.ack(cds)
+    [cds2] = envoy.stream.on_snapshot(newer)  # sent at once, whatever is in flight
     assert cds2.version == newer.of_type(CLUSTER).version
     assert names_in(cds2) == ["web"]
+    kind, state, _ = envoy.stream.receive(request(CLUSTER, version=cds.version, nonce=cds.nonce))
+    assert kind is RequestKind.STALE  # the ACK of the superseded response does not count
+    assert state.awaiting_ack and state.acked_version is None
     assert envoy.ack(cds2) == []
     assert envoy.stream.types[CLUSTER].acked_version == cds2.version
 
@@ -304,3 +324,48 @@ def test_a_request_naming_an_acked_nonce_is_a_subscription_update_not_an_ack(sna
     assert kind is RequestKind.UPDATE
     assert state.acked_at == acked_at  # not counted as an ACK
     assert sorted(names_in(again)) == ["api", "web"]
+
+
+def test_empty_names_after_named_ones_is_not_a_wildcard(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    [cds] = envoy.send(request(CLUSTER, names=("web",)))
+    assert names_in(cds) == ["web"]
+    [nothing] = envoy.ack(cds, names=())
+    state = envoy.stream.types[CLUSTER]
+    assert not state.wildcard and state.names == frozenset()
+    assert names_in(nothing) == []
+
+
+def test_a_legacy_wildcard_lasts_while_requests_name_nothing(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    [cds] = envoy.send(request(CLUSTER))
+    assert envoy.ack(cds) == []
+    assert envoy.stream.types[CLUSTER].wildcard
+    assert envoy.ack(cds, names=("web", "*")) == []  # still everything: nothing new
+    assert envoy.stream.types[CLUSTER].wildcard
+    [web] = envoy.ack(cds, names=("web",))  # names without `*`: the wildcard has ended
+    assert not envoy.stream.types[CLUSTER].wildcard and names_in(web) == ["web"]
+
+
+def test_the_reconnect_shortcut_applies_only_to_wildcard_subscriptions(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    envoy.send(request(CLUSTER))
+    current = snapshot.of_type(ENDPOINT).version
+    # A named subscription's version does not say which names the client holds.
+    [eds] = envoy.send(request(ENDPOINT, version=current, names=("web", "api")))
+    assert sorted(names_in(eds)) == ["api", "web"]
+
+
+def test_subscription_changes_on_a_stale_nonce_are_honoured(snapshot) -> None:
+    envoy = FakeEnvoy(snapshot)
+    envoy.send(request(CLUSTER))
+    [eds] = envoy.send(request(ENDPOINT, names=("web",)))
+    moved = factories.edge_snapshot(backend_port=9999)
+    envoy.active.set_stable("edge", moved)
+    [newer] = envoy.stream.on_snapshot(moved)  # supersedes `eds`
+    kind, state, sends = envoy.stream.receive(
+        request(ENDPOINT, version=eds.version, nonce=eds.nonce, names=("web", "api"))
+    )
+    assert kind is RequestKind.STALE and state.names == {"web", "api"}
+    [both] = sends
+    assert sorted(names_in(both)) == ["api", "web"] and both.nonce != newer.nonce
