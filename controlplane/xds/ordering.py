@@ -11,6 +11,10 @@ sends. These rules match what a real Envoy does (see tests/integration/test_envo
 - Listeners and routes that point at new clusters should arrive after those clusters have
   warmed (make before break), so they wait for the CDS ACK, but only for a bounded time: a
   cluster that never warms must not hold back the rest of the configuration forever.
+- Envoy asks for the endpoints of the clusters a CDS response adds or removes as soon as
+  it has applied that response (before its ACK). Until that request comes, EDS waits, for at
+  most SUBSCRIPTION_GRACE_SECONDS, so the endpoints go out once, for the new names, rather
+  than once for the old names and again for the new.
 - Any type may be sent again while its previous response is unACKed: a newer response
   supersedes it (the nonce rules in stream.py decide which ACK counts), so a new snapshot,
   an abort or a rollback reaches the client whatever is in flight.
@@ -32,6 +36,9 @@ from controlplane.resources import (
 
 # How long types wait for a CDS ACK before they are sent anyway (`serve --warming-timeout`).
 DEFAULT_WARMING_TIMEOUT_SECONDS = 10.0
+
+# How long EDS waits for the client to change its subscription after clusters came or went.
+SUBSCRIPTION_GRACE_SECONDS = 2.0
 
 # type -> (the types whose unACKed response holds it back, why)
 WAITS_FOR: dict[str, tuple[frozenset[str], str]] = {

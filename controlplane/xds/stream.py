@@ -103,6 +103,9 @@ class TypeState:
     sent_at: float | None = None  # the latest response of this type
     # Send again even if the version is unchanged: what the client holds must be refreshed.
     refresh: bool = False
+    # Resources just sent reference names of this type the client will now ask for: wait
+    # for that request until then (ordering.SUBSCRIPTION_GRACE_SECONDS).
+    subscription_due_by: float | None = None
     acked_version: str | None = None
     acked_at: float | None = None
     nacked_version: str | None = None
@@ -173,7 +176,7 @@ def classify(state: TypeState, request: Request) -> RequestKind:
 
 
 _REFRESH_CACHE: dict[tuple[str, str, str], frozenset[str]] = {}
-_REFRESH_CACHE_LIMIT = 256
+_REFRESH_CACHE_LIMIT = 256  # entries, for this cache and the next
 
 
 def added_or_changed_references(
@@ -195,6 +198,29 @@ def added_or_changed_references(
             if type_url == to_type
         )
     return names
+
+
+_REFERENCES_CACHE: dict[tuple[str, frozenset[str] | None, str], frozenset[str]] = {}
+
+
+def references(
+    current: TypeResources, names: frozenset[str] | None, to_type: str
+) -> frozenset[str]:
+    """Names of `to_type` that the named resources of `current` (all when None) reference:
+    what a client holding them asks for. Computed once per version and names."""
+    key = (current.version, names, to_type)
+    found = _REFERENCES_CACHE.get(key)
+    if found is None:
+        if len(_REFERENCES_CACHE) >= _REFRESH_CACHE_LIMIT:
+            _REFERENCES_CACHE.clear()
+        found = _REFERENCES_CACHE[key] = frozenset(
+            name
+            for resource_name, resource in current.by_name.items()
+            if names is None or resource_name in names
+            for type_url, name in resource.references
+            if type_url == to_type
+        )
+    return found
 
 
 class XdsStream:
@@ -257,6 +283,7 @@ class XdsStream:
         elif kind is RequestKind.INITIAL:
             self._initial(state, request)
         self._subscribe(state, request)
+        state.subscription_due_by = None  # the client has spoken since what it must ask for
         if kind is RequestKind.INITIAL:
             self._adopt(state, request)
         # An ACK may release types held behind this one; a subscription change may be due.
@@ -392,6 +419,8 @@ class XdsStream:
             deadline = blocker.sent_at + self._warming_timeout
             if deadline > now:
                 deadlines.append(deadline)
+        if state.subscription_due_by is not None and state.subscription_due_by > now:
+            deadlines.append(state.subscription_due_by)
         return max(deadlines, default=None)
 
     def _send_due(self) -> list[Send]:
@@ -430,14 +459,15 @@ class XdsStream:
         state.latest_nonce = nonce
         state.awaiting_ack = True
         state.sent_at = now
-        self._refresh_dependents(state.type_url, previous, current)
+        self._refresh_dependents(state.type_url, previous, current, now)
         payload, removed = encoded
         return Send(state.type_url, current.version, nonce, names, payload, removed)
 
     def _refresh_dependents(
-        self, type_url: str, previous: TypeResources | None, current: TypeResources
+        self, type_url: str, previous: TypeResources | None, current: TypeResources, now: float
     ) -> None:
-        """Resources added or changed by this response get what they need to warm again."""
+        """Resources added or changed by this response get what they need to warm again;
+        names the client does not ask for yet, it will ask for at once: wait for that."""
         dependent_url = ordering.refreshes_after(type_url)
         dependent = self.types.get(dependent_url) if dependent_url else None
         if previous is None or dependent is None or not dependent.subscribed:
@@ -445,6 +475,10 @@ class XdsStream:
         names = added_or_changed_references(previous, current, dependent.type_url)
         if names:
             self._refresh(dependent, names)
+        if not dependent.wildcard and dependent.names != references(
+            current, self._names_to_send(self.types[type_url]), dependent.type_url
+        ):
+            dependent.subscription_due_by = now + ordering.SUBSCRIPTION_GRACE_SECONDS
 
 
 class SotwStream(XdsStream):

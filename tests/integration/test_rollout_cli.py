@@ -132,7 +132,7 @@ def test_rollback_reports_nodes_that_do_not_ack(plane, tmp_path) -> None:
         )
         assert result.returncode == 1
         assert "0/1 nodes ACKed" in result.stdout
-        assert "not ACKed: silent-1: STALE" in result.stderr
+        assert "not ACKed: silent-1: WARMING" in result.stderr  # CDS never ACKed
     finally:
         hold.set()
         responses.cancel()

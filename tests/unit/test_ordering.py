@@ -12,7 +12,7 @@ from google.rpc import status_pb2
 from controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from controlplane.snapshot import Snapshot
 from controlplane.xds.delta import DeltaStream
-from controlplane.xds.ordering import WAITS_FOR
+from controlplane.xds.ordering import SUBSCRIPTION_GRACE_SECONDS, WAITS_FOR
 from controlplane.xds.stream import Send, SotwStream, XdsStream
 from tests import factories
 
@@ -134,6 +134,41 @@ def test_an_added_cluster_gets_its_endpoints_while_its_cds_response_is_unacked(p
 
 
 @protocols
+def test_endpoints_of_added_clusters_go_out_once_when_the_client_asks_for_them(protocol) -> None:
+    client = Client(protocol, config("a"))
+    client.connect_and_sync()
+    # EDS waits for the subscription that Envoy sends as soon as it has applied CDS.
+    assert types(client.publish(config("a", "b", route_to="b"))) == [CLUSTER]
+    assert client.stream.next_deadline() == client.now + SUBSCRIPTION_GRACE_SECONDS
+    [eds] = client.subscribe(ENDPOINT, ("a", "b"), client.stream.types[ENDPOINT].latest_nonce)
+    if protocol == "delta":
+        assert delta_names(eds) == (["b"], [])
+    assert client.stream.next_deadline() == client.now + WARMING_TIMEOUT  # routes to b wait
+
+
+@protocols
+def test_endpoints_go_out_anyway_if_the_client_does_not_ask_in_time(protocol) -> None:
+    client = Client(protocol, config("a"))
+    client.connect_and_sync()
+    moved = Snapshot.from_messages(  # adds b, and moves a's endpoints
+        [
+            (CLUSTER, factories.cluster("a")),
+            (ENDPOINT, factories.endpoints("a", port=9090)),
+            (CLUSTER, factories.cluster("b")),
+            (ENDPOINT, factories.endpoints("b")),
+            (LISTENER, factories.listener("http", "routes")),
+            (ROUTE, factories.routes("routes", "a")),
+        ]
+    )
+    assert types(client.publish(moved)) == [CLUSTER]
+    client.now += SUBSCRIPTION_GRACE_SECONDS
+    [eds] = client.stream.on_tick()
+    assert eds.type_url == ENDPOINT
+    if protocol == "delta":
+        assert delta_names(eds) == (["a"], [])
+
+
+@protocols
 def test_a_changed_cluster_gets_its_endpoints_again_after_its_cds_response(protocol) -> None:
     client = Client(protocol, config("a", "b"))
     client.connect_and_sync()
@@ -156,6 +191,7 @@ def test_a_cluster_that_never_warms_holds_listeners_and_routes_only_until_the_ti
     client.connect_and_sync()
     sends = client.publish(config("a", "b", route_to="b"))
     assert types(sends)[0] == CLUSTER and ROUTE not in types(sends)
+    client.subscribe(ENDPOINT, ("a", "b"), client.stream.types[ENDPOINT].latest_nonce)
     assert client.stream.warming()
     assert client.stream.next_deadline() == client.now + WARMING_TIMEOUT
     client.now += WARMING_TIMEOUT - 1
