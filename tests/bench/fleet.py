@@ -1,32 +1,45 @@
 """A fleet of simulated Envoys: real ADS gRPC clients, spread over worker processes.
 
-Each simulated Envoy opens one ADS stream and behaves as Envoy does, over state of the world
-(`protocol="sotw"`, `.../StreamAggregatedResources`) or delta (`protocol="delta"`,
-`.../DeltaAggregatedResources`).
+Each simulated Envoy opens one ADS stream and sends what Envoy 1.40 sends, in the order it
+sends it, over state of the world (`protocol="sotw"`, `.../StreamAggregatedResources`) or
+delta (`protocol="delta"`, `.../DeltaAggregatedResources`). That is checked, not assumed:
+tests/integration/test_simulator_matches_envoy.py records a real Envoy and one simulated
+node against the same scripted ADS server (tests/integration/scripted_ads.py: startup,
+adding, changing and removing an EDS cluster, a route to a new cluster, a partial NACK, a
+start without EDS) and asserts the two request sequences are equal.
 
-State of the world:
-- the first request carries Node(id="sim-<i>", cluster=<group>, user_agent_name="envoy-sim");
-- it asks for CDS and LDS as wildcards (no names), and on a reconnect sends the versions it
-  holds and the EDS/RDS names it had;
-- every response is ACKed with the response's version_info and nonce;
-- after a CDS response it decodes the clusters and, when the EDS names changed or a cluster
-  was added or changed (Envoy rebuilds those and re-subscribes), sends the EDS request
-  (names = eds_cluster_config.service_name or the cluster name) *before* the CDS ACK, as
-  Envoy does (its mux pauses EDS while CDS is applied, then resumes);
-- after an LDS response it subscribes RDS to every HttpConnectionManager's
-  rds.route_config_name, when that set changed, before the LDS ACK.
+What it models (both protocols):
+- Startup: it asks for CDS alone (wildcard); LDS only once its first CDS update is done, as
+  Envoy's cluster manager initializes before listeners. The first request carries
+  Node(id="sim-<i>", cluster=<group>, user_agent_name="envoy-sim").
+- After a CDS response it applies the valid clusters and asks for EDS (names =
+  eds_cluster_config.service_name or the cluster name) *before* answering, when Envoy does:
+  over state of the world when the EDS names changed or an EDS cluster was added or changed
+  (a changed cluster is re-created and re-subscribes, so the request repeats the same names,
+  version and already-ACKed nonce); over delta it subscribes the names that appeared and
+  unsubscribes those that went, and asks nothing for a cluster changed in place.
+- Warming: every EDS cluster the update added or changed warms until a response carrying its
+  ClusterLoadAssignment arrives, and the answer to the CDS response (ACK or NACK) is held
+  until none warms. Then it sends the CDS answer, then (at startup) the LDS request, then the
+  ACK of the EDS response that ended the warming. A newer CDS response replaces a held
+  answer. With nothing warming, the answer goes at once (at startup after the LDS request).
+  Not modelled: initial_fetch_timeout (a cluster whose endpoints never come warms forever).
+- Partial NACK: a cluster whose name starts with "invalid-" (INVALID_PREFIX) is rejected, the
+  rest of the update is applied; the answer is a NACK with error_detail
+  "Error adding/updating cluster(s) NAME: ..." (state of the world: version_info stays the
+  last version ACKed), held like an ACK while the valid clusters warm.
+- Every other response is ACKed at once (version_info and nonce / response_nonce); after an
+  LDS response it first asks for RDS (each HttpConnectionManager's rds.route_config_name)
+  when that set changed. A new listener does not hold the LDS ACK.
+- Delta keeps each resource's version (Resource.version), drops removed_resources, and
+  forgets the versions of names it unsubscribes; its ACK is
+  DeltaDiscoveryRequest(type_url, response_nonce).
+- On a reconnect (not checked against Envoy) it re-sends every subscription: CDS, the EDS
+  names, LDS, the RDS names, with the versions it holds (state of the world: version_info;
+  delta: initial_resource_versions).
 
-Delta:
-- the first request of each type carries resource_names_subscribe (empty for the CDS and LDS
-  wildcards) and, on the stream's first request, the node; on a reconnect it also carries
-  initial_resource_versions (name -> version of every resource held) and the names held;
-- it keeps each resource's version (Resource.version) and drops removed_resources;
-- after a CDS (LDS) response it subscribes EDS (RDS) to names that appeared and unsubscribes
-  names that went, in one request sent before the ACK, as Envoy does;
-- the ACK is DeltaDiscoveryRequest(type_url, response_nonce); once it is written, the node
-  holds the response's system_version_info for that type.
-
-A node "holds version X of a type" once it wrote the ACK of a response carrying X.
+A node "holds version X of a type" once it wrote the ACK of a response carrying X (for CDS,
+the held ACK: a node holds a CDS version only once its clusters have warmed).
 
 Responses are received as bytes and decoded once per distinct response (and once per
 distinct resource) in each worker: thousands of nodes receive the same bytes, and a client
@@ -58,6 +71,7 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -77,6 +91,8 @@ STOP_TIMEOUT_SECONDS = 15.0
 RECONNECT_BASE_SECONDS = 0.2
 RECONNECT_MAX_SECONDS = 2.0
 DECODE_CACHE_ENTRIES = 512  # per worker; cleared when full
+# A cluster whose name starts with this is one the simulated Envoy rejects (a partial NACK).
+INVALID_PREFIX = "invalid-"
 
 
 class FleetError(RuntimeError):
@@ -336,9 +352,12 @@ class _Sotw:
     type_url: str
     version: str
     nonce: str
-    clusters: dict[str, bytes] | None = None  # CDS: name -> serialized Cluster
+    clusters: dict[str, bytes] | None = None  # CDS: name -> serialized Cluster (valid ones)
+    eds_of: dict[str, str] | None = None  # CDS: EDS cluster name -> its EDS service name
     eds_names: list[str] | None = None  # CDS: sorted EDS service names
+    error: str = ""  # CDS: why clusters were rejected ("": none was)
     route_names: list[str] | None = None  # LDS: sorted RDS names
+    loaded: frozenset[str] = frozenset()  # EDS: the ClusterLoadAssignments it carries
 
 
 @dataclass(frozen=True)
@@ -348,10 +367,26 @@ class _Delta:
     type_url: str
     version: str  # system_version_info
     nonce: str
-    resources: tuple[tuple[str, str], ...]  # (name, version)
+    resources: tuple[tuple[str, str], ...]  # (name, version), rejected clusters left out
     removed: tuple[str, ...]
-    # CDS: name -> EDS service name (None: not an EDS cluster); LDS: name -> RDS names
+    # CDS: name -> (name, EDS service name or None, serialized Cluster); LDS: name -> RDS names
     derived: dict[str, Any] = field(default_factory=dict)
+    error: str = ""  # CDS: why clusters were rejected ("": none was)
+
+
+def _rejection(names: list[str]) -> str:
+    """The error_detail of a NACK for the clusters `names` (empty: no NACK), in Envoy's words."""
+    if not names:
+        return ""
+    return (
+        f"Error adding/updating cluster(s) {', '.join(names)}: simulated rejection "
+        f"(the name starts with {INVALID_PREFIX!r})"
+    )
+
+
+# The clusters a node holds before its first CDS response: one shared object, never mutated,
+# so that the first change is worked out once per worker (see _Worker.cluster_changes).
+_NO_CLUSTERS: dict[str, bytes] = {}
 
 
 class _Worker:
@@ -381,6 +416,8 @@ class _Worker:
         self._decoded: dict[bytes, Any] = {}
         self._clusters: dict[bytes, tuple[str, str | None, bytes]] = {}
         self._listeners: dict[bytes, tuple[str, tuple[str, ...]]] = {}
+        # (id(old), id(new)) -> (old, new, EDS names added or changed): see cluster_changes
+        self._changes: dict[tuple[int, int], tuple[Any, Any, frozenset[str]]] = {}
         # counters
         self.streams_open = 0
         self.connects = 0
@@ -531,13 +568,31 @@ class _Worker:
         decoded = _Sotw(type_url, response.version_info, response.nonce)
         if type_url == CDS:
             clusters: dict[str, bytes] = {}
-            eds_names = []
+            eds_of: dict[str, str] = {}
+            rejected: list[str] = []
             for item in response.resources:
                 name, eds_name, body = self.cluster(item.value)
+                if name.startswith(INVALID_PREFIX):
+                    rejected.append(name)
+                    continue
                 clusters[name] = body
                 if eds_name is not None:
-                    eds_names.append(eds_name)
-            decoded = _Sotw(type_url, decoded.version, decoded.nonce, clusters, sorted(eds_names))
+                    eds_of[name] = eds_name
+            decoded = _Sotw(
+                type_url,
+                decoded.version,
+                decoded.nonce,
+                clusters=clusters,
+                eds_of=eds_of,
+                eds_names=sorted(set(eds_of.values())),
+                error=_rejection(rejected),
+            )
+        elif type_url == EDS:
+            from envoy.config.endpoint.v3 import endpoint_pb2
+
+            parse = endpoint_pb2.ClusterLoadAssignment.FromString
+            loaded = frozenset(parse(item.value).cluster_name for item in response.resources)
+            decoded = _Sotw(type_url, decoded.version, decoded.nonce, loaded=loaded)
         elif type_url == LDS:
             names: set[str] = set()
             for item in response.resources:
@@ -554,9 +609,13 @@ class _Worker:
         response = discovery_pb2.DeltaDiscoveryResponse.FromString(raw)
         type_url = response.type_url
         derived: dict[str, Any] = {}
+        rejected: list[str] = []
         if type_url == CDS:
             for item in response.resources:
-                derived[item.name] = self.cluster(item.resource.value)[1]
+                if item.name.startswith(INVALID_PREFIX):
+                    rejected.append(item.name)
+                else:
+                    derived[item.name] = self.cluster(item.resource.value)
         elif type_url == LDS:
             for item in response.resources:
                 derived[item.name] = self.listener(item.resource.value)[1]
@@ -564,11 +623,34 @@ class _Worker:
             type_url,
             response.system_version_info,
             response.nonce,
-            tuple((item.name, item.version) for item in response.resources),
+            tuple(
+                (item.name, item.version)
+                for item in response.resources
+                if not (rejected and item.name.startswith(INVALID_PREFIX))
+            ),
             tuple(response.removed_resources),
             derived,
+            _rejection(rejected),
         )
         return self._remember(raw, decoded)
+
+    def cluster_changes(self, old: dict[str, bytes], response: _Sotw) -> frozenset[str]:
+        """The EDS service names of the clusters a CDS response adds or changes relative to
+        `old` (what a node held): worked out once per worker for each pair, since every node
+        goes through the same ones."""
+        new = response.clusters
+        assert new is not None and response.eds_of is not None
+        key = (id(old), id(new))
+        found = self._changes.get(key)
+        if found is None or found[0] is not old or found[1] is not new:
+            eds_of = response.eds_of
+            names = frozenset(
+                eds_of[n] for n, body in new.items() if n in eds_of and old.get(n) != body
+            )
+            if len(self._changes) >= DECODE_CACHE_ENTRIES:
+                self._changes.clear()
+            found = self._changes[key] = (old, new, names)
+        return found[2]
 
     def cluster(self, body: bytes) -> tuple[str, str | None, bytes]:
         """(name, EDS service name or None, the shared body) of a serialized Cluster."""
@@ -614,7 +696,13 @@ class _Worker:
 
 
 class _SimEnvoy:
-    """One simulated Envoy: one ADS stream, reconnected with backoff if it fails."""
+    """One simulated Envoy: one ADS stream, reconnected with backoff if it fails.
+
+    What both protocols share (see the module docstring): `warming` holds the EDS names of
+    the clusters added or changed by CDS whose ClusterLoadAssignment has not arrived yet; the
+    answer (ACK or NACK) to a CDS response is held while it is not empty; `initialized`
+    turns true when the first CDS update is done, which is when Envoy subscribes LDS.
+    """
 
     def __init__(self, worker: _Worker, index: int, channel: Any) -> None:
         from envoy.config.core.v3 import base_pb2
@@ -627,6 +715,8 @@ class _SimEnvoy:
         )
         self.acked: dict[str, str] = {}  # type URL -> version of the last response ACKed
         self.connected = False
+        self.initialized = False  # the first CDS update is done (LDS was subscribed)
+        self.warming: set[str] = set()  # EDS names awaited by added or changed clusters
 
     def matches(self, target: dict[str, str]) -> bool:
         acked = self.acked
@@ -662,30 +752,57 @@ class _SimEnvoy:
     async def _stream(self) -> None:
         raise NotImplementedError
 
+    async def _answer_cds(self, call: Any, answer: _CdsAnswer) -> None:
+        await call.write(answer.request)
+        if answer.version is not None:
+            self.acked[CDS] = answer.version
+            self.worker.acked(self)
+
+    async def _subscribe_listeners(self, call: Any, lds_request: Callable[[], Any]) -> None:
+        """Ask for LDS once, when the first CDS update is done (as Envoy's init does)."""
+        if not self.initialized:
+            self.initialized = True
+            await call.write(lds_request())
+
+    def _loaded(self, names: Any) -> bool:
+        """ClusterLoadAssignments `names` arrived: True when that ended the warming."""
+        if not self.warming:
+            return False
+        self.warming.difference_update(names)
+        return not self.warming
+
+
+@dataclass(frozen=True, slots=True)
+class _CdsAnswer:
+    """The answer to a CDS response, written at once or held while clusters warm."""
+
+    request: Any  # the DiscoveryRequest / DeltaDiscoveryRequest to write
+    version: str | None  # the version it ACKs (None: a NACK)
+
 
 class _SotwEnvoy(_SimEnvoy):
     def __init__(self, worker: _Worker, index: int, channel: Any) -> None:
         super().__init__(worker, index, channel)
         self.names: dict[str, list[str]] = {EDS: [], RDS: []}
-        self.clusters: dict[str, bytes] = {}  # name -> serialized Cluster (to spot changes)
+        self.clusters: dict[str, bytes] = _NO_CLUSTERS  # the CDS response's (shared) dict
 
     async def _stream(self) -> None:
         import grpc
         from envoy.service.discovery.v3 import discovery_pb2
 
+        Request = discovery_pb2.DiscoveryRequest
         call = self.channel.stream_stream(
             ADS_METHOD,
-            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+            request_serializer=Request.SerializeToString,
             response_deserializer=None,  # bytes: decoded once per worker (decode_sotw)
         )()
         nonces: dict[str, str] = {}  # per stream: the latest nonce of each type
+        held: _CdsAnswer | None = None  # the CDS answer held while clusters warm
         first = True
 
-        def request(
-            type_url: str, names: list[str] | None = None, *, nonce: str = ""
-        ) -> discovery_pb2.DiscoveryRequest:
+        def request(type_url: str, names: list[str] | None = None, *, nonce: str = "") -> Any:
             nonlocal first
-            req = discovery_pb2.DiscoveryRequest(
+            req = Request(
                 type_url=type_url,
                 version_info=self.acked.get(type_url, ""),
                 resource_names=names or [],
@@ -698,14 +815,15 @@ class _SotwEnvoy(_SimEnvoy):
 
         worker = self.worker
         try:
-            # Initial requests: wildcard CDS and LDS; after a reconnect also the EDS/RDS
-            # names held (Envoy re-sends its subscriptions with the versions it holds).
+            # Envoy asks for CDS alone, and for LDS once its first CDS update is done. On a
+            # reconnect it re-sends every subscription with the versions it holds.
             await call.write(request(CDS))
-            if self.names[EDS]:
-                await call.write(request(EDS, self.names[EDS]))
-            await call.write(request(LDS))
-            if self.names[RDS]:
-                await call.write(request(RDS, self.names[RDS]))
+            if self.initialized:
+                if self.names[EDS]:
+                    await call.write(request(EDS, self.names[EDS]))
+                await call.write(request(LDS))
+                if self.names[RDS]:
+                    await call.write(request(RDS, self.names[RDS]))
             while True:
                 raw = await call.read()
                 if raw is grpc.aio.EOF:
@@ -714,40 +832,65 @@ class _SotwEnvoy(_SimEnvoy):
                 type_url = response.type_url
                 worker.received(type_url, len(raw))
                 nonces[type_url] = response.nonce
-                # Subscription changes go out before the ACK that caused them, as in Envoy.
-                if type_url == CDS and self._clusters_changed(response):
-                    await call.write(request(EDS, self.names[EDS], nonce=nonces.get(EDS, "")))
+                if type_url == CDS:
+                    # Subscription changes go out before the answer, as in Envoy.
+                    if self._apply_clusters(response):
+                        await call.write(request(EDS, self.names[EDS], nonce=nonces.get(EDS, "")))
+                    if response.error:  # version_info stays the last version ACKed
+                        nack = request(CDS, nonce=response.nonce)
+                        nack.error_detail.code = 3  # INVALID_ARGUMENT
+                        nack.error_detail.message = response.error
+                        answer = _CdsAnswer(nack, None)
+                    else:
+                        ack = request(CDS, nonce=response.nonce)
+                        ack.version_info = response.version
+                        answer = _CdsAnswer(ack, response.version)
+                    if self.warming:  # held until the last warming cluster gets its endpoints
+                        held = answer
+                        continue
+                    held = None
+                    # Envoy's initialization ends within the update: LDS before the answer.
+                    await self._subscribe_listeners(call, lambda: request(LDS))
+                    await self._answer_cds(call, answer)
+                    continue
+                if type_url == EDS:
+                    if self._loaded(response.loaded) and held is not None:
+                        # Warming done: the CDS answer, then (at startup) LDS, then this ACK.
+                        await self._answer_cds(call, held)
+                        held = None
+                        await self._subscribe_listeners(call, lambda: request(LDS))
                 elif type_url == LDS and self._route_names_changed(response):
                     await call.write(request(RDS, self.names[RDS], nonce=nonces.get(RDS, "")))
                 # The ACK: same type, the response's version and nonce, the names asked for.
-                ack = discovery_pb2.DiscoveryRequest(
+                ack = Request(
                     type_url=type_url,
                     version_info=response.version,
                     response_nonce=response.nonce,
                     resource_names=self.names.get(type_url, []),
                 )
-                if first:
-                    ack.node.CopyFrom(self.node)
-                    first = False
                 await call.write(ack)
                 self.acked[type_url] = response.version
                 worker.acked(self)
         finally:
             call.cancel()
 
-    def _clusters_changed(self, response: _Sotw) -> bool:
-        """True when Envoy would (re)subscribe EDS: names changed, or a cluster was added or
-        changed (Envoy rebuilds it and it warms on a fresh EDS request)."""
-        assert response.clusters is not None and response.eds_names is not None
+    def _apply_clusters(self, response: _Sotw) -> bool:
+        """Hold the response's valid clusters; start warming the EDS clusters it adds or
+        changes (Envoy re-creates those). True when Envoy would send an EDS request: the EDS
+        names changed, or a cluster was added or re-created (then even with the same names)."""
         clusters, eds_names = response.clusters, response.eds_names
+        assert clusters is not None and eds_names is not None
         if clusters is self.clusters:
             return False
-        old = self.clusters
-        added_or_changed = any(old.get(n) != body for n, body in clusters.items())
-        changed = eds_names != self.names[EDS] or (added_or_changed and bool(eds_names))
+        added = self.worker.cluster_changes(self.clusters, response)
+        changed = eds_names != self.names[EDS]
+        if self.warming and changed:  # a removed cluster warms no more
+            self.warming.intersection_update(eds_names)
+        if added:
+            self.warming.update(added)
         self.clusters = clusters
         self.names[EDS] = eds_names
-        return changed
+        return changed or bool(added)
 
     def _route_names_changed(self, response: _Sotw) -> bool:
         assert response.route_names is not None
@@ -762,7 +905,8 @@ class _DeltaEnvoy(_SimEnvoy):
         # What the node holds: per type, resource name -> version (Resource.version).
         self.versions: dict[str, dict[str, str]] = {t: {} for t in (CDS, EDS, LDS, RDS)}
         self.names: dict[str, set[str]] = {EDS: set(), RDS: set()}  # subscribed
-        self.clusters: dict[str, str | None] = {}  # held cluster -> its EDS name
+        # held cluster -> (name, its EDS name or None, serialized Cluster), shared per worker
+        self.clusters: dict[str, tuple[str, str | None, bytes]] = {}
         self.listeners: dict[str, tuple[str, ...]] = {}  # held listener -> its RDS names
 
     async def _stream(self) -> None:
@@ -775,9 +919,10 @@ class _DeltaEnvoy(_SimEnvoy):
             request_serializer=Request.SerializeToString,
             response_deserializer=None,  # bytes: decoded once per worker (decode_delta)
         )()
+        held: _CdsAnswer | None = None  # the CDS answer held while clusters warm
         first = True
 
-        def initial(type_url: str, names: set[str] | None) -> discovery_pb2.DeltaDiscoveryRequest:
+        def initial(type_url: str, names: set[str] | None) -> Any:
             nonlocal first
             req = Request(
                 type_url=type_url,
@@ -791,14 +936,15 @@ class _DeltaEnvoy(_SimEnvoy):
 
         worker = self.worker
         try:
-            # Initial requests: wildcard CDS and LDS; after a reconnect also the EDS/RDS
-            # names held, each with the versions held (initial_resource_versions).
+            # Envoy asks for CDS alone, and for LDS once its first CDS update is done. On a
+            # reconnect it re-sends every subscription, with the versions it holds.
             await call.write(initial(CDS, None))
-            if self.names[EDS]:
-                await call.write(initial(EDS, self.names[EDS]))
-            await call.write(initial(LDS, None))
-            if self.names[RDS]:
-                await call.write(initial(RDS, self.names[RDS]))
+            if self.initialized:
+                if self.names[EDS]:
+                    await call.write(initial(EDS, self.names[EDS]))
+                await call.write(initial(LDS, None))
+                if self.names[RDS]:
+                    await call.write(initial(RDS, self.names[RDS]))
             while True:
                 raw = await call.read()
                 if raw is grpc.aio.EOF:
@@ -806,43 +952,81 @@ class _DeltaEnvoy(_SimEnvoy):
                 response = worker.decode_delta(raw)
                 type_url = response.type_url
                 worker.received(type_url, len(raw))
-                held = self.versions.setdefault(type_url, {})
-                held.update(response.resources)
+                versions = self.versions.setdefault(type_url, {})
+                versions.update(response.resources)
                 for name in response.removed:
-                    held.pop(name, None)
-                # Subscription changes go out before the ACK that caused them, as in Envoy.
+                    versions.pop(name, None)
                 if type_url == CDS:
-                    change = self._follow(response, self.clusters, EDS, lambda v: (v,) if v else ())
+                    # Subscription changes go out before the answer, as in Envoy.
+                    change = self._apply_clusters(response)
+                    if change is not None:
+                        await call.write(self._subscription(Request, EDS, *change))
+                    answer = Request(type_url=CDS, response_nonce=response.nonce)
+                    if response.error:
+                        answer.error_detail.code = 3  # INVALID_ARGUMENT
+                        answer.error_detail.message = response.error
+                    cds = _CdsAnswer(answer, None if response.error else response.version)
+                    if self.warming:  # held until the last warming cluster gets its endpoints
+                        held = cds
+                        continue
+                    held = None
+                    # Envoy's initialization ends within the update: LDS before the answer.
+                    await self._subscribe_listeners(call, lambda: initial(LDS, None))
+                    await self._answer_cds(call, cds)
+                    continue
+                if type_url == EDS:
+                    if self._loaded(n for n, _ in response.resources) and held is not None:
+                        # Warming done: the CDS answer, then (at startup) LDS, then this ACK.
+                        await self._answer_cds(call, held)
+                        held = None
+                        await self._subscribe_listeners(call, lambda: initial(LDS, None))
                 elif type_url == LDS:
-                    change = self._follow(response, self.listeners, RDS, lambda v: v)
-                else:
-                    change = None
-                if change is not None:
-                    subscribe, unsubscribe, dependent = change
-                    req = Request(
-                        type_url=dependent,
-                        resource_names_subscribe=subscribe,
-                        resource_names_unsubscribe=unsubscribe,
-                    )
-                    if first:  # never: CDS and LDS were asked first
-                        req.node.CopyFrom(self.node)
-                        first = False
-                    await call.write(req)
+                    change = self._apply_listeners(response)
+                    if change is not None:
+                        await call.write(self._subscription(Request, RDS, *change))
                 await call.write(Request(type_url=type_url, response_nonce=response.nonce))
                 self.acked[type_url] = response.version
                 worker.acked(self)
         finally:
             call.cancel()
 
-    def _follow(
-        self, response: _Delta, held: dict[str, Any], dependent: str, names_of: Any
-    ) -> tuple[list[str], list[str], str] | None:
-        """Apply a CDS (LDS) response to the held clusters (listeners); the EDS (RDS) names
-        to subscribe and unsubscribe, or None when they did not change."""
+    @staticmethod
+    def _subscription(
+        Request: Any, type_url: str, subscribe: list[str], unsubscribe: list[str]
+    ) -> Any:
+        return Request(
+            type_url=type_url,
+            resource_names_subscribe=subscribe,
+            resource_names_unsubscribe=unsubscribe,
+        )
+
+    def _apply_clusters(self, response: _Delta) -> tuple[list[str], list[str]] | None:
+        """Hold the response's valid clusters, drop the removed ones; start warming the EDS
+        clusters it adds or changes (Envoy re-creates those; it does not ask for their EDS
+        again). The EDS names to subscribe and unsubscribe, or None when they did not change."""
+        held = self.clusters
+        for name, cluster in response.derived.items():
+            old = held.get(name)
+            eds_name = cluster[1]
+            if eds_name is not None and (old is None or old[2] != cluster[2]):
+                self.warming.add(eds_name)
+            held[name] = cluster
+        for name in response.removed:
+            held.pop(name, None)
+        wanted = {cluster[1] for cluster in held.values() if cluster[1] is not None}
+        if self.warming:  # a removed cluster warms no more
+            self.warming.intersection_update(wanted)
+        return self._resubscribe(EDS, wanted)
+
+    def _apply_listeners(self, response: _Delta) -> tuple[list[str], list[str]] | None:
+        """Hold the response's listeners; the RDS names to subscribe and unsubscribe, or None."""
+        held = self.listeners
         held.update(response.derived)
         for name in response.removed:
             held.pop(name, None)
-        wanted = {n for value in held.values() for n in names_of(value)}
+        return self._resubscribe(RDS, {n for names in held.values() for n in names})
+
+    def _resubscribe(self, dependent: str, wanted: set[str]) -> tuple[list[str], list[str]] | None:
         subscribed = self.names[dependent]
         if wanted == subscribed:
             return None
@@ -851,4 +1035,4 @@ class _DeltaEnvoy(_SimEnvoy):
         versions = self.versions[dependent]
         for name in unsubscribe:  # Envoy forgets what it no longer asks for
             versions.pop(name, None)
-        return subscribe, unsubscribe, dependent
+        return subscribe, unsubscribe

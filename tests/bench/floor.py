@@ -12,10 +12,17 @@ tell the two servers apart by what it holds.
 
 What it keeps per stream is the least the protocol needs: per type, the names asked for,
 the latest nonce, whether a response awaits its ACK, and (delta) what the client holds.
-It keeps ADS order as xdscp does: one response in flight per stream, CDS, EDS, LDS, RDS in
-that order, each type held until the one before it is ACKed, so both servers make the same
-round trips. It does nothing else: no store, no metrics, no logs, no validation, no NACK
-handling beyond counting them, no fleet view.
+It keeps ADS order: CDS, EDS, LDS, RDS in that order, a response awaiting its ACK holding
+the types after it, with one exception. Envoy asks for the EDS of the clusters a CDS update
+adds (or removes, or, over state of the world, changes) before it ACKs that update, and holds
+the ACK until those clusters have their endpoints (tests/bench/fleet.py, checked against a
+real Envoy by tests/integration/test_simulator_matches_envoy.py). So an EDS request that
+arrives while a CDS response awaits its ACK releases EDS: it is answered at once, and at most
+a CDS and an EDS response are in flight. Holding EDS until then (rather than pushing it along
+with CDS) keeps one EDS response per push. (A cluster changed in place over delta is not
+asked for again, and would stall here; the bench config never changes one in place.)
+It does nothing else: no store, no metrics, no logs, no validation, no NACK handling beyond
+counting them, no fleet view.
 
 --style direct (the default) is the leanest grpc.aio shape: the handler reads with
 context.read() and writes with context.write(), and a publish starts a task per stream that
@@ -144,6 +151,7 @@ class Encoded:
 class _Type:
     __slots__ = (
         "awaiting",
+        "eds_asked",
         "held",
         "held_versions",
         "names",
@@ -158,6 +166,7 @@ class _Type:
         self.names: frozenset[str] | None = None  # None: wildcard
         self.nonce = ""
         self.awaiting = False
+        self.eds_asked = False  # CDS: an EDS request arrived since the response in flight
         self.sent: tuple[str, frozenset[str] | None] | None = None  # (version, names) last sent
         # delta: what the client holds once ACKed (type version, names) and its versions
         self.held: tuple[str, frozenset[str] | None] | None = None
@@ -288,6 +297,8 @@ class Floor:
         state = stream.types.get(request.type_url)
         if state is None:
             return
+        if request.type_url == EDS:
+            stream.types[CDS].eds_asked = True  # releases EDS past an unACKed CDS (_due)
         if request.response_nonce and request.response_nonce != state.nonce:
             return  # answers an older response: stale, ignored
         if request.response_nonce and state.awaiting:
@@ -309,13 +320,21 @@ class Floor:
             )
 
     def _due(self, types: dict[str, _Type], delta: bool) -> bytes | None:
-        """The next response in ADS order, if any: one in flight at a time."""
+        """The next response in ADS order, if any: a response awaiting its ACK holds the
+        types after it, except that EDS passes a CDS response once the client asked for EDS
+        since it was sent (Envoy ACKs CDS only once the clusters it added have endpoints)."""
         index = self.current
+        cds_awaiting = False
         for type_url in ADS_ORDER:
             state = types[type_url]
             if not state.subscribed:
                 continue
+            if cds_awaiting and type_url != EDS:
+                return None
             if state.awaiting:
+                if type_url == CDS and state.eds_asked:
+                    cds_awaiting = True
+                    continue
                 return None
             want = (self.encoded.version(index, type_url), state.names)
             if state.sent == want:
@@ -335,6 +354,7 @@ class Floor:
                 state.sent = want
             state.nonce = nonce
             state.awaiting = True
+            state.eds_asked = False
             return payload
         return None
 
