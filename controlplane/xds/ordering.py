@@ -12,9 +12,10 @@ sends. These rules match what a real Envoy does (see tests/integration/test_envo
   warmed (make before break), so they wait for the CDS ACK, but only for a bounded time: a
   cluster that never warms must not hold back the rest of the configuration forever.
 - Envoy asks for the endpoints of the clusters a CDS response adds or removes as soon as
-  it has applied that response (before its ACK). Until that request comes, EDS waits, for at
-  most SUBSCRIPTION_GRACE_SECONDS, so the endpoints go out once, for the new names, rather
-  than once for the old names and again for the new.
+  it has applied that response (before its ACK), and for the routes of the listeners an LDS
+  response adds or removes. Until that request comes, EDS (RDS) waits, for at most
+  SUBSCRIPTION_GRACE_SECONDS, so the endpoints (routes) go out once, for the new names,
+  rather than once for the old names and again for the new.
 - Any type may be sent again while its previous response is unACKed: a newer response
   supersedes it (the nonce rules in stream.py decide which ACK counts), so a new snapshot,
   an abort or a rollback reaches the client whatever is in flight.
@@ -37,7 +38,8 @@ from controlplane.resources import (
 # How long types wait for a CDS ACK before they are sent anyway (`serve --warming-timeout`).
 DEFAULT_WARMING_TIMEOUT_SECONDS = 10.0
 
-# How long EDS waits for the client to change its subscription after clusters came or went.
+# How long EDS (RDS) waits for the client to change its subscription after clusters
+# (listeners) came or went.
 SUBSCRIPTION_GRACE_SECONDS = 2.0
 
 # type -> (the types whose unACKed response holds it back, why)
@@ -72,10 +74,12 @@ def blockers(type_url: str) -> frozenset[str]:
     return WAITS_FOR[type_url][0]
 
 
-def refreshes_after(type_url: str) -> str | None:
-    """The type to re-send for the resources a response of `type_url` added or changed.
+# type -> the type its resources name, which a client subscribes to by name as soon as it
+# has applied them (Envoy: before it ACKs them).
+SUBSCRIBES_AFTER: dict[str, str] = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
 
-    A re-created EDS cluster warms only when its ClusterLoadAssignment arrives, even if the
-    endpoints did not change, so every cluster added or changed gets its endpoints again.
-    """
-    return ENDPOINT if type_url == CLUSTER else None
+# Types whose resources Envoy re-creates when they change, so that what they name must be
+# sent again: a re-created EDS cluster warms only when its ClusterLoadAssignment arrives,
+# even if the endpoints did not change. (A listener re-created with the same route name
+# shares the route it already has.)
+RECREATED_ON_CHANGE: frozenset[str] = frozenset({CLUSTER})

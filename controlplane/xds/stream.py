@@ -468,13 +468,14 @@ class XdsStream:
     ) -> None:
         """Resources added or changed by this response get what they need to warm again;
         names the client does not ask for yet, it will ask for at once: wait for that."""
-        dependent_url = ordering.refreshes_after(type_url)
+        dependent_url = ordering.SUBSCRIBES_AFTER.get(type_url)
         dependent = self.types.get(dependent_url) if dependent_url else None
         if previous is None or dependent is None or not dependent.subscribed:
             return  # the client asks for what its new resources need when it first gets them
-        names = added_or_changed_references(previous, current, dependent.type_url)
-        if names:
-            self._refresh(dependent, names)
+        if type_url in ordering.RECREATED_ON_CHANGE:
+            names = added_or_changed_references(previous, current, dependent.type_url)
+            if names:
+                self._refresh(dependent, names)
         if not dependent.wildcard and dependent.names != references(
             current, self._names_to_send(self.types[type_url]), dependent.type_url
         ):

@@ -242,3 +242,24 @@ def test_every_type_has_one_ordering_rule_with_a_reason() -> None:
     assert set(WAITS_FOR) == {t.type_url for t in ADS_ORDER}
     assert all(reason for _, reason in WAITS_FOR.values())
     assert not WAITS_FOR[ENDPOINT][0], "endpoints must never wait for the CDS ACK"
+
+
+@protocols
+def test_routes_of_an_added_listener_go_out_once_when_the_client_asks_for_them(protocol) -> None:
+    client = Client(protocol, config("a"))
+    client.connect_and_sync()
+    second = Snapshot.from_messages(
+        [
+            (CLUSTER, factories.cluster("a")),
+            (ENDPOINT, factories.endpoints("a")),
+            (LISTENER, factories.listener("http", "routes")),
+            (LISTENER, factories.listener("http2", "routes2", port=10001)),
+            (ROUTE, factories.routes("routes", "a")),
+            (ROUTE, factories.routes("routes2", "a")),
+        ]
+    )
+    assert types(client.publish(second)) == [LISTENER]  # RDS waits for the subscription
+    route_nonce = client.stream.types[ROUTE].latest_nonce
+    [rds] = client.subscribe(ROUTE, ("routes", "routes2"), route_nonce)
+    assert rds.type_url == ROUTE
+    assert client.stream.next_deadline() is None
