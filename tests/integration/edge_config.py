@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 ADS = {"ads": {}, "resource_api_version": "V3"}
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
@@ -20,20 +21,29 @@ def write(
     routes: list[dict[str, Any]],
     rds_source: dict[str, Any] | None = None,
     extra_clusters: list[dict[str, Any]] | None = None,
+    eds_initial_fetch_timeout: str | None = None,
+    cluster_fields: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """One HTTP listener -> RDS `edge_routes` -> `routes` -> EDS clusters named by `backends`.
 
     Each route is Envoy's own Route form, e.g. {"match": {"prefix": "/"}, "route": {"cluster": "a"}}.
     `rds_source` replaces the listener's RDS config source (default: ADS).
+    `eds_initial_fetch_timeout` sets the EDS clusters' `initial_fetch_timeout` ("0s": wait for
+    the endpoints forever); `cluster_fields` sets fields of named clusters, e.g.
+    {"a": {"connect_timeout": "2s"}}.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    eds_config: dict[str, Any] = dict(ADS)
+    if eds_initial_fetch_timeout is not None:
+        eds_config["initial_fetch_timeout"] = eds_initial_fetch_timeout
     clusters = [
         {
-            "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            "@type": CLUSTER,
             "name": name,
             "type": "EDS",
             "connect_timeout": "1s",
-            "eds_cluster_config": {"eds_config": ADS},
+            "eds_cluster_config": {"eds_config": eds_config},
+            **(cluster_fields or {}).get(name, {}),
         }
         for name in backends
     ] + list(extra_clusters or [])
@@ -102,3 +112,80 @@ def write(
 
 def route_to(cluster: str, prefix: str = "/") -> dict[str, Any]:
     return {"match": {"prefix": prefix}, "route": {"cluster": cluster}}
+
+
+def direct_response(prefix: str, body: str) -> dict[str, Any]:
+    """A route answering 200 `body` itself, with no cluster."""
+    return {
+        "match": {"prefix": prefix},
+        "direct_response": {"status": 200, "body": {"inline_string": body}},
+    }
+
+
+def never_warming_cluster(name: str, dead_port: int) -> dict[str, Any]:
+    """An EDS cluster whose endpoints come over gRPC from 127.0.0.1:`dead_port`, where nothing
+    listens, waiting for them forever (`initial_fetch_timeout: 0s`). Envoy accepts it, but it
+    never finishes warming: a running Envoy never ACKs the CDS update that added it, and an
+    Envoy starting on it never becomes ready."""
+    return {
+        "@type": CLUSTER,
+        "name": name,
+        "type": "EDS",
+        "connect_timeout": "1s",
+        "eds_cluster_config": {
+            "eds_config": {
+                "api_config_source": {
+                    "api_type": "GRPC",
+                    "transport_api_version": "V3",
+                    "grpc_services": [
+                        {
+                            "google_grpc": {
+                                "target_uri": f"127.0.0.1:{dead_port}",
+                                "stat_prefix": "dead_eds",
+                            }
+                        }
+                    ],
+                },
+                "initial_fetch_timeout": "0s",
+                "resource_api_version": "V3",
+            }
+        },
+    }
+
+
+def static_cluster(
+    name: str, *, address: str = "127.0.0.1", port: int = 9, connect_timeout: str = "1s"
+) -> dict[str, Any]:
+    """A STATIC cluster with one host. Envoy NACKs one whose `address` is not an IP (e.g.
+    "localhost": "malformed IP address"), which xdscp's publish-time checks accept."""
+    return {
+        "@type": CLUSTER,
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": connect_timeout,
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": address, "port_value": port}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def write_clusters(directory: Path, clusters: list[dict[str, Any]]) -> Path:
+    """A config of clusters only (no listeners, routes or endpoints)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "clusters.yaml").write_text(
+        yaml.safe_dump({"resources": clusters}, sort_keys=False)
+    )
+    return directory

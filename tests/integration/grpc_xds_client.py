@@ -6,7 +6,9 @@ variable set. Usage: `python grpc_xds_client.py TARGET METHOD MESSAGE TIMEOUT_S`
 It waits (bounded) for the channel to be ready, makes one unary call with a deadline, prints
 `REPLY <hex of the reply>` then `READY`, and keeps the channel (and so its xDS stream) open
 until stdin is closed, so the test can inspect the control plane while it is connected.
-Any failure is printed to stderr and the exit code is non-zero.
+Each line the test writes to stdin meanwhile is one more call with that line as the message,
+answered `REPLY <hex>` or `ERROR <code> <details>`.
+Any failure of the first call is printed to stderr and the exit code is non-zero.
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ def main(argv: list[str]) -> int:
             return 3
         print(f"REPLY {reply.hex()}", flush=True)
         print("READY", flush=True)
-        sys.stdin.read()  # until the test closes our stdin (or its process ends)
+        for line in sys.stdin:  # until the test closes our stdin (or its process ends)
+            try:
+                reply = call(line.rstrip("\n").encode(), timeout=timeout, wait_for_ready=True)
+            except grpc.RpcError as error:
+                print(f"ERROR {error.code()} {error.details()}", flush=True)
+                continue
+            print(f"REPLY {reply.hex()}", flush=True)
     return 0
 
 

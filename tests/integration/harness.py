@@ -49,9 +49,15 @@ def free_port() -> int:
 
 
 def wait_for(
-    condition: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.1, what: str = ""
+    condition: Callable[[], T],
+    *,
+    timeout: float = 20.0,
+    interval: float = 0.1,
+    what: str = "",
+    explain: Callable[[], str] | None = None,
 ) -> T:
-    """Poll until `condition()` is truthy; return it, or fail the test after `timeout`."""
+    """Poll until `condition()` is truthy; return it, or fail the test after `timeout`
+    (adding what `explain()` says, e.g. the state the processes are in)."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -62,7 +68,10 @@ def wait_for(
         except Exception as error:  # the thing polled may not be up yet
             last_error = error
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what or condition}: {last_error!r}")
+    details = f"\n{explain()}" if explain is not None else ""
+    pytest.fail(
+        f"timed out after {timeout}s waiting for {what or condition}: {last_error!r}{details}"
+    )
 
 
 def http_get(
@@ -191,8 +200,16 @@ def ads_bootstrap(
     *,
     api_type: str = "GRPC",
     metadata: dict[str, str] | None = None,
+    xds_keepalive_interval: str | None = None,
 ) -> dict[str, Any]:
-    """A standard ADS bootstrap (see deploy/envoy/), with a fast reconnect for tests."""
+    """A standard ADS bootstrap (see deploy/envoy/), with a fast reconnect for tests.
+
+    `xds_keepalive_interval` (e.g. "1s") makes Envoy send HTTP/2 PINGs on its xDS connection
+    at that interval (timeout 5s), as deploy/envoy/bootstrap-ads.yaml does.
+    """
+    http2: dict[str, Any] = {}
+    if xds_keepalive_interval is not None:
+        http2["connection_keepalive"] = {"interval": xds_keepalive_interval, "timeout": "5s"}
     return {
         "node": {"id": node_id, "cluster": group, "metadata": metadata or {}},
         "admin": {
@@ -226,7 +243,7 @@ def ads_bootstrap(
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
+                            "explicit_http_config": {"http2_protocol_options": http2},
                         }
                     },
                     "load_assignment": {
@@ -338,6 +355,22 @@ class Envoy:
             for host in config["route_config"].get("virtual_hosts", [])
             for route in host.get("routes", [])
             if "cluster" in route.get("route", {})
+        }
+
+    def clusters(self, resource: str = "dynamic_active_clusters") -> dict[str, dict[str, Any]]:
+        """{name: Cluster as JSON} of the dynamic clusters of one kind, e.g.
+        "dynamic_warming_clusters"."""
+        return {c["cluster"]["name"]: c["cluster"] for c in self.config_dump(resource)}
+
+    def cluster_hosts(self, cluster: str) -> set[str]:
+        """The "address:port" of each host /clusters lists for `cluster`."""
+        _, body = self.admin("/clusters?format=json")
+        return {
+            f"{address['address']}:{address['port_value']}"
+            for status in json.loads(body).get("cluster_statuses", [])
+            if status["name"] == cluster
+            for host in status.get("host_statuses", [])
+            if (address := host["address"].get("socket_address"))
         }
 
     def cluster_names(self) -> set[str]:

@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -27,18 +27,18 @@ NODE_ID = "grpc-client-1"
 SERVICE = "echo.test"
 ROUTE_NAME = "echo-route"
 CLUSTER_NAME = "echo-cluster"
+SECOND_CLUSTER = "echo-cluster-2"
 METHOD = "/xdscp.test.Echo/Echo"
 TYPES = ("Cluster", "ClusterLoadAssignment", "Listener", "RouteConfiguration")
 CLIENT = Path(__file__).with_name("grpc_xds_client.py")
 CLIENT_TIMEOUT_S = 30
 
 
-@pytest.fixture
-def echo_backend() -> Iterator[int]:
-    """An in-process gRPC server on 127.0.0.1: `/xdscp.test.Echo/Echo` returns b"echo:" + request."""
+def start_echo_server(prefix: bytes) -> tuple[grpc.Server, int]:
+    """An in-process gRPC server on 127.0.0.1: `/xdscp.test.Echo/Echo` returns prefix + request."""
 
     def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
-        return b"echo:" + request
+        return prefix + request
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers(
@@ -51,13 +51,46 @@ def echo_backend() -> Iterator[int]:
     port = server.add_insecure_port("127.0.0.1:0")
     assert port != 0, "could not bind the echo backend"
     server.start()
+    return server, port
+
+
+@pytest.fixture
+def echo_backend() -> Iterator[int]:
+    """An echo server answering b"echo:" + request; yields its port."""
+    server, port = start_echo_server(b"echo:")
     yield port
     server.stop(grace=None).wait(timeout=5)
 
 
-def write_grpc_config(directory: Path, backend_port: int) -> Path:
-    """Listener (api_listener) -> RouteConfiguration -> EDS Cluster -> ClusterLoadAssignment."""
+@pytest.fixture
+def echo_backends() -> Iterator[Callable[[bytes], int]]:
+    """Starts echo servers answering `prefix` + request; each call returns one's port."""
+    servers: list[grpc.Server] = []
+
+    def start(prefix: bytes) -> int:
+        server, port = start_echo_server(prefix)
+        servers.append(server)
+        return port
+
+    yield start
+    for server in servers:
+        server.stop(grace=None).wait(timeout=5)
+
+
+def write_grpc_config(
+    directory: Path,
+    backend_port: int,
+    *,
+    more_clusters: dict[str, int] | None = None,
+    route_to: str = CLUSTER_NAME,
+) -> Path:
+    """Listener (api_listener) -> RouteConfiguration -> EDS Cluster -> ClusterLoadAssignment.
+
+    The Cluster is `echo-cluster` at `backend_port`, plus one per `more_clusters` entry
+    (name -> backend port); the route sends everything to `route_to`.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    backends = {CLUSTER_NAME: backend_port, **(more_clusters or {})}
     listener = {
         "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
         "name": SERVICE,
@@ -78,45 +111,51 @@ def write_grpc_config(directory: Path, backend_port: int) -> Path:
             {
                 "name": "echo",
                 "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": CLUSTER_NAME}}],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": route_to}}],
             }
         ],
     }
-    cluster = {
-        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-        "name": CLUSTER_NAME,
-        "type": "EDS",
-        "connect_timeout": "1s",
-        "lb_policy": "ROUND_ROBIN",
-        "eds_cluster_config": {"eds_config": ADS},
-    }
-    endpoints = {
-        "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
-        "cluster_name": CLUSTER_NAME,
-        "endpoints": [
-            {
-                # gRPC drops a locality whose weight is unset (0): without it, "contains no
-                # localities" and the channel stays in TRANSIENT_FAILURE. Envoy does not care.
-                "locality": {"zone": "local"},
-                "load_balancing_weight": 1,
-                "lb_endpoints": [
-                    {
-                        "endpoint": {
-                            "address": {
-                                "socket_address": {
-                                    "address": "127.0.0.1",
-                                    "port_value": backend_port,
+    clusters = [
+        {
+            "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            "name": name,
+            "type": "EDS",
+            "connect_timeout": "1s",
+            "lb_policy": "ROUND_ROBIN",
+            "eds_cluster_config": {"eds_config": ADS},
+        }
+        for name in backends
+    ]
+    endpoints = [
+        {
+            "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    # gRPC drops a locality whose weight is unset (0): without it, "contains no
+                    # localities" and the channel stays in TRANSIENT_FAILURE. Envoy does not care.
+                    "locality": {"zone": "local"},
+                    "load_balancing_weight": 1,
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": "127.0.0.1",
+                                        "port_value": port,
+                                    }
                                 }
                             }
                         }
-                    }
-                ],
-            }
-        ],
-    }
+                    ],
+                }
+            ],
+        }
+        for name, port in backends.items()
+    ]
     for filename, items in (
-        ("clusters.yaml", [cluster]),
-        ("endpoints.yaml", [endpoints]),
+        ("clusters.yaml", clusters),
+        ("endpoints.yaml", endpoints),
         ("listeners.yaml", [listener]),
         ("routes.yaml", [route_config]),
     ):
@@ -166,48 +205,91 @@ def describe(plane: XdsControlPlane, stderr_path: Path) -> str:
     )
 
 
+class GrpcClient:
+    """grpc_xds_client.py in its own process, resolving `xds:///echo.test` through `plane`;
+    `call` makes one more RPC on the same channel."""
+
+    def __init__(self, plane: XdsControlPlane, tmp_path: Path, message: str = "hello") -> None:
+        self.plane = plane
+        bootstrap = write_bootstrap(tmp_path / "grpc-bootstrap.json", plane.xds_port)
+        self.stdout_path, self.stderr_path = tmp_path / "client.out", tmp_path / "client.err"
+        with self.stdout_path.open("wb") as stdout, self.stderr_path.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(CLIENT),
+                    f"xds:///{SERVICE}",
+                    METHOD,
+                    message,
+                    str(CLIENT_TIMEOUT_S),
+                ],
+                cwd=REPO,
+                env=client_env(bootstrap),
+                stdin=subprocess.PIPE,
+                stdout=stdout,
+                stderr=stderr,
+                text=True,
+            )
+
+    def lines(self) -> list[str]:
+        return self.stdout_path.read_text().splitlines()
+
+    def replies(self) -> list[bytes]:
+        return [
+            bytes.fromhex(line.removeprefix("REPLY "))
+            for line in self.lines()
+            if line.startswith("REPLY ")
+        ]
+
+    def _running(self, doing: str) -> None:
+        if self.process.poll() is not None:
+            pytest.fail(
+                f"gRPC client exited {self.process.returncode} {doing}\n"
+                + describe(self.plane, self.stderr_path)
+            )
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            if "READY" in self.lines():
+                return True
+            self._running("before its RPC succeeded")
+            return False
+
+        wait_for(ready, timeout=CLIENT_TIMEOUT_S + 10, what="the RPC through xds:///")
+
+    def call(self, message: str, timeout: float = 10) -> str:
+        """One more RPC: its answer line, `REPLY <hex>` or `ERROR ...`."""
+        assert self.process.stdin is not None
+        answered = len([line for line in self.lines() if line.startswith(("REPLY", "ERROR"))])
+        self.process.stdin.write(message + "\n")
+        self.process.stdin.flush()
+
+        def answer() -> str | None:
+            self._running(f"while calling with {message!r}")
+            answers = [line for line in self.lines() if line.startswith(("REPLY", "ERROR"))]
+            return answers[answered] if len(answers) > answered else None
+
+        return wait_for(answer, timeout=timeout, what=f"the answer to RPC {message!r}")
+
+    def close(self) -> int:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        return self.process.wait(timeout=15)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+
 def test_grpc_xds_client_resolves_through_xdscp_and_makes_an_rpc(
     control_plane: XdsControlPlane, echo_backend: int, tmp_path: Path
 ) -> None:
     control_plane.xdsctl("publish", str(write_grpc_config(tmp_path / "grpc", echo_backend)))
-    bootstrap = write_bootstrap(tmp_path / "grpc-bootstrap.json", control_plane.xds_port)
-    stdout_path, stderr_path = tmp_path / "client.out", tmp_path / "client.err"
-
-    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
-        client = subprocess.Popen(
-            [
-                sys.executable,
-                str(CLIENT),
-                f"xds:///{SERVICE}",
-                METHOD,
-                "hello",
-                str(CLIENT_TIMEOUT_S),
-            ],
-            cwd=REPO,
-            env=client_env(bootstrap),
-            stdin=subprocess.PIPE,
-            stdout=stdout,
-            stderr=stderr,
-        )
+    client = GrpcClient(control_plane, tmp_path)
     try:
-
-        def client_ready() -> bool:
-            if "READY" in stdout_path.read_text().splitlines():
-                return True
-            if client.poll() is not None:
-                pytest.fail(
-                    f"gRPC client exited {client.returncode} before its RPC succeeded\n"
-                    + describe(control_plane, stderr_path)
-                )
-            return False
-
-        wait_for(client_ready, timeout=CLIENT_TIMEOUT_S + 10, what="the RPC through xds:///")
-        replies = [
-            bytes.fromhex(line.removeprefix("REPLY "))
-            for line in stdout_path.read_text().splitlines()
-            if line.startswith("REPLY ")
-        ]
-        assert replies == [b"echo:hello"]
+        client.wait_ready()
+        assert client.replies() == [b"echo:hello"]
 
         # Still connected: xdscp sees the node and every type of the chain ACKed.
         types = wait_for(
@@ -221,10 +303,94 @@ def test_grpc_xds_client_resolves_through_xdscp_and_makes_an_rpc(
         assert "gRPC" in node["user_agent"]
         assert [e for e in control_plane.log_events() if e["event"] == "nack"] == []
 
-        assert client.stdin is not None
-        client.stdin.close()
-        assert client.wait(timeout=15) == 0, describe(control_plane, stderr_path)
+        assert client.close() == 0, describe(control_plane, client.stderr_path)
     finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait(timeout=5)
+        client.kill()
+
+
+def subscription_sizes(plane: XdsControlPlane, type_name: str, since: int) -> list[int]:
+    """How many names the client's subscription to a type held after each change xdscp logged
+    (debug "subscription update" events), from its `since`-th log event on."""
+    return [
+        event["names"]
+        for event in plane.log_events()[since:]
+        if event["event"] == "subscription update"
+        and event.get("node_id") == NODE_ID
+        and event["type_url"].endswith("." + type_name)
+    ]
+
+
+def test_grpc_xds_client_drops_a_cluster_it_no_longer_routes_to_and_keeps_working(
+    control_plane: XdsControlPlane, echo_backends: Callable[[bytes], int], tmp_path: Path
+) -> None:
+    """gRPC subscribes to clusters by name, only to those its routes use. A route change
+    makes it subscribe to the new cluster and drop the old one, with no change to either
+    cluster: xdscp must answer the subscription change itself."""
+    one, two = echo_backends(b"one:"), echo_backends(b"two:")
+    both = {SECOND_CLUSTER: two}  # every version holds echo-cluster (-> one) and this one
+    control_plane.xdsctl(
+        "publish", str(write_grpc_config(tmp_path / "v1", one, more_clusters=both))
+    )
+    client = GrpcClient(control_plane, tmp_path)
+    try:
+        client.wait_ready()
+        assert client.replies() == [b"one:hello"]
+        before = wait_for(
+            lambda: all_synced(control_plane, NODE_ID), timeout=10, what="SYNCED on v1"
+        )
+        node = next(n for n in control_plane.status() if n["node_id"] == NODE_ID)
+        changed_at = len(control_plane.log_events())
+
+        # Only the route changes: both clusters and their endpoints stay as they were.
+        v2 = write_grpc_config(tmp_path / "v2", one, more_clusters=both, route_to=SECOND_CLUSTER)
+        control_plane.xdsctl("publish", str(v2))
+        wait_for(
+            lambda: client.call("switch") == f"REPLY {b'two:switch'.hex()}",
+            timeout=10,
+            what=f"RPCs routed to {SECOND_CLUSTER}",
+            explain=lambda: describe(control_plane, client.stderr_path),
+        )
+
+        def resent_and_synced() -> dict[str, dict[str, Any]] | None:
+            types = all_synced(control_plane, NODE_ID)
+            if types is None or any(
+                types[name]["sent_at"] <= before[name]["sent_at"]
+                for name in ("Cluster", "ClusterLoadAssignment")
+            ):
+                return None
+            return types
+
+        # xdscp's status: clusters and endpoints were sent again for the new subscription,
+        # though their versions did not change, and the client ACKed them on the same stream.
+        after = wait_for(
+            resent_and_synced,
+            timeout=10,
+            what="Cluster and ClusterLoadAssignment re-sent and SYNCED",
+            explain=lambda: describe(control_plane, client.stderr_path),
+        )
+        for name in ("Cluster", "ClusterLoadAssignment"):
+            assert after[name]["expected_version"] == before[name]["expected_version"], name
+            # The subscription changed, and ended holding one name: the cluster routed to.
+            sizes = wait_for(
+                lambda n=name: (
+                    (s := subscription_sizes(control_plane, n, changed_at)) and s[-1] == 1 and s
+                ),
+                timeout=10,
+                what=f"the client's {name} subscription narrowed to one name",
+                explain=lambda n=name: str(subscription_sizes(control_plane, n, changed_at)),
+            )
+            assert max(sizes) <= 2, sizes
+        assert (
+            after["RouteConfiguration"]["acked_version"]
+            != before["RouteConfiguration"]["acked_version"]
+        )
+        now = next(n for n in control_plane.status() if n["node_id"] == NODE_ID)
+        assert now["stream_id"] == node["stream_id"]  # no reconnect
+        assert [e for e in control_plane.log_events() if e["event"] == "nack"] == []
+
+        # The client keeps working on the cluster it kept.
+        for message in ("after-1", "after-2", "after-3"):
+            assert client.call(message) == f"REPLY {f'two:{message}'.encode().hex()}"
+        assert client.close() == 0, describe(control_plane, client.stderr_path)
+    finally:
+        client.kill()
