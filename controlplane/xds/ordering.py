@@ -74,6 +74,12 @@ def blockers(type_url: str) -> frozenset[str]:
     return WAITS_FOR[type_url][0]
 
 
+# type -> the type an Envoy on ADS always asks for first, unless that one is paused. Envoy
+# pauses CDS while a cluster warms and keeps it paused across a reconnect: on the new stream
+# it asks for endpoints, listeners and routes, never for clusters, and would stay stuck.
+# Its CDS subscription is taken as given (a wildcard), so a fix or rollback reaches it.
+IMPLIES_SUBSCRIPTION: dict[str, str] = {ENDPOINT: CLUSTER}
+
 # type -> the type its resources name, which a client subscribes to by name as soon as it
 # has applied them (Envoy: before it ACKs them).
 SUBSCRIBES_AFTER: dict[str, str] = {CLUSTER: ENDPOINT, LISTENER: ROUTE}

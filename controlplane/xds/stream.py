@@ -282,6 +282,7 @@ class XdsStream:
             state.in_flight.clear()
         elif kind is RequestKind.INITIAL:
             self._initial(state, request)
+            self._imply_paused_subscription(state.type_url)
         self._subscribe(state, request)
         state.subscription_due_by = None  # the client has spoken since what it must ask for
         if kind is RequestKind.INITIAL:
@@ -303,6 +304,23 @@ class XdsStream:
 
     def _adopt(self, state: TypeState, request: Request) -> None:
         """After subscribing: record that the client already holds what is current."""
+
+    def _imply_paused_subscription(self, type_url: str) -> None:
+        """An Envoy on ADS asking for `type_url` before the type it always asks for first
+        has that type paused (see ordering.IMPLIES_SUBSCRIPTION): subscribe it as Envoy
+        would, so what it holds of that type is tracked, shown and can be fixed."""
+        implied = ordering.IMPLIES_SUBSCRIPTION.get(type_url)
+        if (
+            implied is None
+            or not self._ads
+            or implied in self.types
+            or self.node is None
+            or self.node.user_agent != "envoy"
+        ):
+            return
+        state = self.types[implied] = TypeState(implied)
+        state.subscribed = state.wildcard = state.legacy_wildcard = True
+        self.started_empty = False
 
     def _nacked(self, state: TypeState, nonce: str) -> None:
         """The response with `nonce` was NACKed (possibly after a newer one was sent)."""

@@ -334,6 +334,44 @@ def test_a_cluster_that_never_warms_is_released_by_rollback(
     assert_released(edge, envoy, v1, a, start_envoy, api_type)
 
 
+@PROTOCOLS
+def test_an_envoy_reconnecting_with_a_cluster_still_warming_is_tracked_and_released(
+    api_type: str,
+    edge: Edge,
+    upstream: Callable[[str], HttpUpstream],
+    start_envoy: StartEnvoy,
+) -> None:
+    """Envoy keeps CDS paused across a reconnect while a cluster warms: on the new stream it
+    asks for endpoints, listeners and routes, never for clusters. xdscp takes the CDS
+    subscription as given, so the node shows WARMING (never SYNCED) and a rollback reaches
+    it."""
+    a = upstream("a")
+    v1, envoy = run_v1(edge, a, start_envoy, "edge-1", api_type=api_type)
+    publish_stuck(edge, a)
+    assert_stuck(edge.plane, envoy)
+
+    assert edge.plane.stop() == 0
+    edge.plane.start()
+    bounded(
+        lambda: envoy.stats()["control_plane.connected_state"] == "1",
+        "Envoy reconnects",
+        edge.plane,
+        envoy,
+    )
+    bounded(
+        lambda: cluster_state(edge.plane, envoy.node_id) == "WARMING",
+        "the reconnected node's clusters shown WARMING",
+        edge.plane,
+        envoy,
+    )
+    assert not synced_on(edge.plane, envoy.node_id)
+    assert STUCK in envoy.clusters("dynamic_warming_clusters")
+
+    result = edge.plane.xdsctl("rollback", "--group", "edge", "--timeout", "10", check=False)
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}" + diagnose(edge.plane, envoy)
+    assert_released(edge, envoy, v1, a, start_envoy, api_type)
+
+
 # --- a canary that takes a cluster that never warms ---------------------------------------------
 
 

@@ -263,3 +263,23 @@ def test_routes_of_an_added_listener_go_out_once_when_the_client_asks_for_them(p
     [rds] = client.subscribe(ROUTE, ("routes", "routes2"), route_nonce)
     assert rds.type_url == ROUTE
     assert client.stream.next_deadline() is None
+
+
+@pytest.mark.parametrize("user_agent", ["envoy", "grpc"])
+def test_an_envoy_asking_for_endpoints_first_has_cds_paused_and_is_sent_clusters(
+    user_agent,
+) -> None:
+    """Envoy keeps CDS paused across a reconnect while a cluster warms, and asks for
+    endpoints first: its clusters are tracked (and sent) as if it had asked for them."""
+    snapshot = config("a")
+    stream = SotwStream(1, lambda node: snapshot)
+    node = base_pb2.Node(id="edge-1", cluster="edge", user_agent_name=user_agent)
+    request = discovery_pb2.DiscoveryRequest(
+        type_url=ENDPOINT, resource_names=["a"], version_info="old", node=node
+    )
+    sends = stream.receive(request)[2]
+    if user_agent == "envoy":
+        assert types(sends) == [CLUSTER, ENDPOINT]
+        assert stream.warming() and not stream.synced()
+    else:
+        assert types(sends) == [ENDPOINT] and CLUSTER not in stream.types
