@@ -71,19 +71,23 @@ class DeltaStream(XdsStream):
             state.wildcard = True
         if WILDCARD in unsubscribe:
             state.wildcard = False
-        held = dict(state.held)  # a new dict: `held` may be shared with other streams
-        for name in subscribe - {WILDCARD}:
-            if not (first and name in request.initial_resource_versions):
-                held[name] = UNKNOWN  # send it, or answer that it does not exist
-        for name in unsubscribe - {WILDCARD}:
-            if state.wildcard and name in state.names:
-                held[name] = UNKNOWN  # the wildcard still covers it: say where it stands
-            else:
-                held.pop(name, None)
-        state.names = shared_names(frozenset((state.names | subscribe) - unsubscribe - {WILDCARD}))
-        if held != state.held:
+        held = state.held  # copied before a change: it may be shared with other streams
+        resubscribed = {n for n in subscribe - {WILDCARD} if n in held}
+        if first:
+            resubscribed -= request.initial_resource_versions.keys()
+        new = subscribe - held.keys() - {WILDCARD}
+        # The wildcard still covers an explicit name unsubscribed: say where it stands.
+        answer = {n for n in unsubscribe if state.wildcard and n in state.names}
+        forget = (unsubscribe - answer - {WILDCARD}) & held.keys()
+        if resubscribed or answer or forget:
+            held = {n: v for n, v in held.items() if n not in forget}
+            held |= dict.fromkeys(resubscribed | answer, UNKNOWN)  # send it again
             state.held, state.held_key = held, None
             state.refresh = True
+        if new or state.unanswered:
+            state.unanswered = frozenset((state.unanswered | new) - unsubscribe)
+            state.refresh = True
+        state.names = shared_names(frozenset((state.names | subscribe) - unsubscribe - {WILDCARD}))
 
     def _nacked(self, state: TypeState, nonce: str) -> None:
         touched = state.in_flight.get(nonce)
@@ -111,6 +115,10 @@ class DeltaStream(XdsStream):
                     _TRANSITIONS.clear()
                 _TRANSITIONS[key] = transition
         entries, changed, removed, held, exact = transition
+        if state.unanswered:  # subscribed names that do not exist: say so
+            absent = {n for n in state.unanswered if n not in current.by_name}
+            removed = tuple(sorted(absent.union(removed)))
+            state.unanswered = frozenset()
         first_answer = state.sent_version is None and not state.held
         if not entries and not removed and not first_answer:
             return None  # the client holds exactly this (e.g. a reconnect): send nothing

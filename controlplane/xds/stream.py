@@ -118,6 +118,9 @@ class TypeState:
     # (type version, names) when `held` is exactly that version's resources for those
     # names: then the diff to the next version is the same for every such client.
     held_key: tuple[str, frozenset[str] | None] | None = None
+    # Delta only: names just subscribed that the client does not hold: the next response
+    # carries each, or names it in removed_resources if it does not exist.
+    unanswered: frozenset[str] = frozenset()
     # Delta only: nonce -> the names an unACKed response added, changed or removed.
     in_flight: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
