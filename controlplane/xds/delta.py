@@ -11,7 +11,10 @@ What delta adds to the shared rules:
   resources the client holds (and still asks for) that are not in the snapshot.
 - After a NACK, what the client holds of that response's resources is unknown (Envoy applies
   the valid part of an update): they are marked UNKNOWN, and the next response sends or
-  removes each of them, so the client is exact again.
+  removes each of them, so the client is exact again. A NACK of a response a newer one has
+  superseded is recorded, and what it carried is sent once more at once: the newer
+  response counted it as applied, and an ACK of it must not make the node look synced.
+- Unsubscribing `*` forgets what the client held through the wildcard alone (it drops it).
 - Subscribing to a name sends it, even if the client held it; a subscribed name that does
   not exist is answered in `removed_resources`. Unsubscribing an explicit name under a
   wildcard is answered with the resource (or its removal). A name unsubscribed is forgotten
@@ -69,8 +72,14 @@ class DeltaStream(XdsStream):
             state.legacy_wildcard = False  # a legacy wildcard stays a wildcard, with names
         if WILDCARD in subscribe:
             state.wildcard = True
-        if WILDCARD in unsubscribe:
+        if WILDCARD in unsubscribe and state.wildcard:
             state.wildcard = False
+            # The client drops what it held through the wildcard alone.
+            explicit = (state.names | subscribe) - unsubscribe
+            forget_all = state.held.keys() - explicit
+            if forget_all:
+                state.held = {n: v for n, v in state.held.items() if n not in forget_all}
+                state.held_key = None
         held = state.held  # copied before a change: it may be shared with other streams
         resubscribed = {n for n in subscribe - {WILDCARD} if n in held}
         if first:
@@ -89,12 +98,21 @@ class DeltaStream(XdsStream):
             state.refresh = True
         state.names = shared_names(frozenset((state.names | subscribe) - unsubscribe - {WILDCARD}))
 
-    def _nacked(self, state: TypeState, nonce: str) -> None:
-        touched = state.in_flight.get(nonce)
-        if touched is None:
-            touched = tuple(state.held)  # not remembered: nothing of the type is certain
+    def _nacked(self, state: TypeState, nonce: str, error: str, now: float) -> None:
+        version, touched = state.in_flight.get(nonce, ("", tuple(state.held)))
+        # (an unremembered response: nothing the client holds of the type is certain)
         state.held = state.held | dict.fromkeys(touched, UNKNOWN)
         state.held_key = None
+        if nonce != state.latest_nonce:
+            # A newer response was sent counting these as applied, and the client may ACK
+            # it: record the rejection, and send what it carried once more, so that the
+            # client either takes it or NACKs the latest response.
+            state.nacked_version, state.nack_error, state.nacked_at = version, error, now
+            state.refresh = True
+
+    def _reports_held(self, request: Request) -> bool:
+        assert isinstance(request, discovery_pb2.DeltaDiscoveryRequest)
+        return bool(request.initial_resource_versions)
 
     def _refresh(self, state: TypeState, names: frozenset[str]) -> None:
         stale = [name for name in names if name in state.held]
@@ -126,7 +144,7 @@ class DeltaStream(XdsStream):
         state.held_key = (current.version, names) if exact else None
         if len(state.in_flight) >= IN_FLIGHT_LIMIT:
             state.in_flight.pop(next(iter(state.in_flight)))
-        state.in_flight[nonce] = changed + removed
+        state.in_flight[nonce] = (current.version, changed + removed)
         payload = wire.delta_response(
             current.version, state.type_url, nonce, entries, list(removed)
         )

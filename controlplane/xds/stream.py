@@ -31,6 +31,8 @@ State of the world (SotwStream):
 - A reconnecting client that reports the version it holds is sent nothing if that is
   current, only on wildcard subscriptions: for named ones the version says nothing about
   which names the client holds.
+- A named subscription with no names is answered with nothing: Envoy does not ACK an empty
+  response to it, so the type counts as held at once.
 """
 
 from __future__ import annotations
@@ -121,8 +123,14 @@ class TypeState:
     # Delta only: names just subscribed that the client does not hold: the next response
     # carries each, or names it in removed_resources if it does not exist.
     unanswered: frozenset[str] = frozenset()
-    # Delta only: nonce -> the names an unACKed response added, changed or removed.
-    in_flight: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Delta only: nonce -> (version, the names it added, changed or removed) of each
+    # unACKed response.
+    in_flight: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    # Since when a response of this type has been awaiting its ACK (not reset when a newer
+    # one supersedes it): what the warming timeout counts from.
+    unacked_since: float | None = None
+    # Subscribed on the client's behalf (ordering.IMPLIES_SUBSCRIPTION), not asked for yet.
+    implied: bool = False
 
 
 @dataclass(frozen=True)
@@ -266,26 +274,36 @@ class XdsStream:
         state = self._state_for(request.type_url)
         if state is None:
             return RequestKind.UNSUPPORTED, TypeState(request.type_url), []
-        kind = classify(state, request)
+        if state.implied:
+            # The client's own first request for a type subscribed on its behalf: what it
+            # says it holds now counts, whatever it did with what it was sent before.
+            state = self.types[state.type_url] = TypeState(state.type_url)
+            kind = RequestKind.INITIAL
+        else:
+            kind = classify(state, request)
         now = self._clock()
         if kind is RequestKind.STALE:
             state.stale_requests += 1
             if request.HasField("error_detail"):
-                self._nacked(state, request.response_nonce)
+                self._nacked(state, request.response_nonce, request.error_detail.message, now)
         elif kind is RequestKind.NACK:
             state.awaiting_ack = False
+            state.unacked_since = None
             state.nacked_version = state.sent_version
+            if state.acked_version == state.nacked_version:
+                state.acked_version = None  # it rejected (part of) what it had accepted
             state.nack_error = request.error_detail.message
             state.nacked_at = now
-            self._nacked(state, request.response_nonce)
+            self._nacked(state, request.response_nonce, state.nack_error, now)
         elif kind is RequestKind.ACK:
             state.awaiting_ack = False
+            state.unacked_since = None
             state.acked_version = self._acked_version(state, request)
             state.acked_at = now
             state.in_flight.clear()
         elif kind is RequestKind.INITIAL:
             self._initial(state, request)
-            self._imply_paused_subscription(state.type_url)
+            self._imply_paused_subscription(state.type_url, request)
         self._subscribe(state, request)
         state.subscription_due_by = None  # the client has spoken since what it must ask for
         if kind is RequestKind.INITIAL:
@@ -308,10 +326,12 @@ class XdsStream:
     def _adopt(self, state: TypeState, request: Request) -> None:
         """After subscribing: record that the client already holds what is current."""
 
-    def _imply_paused_subscription(self, type_url: str) -> None:
-        """An Envoy on ADS asking for `type_url` before the type it always asks for first
-        has that type paused (see ordering.IMPLIES_SUBSCRIPTION): subscribe it as Envoy
-        would, so what it holds of that type is tracked, shown and can be fixed."""
+    def _imply_paused_subscription(self, type_url: str, request: Request) -> None:
+        """An Envoy on ADS that reconnects and asks for `type_url` before the type it always
+        asks for first has that type paused (see ordering.IMPLIES_SUBSCRIPTION): subscribe
+        it as Envoy would, so what it holds of that type is tracked, shown and can be fixed.
+        (A fresh Envoy may ask for endpoints first too, for an EDS cluster in its bootstrap:
+        it holds nothing, and is left to ask for clusters itself.)"""
         implied = ordering.IMPLIES_SUBSCRIPTION.get(type_url)
         if (
             implied is None
@@ -319,17 +339,22 @@ class XdsStream:
             or implied in self.types
             or self.node is None
             or self.node.user_agent != "envoy"
+            or not self._reports_held(request)
         ):
             return
         state = self.types[implied] = TypeState(implied)
-        state.subscribed = state.wildcard = state.legacy_wildcard = True
-        self.started_empty = False
+        state.subscribed = state.wildcard = state.legacy_wildcard = state.implied = True
 
-    def _nacked(self, state: TypeState, nonce: str) -> None:
-        """The response with `nonce` was NACKed (possibly after a newer one was sent)."""
+    def _nacked(self, state: TypeState, nonce: str, error: str, now: float) -> None:
+        """The response with `nonce` was NACKed (possibly after a newer one was sent: then
+        the NACK is not recorded above, and the newer response settles what it carried)."""
 
     def _refresh(self, state: TypeState, names: frozenset[str]) -> None:
         """Make the next response of `state`'s type carry `names` again."""
+        raise NotImplementedError
+
+    def _reports_held(self, request: Request) -> bool:
+        """The request says the client holds resources of its type (a reconnect)."""
         raise NotImplementedError
 
     def _encode(
@@ -435,9 +460,9 @@ class XdsStream:
         deadlines = []
         for blocker_url in ordering.blockers(state.type_url):
             blocker = self.types.get(blocker_url)
-            if blocker is None or not blocker.awaiting_ack or blocker.sent_at is None:
+            if blocker is None or blocker.unacked_since is None:
                 continue
-            deadline = blocker.sent_at + self._warming_timeout
+            deadline = blocker.unacked_since + self._warming_timeout
             if deadline > now:
                 deadlines.append(deadline)
         if state.subscription_due_by is not None and state.subscription_due_by > now:
@@ -472,12 +497,16 @@ class XdsStream:
         state.sent_names = names
         state.sent_resources = current
         if encoded is None:  # nothing differs for this client: it holds what is current
-            if not state.awaiting_ack:
+            if not state.awaiting_ack or names == frozenset():  # (or asks for nothing)
+                state.awaiting_ack = False
+                state.unacked_since = None
                 state.acked_version = current.version
                 state.acked_at = now
             return None
         self._nonce_counter += 1
         state.latest_nonce = nonce
+        if not state.awaiting_ack:
+            state.unacked_since = now
         state.awaiting_ack = True
         state.sent_at = now
         self._refresh_dependents(state.type_url, previous, current, now)
@@ -497,9 +526,12 @@ class XdsStream:
             names = added_or_changed_references(previous, current, dependent.type_url)
             if names:
                 self._refresh(dependent, names)
-        if not dependent.wildcard and dependent.names != references(
-            current, self._names_to_send(self.types[type_url]), dependent.type_url
-        ):
+        sent_names = self._names_to_send(self.types[type_url])
+        before = references(previous, sent_names, dependent.type_url)
+        after = references(current, sent_names, dependent.type_url)
+        will_add = after - dependent.names
+        will_drop = (before - after) & dependent.names
+        if not dependent.wildcard and (will_add or will_drop):
             dependent.subscription_due_by = now + ordering.SUBSCRIPTION_GRACE_SECONDS
 
 
@@ -545,8 +577,14 @@ class SotwStream(XdsStream):
         if state.wildcard or not names.isdisjoint(state.names):
             state.refresh = True
 
+    def _reports_held(self, request: Request) -> bool:
+        assert isinstance(request, discovery_pb2.DiscoveryRequest)
+        return bool(request.version_info)
+
     def _encode(
         self, state: TypeState, current: TypeResources, names: frozenset[str] | None, nonce: str
     ) -> tuple[bytes, tuple[str, ...]] | None:
+        if names == frozenset():
+            return None  # asks for nothing: Envoy does not ACK an empty response to that
         entries = current.entries_for(names)
         return wire.sotw_response(current.version, state.type_url, nonce, entries), ()

@@ -293,13 +293,31 @@ def test_subscription_changes_on_a_stale_nonce_are_honoured() -> None:
     assert newer.nonce != b.nonce
 
 
-def test_a_nack_of_a_superseded_response_still_makes_its_resources_unknown() -> None:
+def test_a_nack_of_a_superseded_response_is_recorded_and_what_it_carried_sent_once_more() -> None:
     envoy = Envoy(snapshot("a"))
     envoy.ack(*envoy.send(request(CLUSTER)))
-    [bad] = envoy.publish(snapshot("a", "b"))
-    [newer] = envoy.publish(snapshot("a", "b", "c"))
-    envoy.send(request(CLUSTER, nonce=bad.nonce, error="cluster b: invalid"))  # stale NACK
-    envoy.ack(newer)
-    assert envoy.stream.types[CLUSTER].held["b"] == UNKNOWN
-    [fixed] = envoy.publish(snapshot("a", "c"))
-    assert list(decode(fixed).removed_resources) == ["b"]
+    [bad] = envoy.publish(snapshot("a", "b"))  # b: invalid for this client
+    [newer] = envoy.publish(snapshot("a", "b", "c"))  # carries c only: b counted as applied
+    assert names(newer) == ["c"]
+    # The stale NACK: recorded, and b sent once more (the client takes it or NACKs the
+    # latest response).
+    [again] = envoy.send(request(CLUSTER, nonce=bad.nonce, error="cluster b: invalid"))
+    assert names(again) == ["b"]
+    assert envoy.stream.types[CLUSTER].nack_error == "cluster b: invalid"
+    assert envoy.ack(newer) == []  # superseded by `again`: does not count
+    assert not envoy.stream.synced()
+    kind, _, sends = envoy.stream.receive(
+        request(CLUSTER, nonce=again.nonce, error="cluster b: invalid")
+    )
+    assert (kind, sends) == (RequestKind.NACK, [])  # never in a loop
+    assert envoy.stream.rejection() == "cluster b: invalid" and not envoy.stream.synced()
+
+
+def test_unsubscribing_the_wildcard_forgets_what_came_through_it() -> None:
+    envoy = Envoy(snapshot("a", "b"))
+    [cds] = envoy.send(request(CLUSTER, subscribe=("*",)))
+    envoy.ack(cds)
+    envoy.send(request(CLUSTER, unsubscribe=("*",), nonce=cds.nonce))
+    assert envoy.stream.types[CLUSTER].held == {}
+    [again] = envoy.send(request(CLUSTER, subscribe=("*",), nonce=cds.nonce))
+    assert sorted(names(again)) == ["a", "b"]

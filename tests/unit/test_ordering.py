@@ -283,3 +283,110 @@ def test_an_envoy_asking_for_endpoints_first_has_cds_paused_and_is_sent_clusters
         assert stream.warming() and not stream.synced()
     else:
         assert types(sends) == [ENDPOINT] and CLUSTER not in stream.types
+
+
+ENVOY_NODE = base_pb2.Node(id="edge-1", cluster="edge", user_agent_name="envoy")
+
+
+def with_bootstrap_endpoints(*clusters: str) -> Snapshot:
+    """config(...) plus endpoints named by no dynamic cluster: those of an EDS cluster in
+    Envoy's bootstrap, fed over ADS."""
+    items = []
+    for name in clusters:
+        items += [(CLUSTER, factories.cluster(name)), (ENDPOINT, factories.endpoints(name))]
+    items += [
+        (ENDPOINT, factories.endpoints("static", 7000)),
+        (LISTENER, factories.listener("http", "routes")),
+        (ROUTE, factories.routes("routes", clusters[0])),
+    ]
+    return Snapshot.from_messages(items)
+
+
+@protocols
+def test_a_fresh_envoy_asking_for_bootstrap_endpoints_first_is_left_to_ask_for_clusters(
+    protocol,
+) -> None:
+    """A fresh Envoy initializes an EDS cluster of its bootstrap before CDS: its first
+    request is for endpoints, and it holds nothing. Clusters are not pushed before it asks
+    (it would drop them), and it still counts as fresh."""
+    snapshot = with_bootstrap_endpoints("a")
+    stream = (SotwStream if protocol == "sotw" else DeltaStream)(1, lambda node: snapshot)
+    first: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+    if protocol == "sotw":
+        first = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=["static"])
+    else:
+        first = discovery_pb2.DeltaDiscoveryRequest(
+            type_url=ENDPOINT, resource_names_subscribe=["static"]
+        )
+    first.node.CopyFrom(ENVOY_NODE)
+    assert types(stream.receive(first)[2]) == [ENDPOINT]
+    assert stream.started_empty and CLUSTER not in stream.types
+    cds = type(first)(type_url=CLUSTER)
+    assert types(stream.receive(cds)[2]) == [CLUSTER]
+
+
+def test_delta_an_implied_cds_subscription_learns_what_the_client_holds_when_it_asks() -> None:
+    """When the paused CDS resumes, Envoy's first CDS request reports what it holds (and
+    names the implied response's nonce): clusters gone since then are removed."""
+    snapshot = config("a")
+    stream = DeltaStream(1, lambda node: snapshot)
+    eds_version = snapshot.resources(ENDPOINT)["a"].version
+    reconnect = discovery_pb2.DeltaDiscoveryRequest(
+        type_url=ENDPOINT,
+        resource_names_subscribe=["a"],
+        initial_resource_versions={"a": eds_version},
+    )
+    reconnect.node.CopyFrom(ENVOY_NODE)
+    [cds] = [s for s in stream.receive(reconnect)[2] if s.type_url == CLUSTER]
+    held = {"a": snapshot.resources(CLUSTER)["a"].version, "gone": "0123456789abcdef"}
+    resumed = discovery_pb2.DeltaDiscoveryRequest(
+        type_url=CLUSTER, initial_resource_versions=held, response_nonce=cds.nonce
+    )
+    [removal] = stream.receive(resumed)[2]
+    assert delta_names(removal) == ([], ["gone"])
+
+
+def test_a_type_whose_names_all_went_is_synced_without_an_ack() -> None:
+    """Envoy does not ACK an empty response to a subscription with no names (SotW)."""
+    client = Client("sotw", config("a"))
+    client.connect_and_sync()
+    eds = client.stream.types[ENDPOINT]
+    assert client.subscribe(ENDPOINT, (), eds.latest_nonce) == []
+    assert client.stream.synced()
+
+
+def test_repeated_cds_pushes_do_not_restart_the_warming_timeout() -> None:
+    client = Client("sotw", config("a"))
+    client.connect_and_sync()
+    client.publish(config("a", "never-warms", route_to="never-warms"))
+    client.subscribe(ENDPOINT, ("a", "never-warms"), client.stream.types[ENDPOINT].latest_nonce)
+    sent: list[str] = []
+    for step in range(1, 4):  # a CDS change every 5 s; the client never ACKs
+        client.now += 5
+        changed = config("a", "never-warms", timeout_s=1 + step, route_to="never-warms")
+        sent += types(client.publish(changed) + client.stream.on_tick())
+    assert ROUTE in sent  # released 10 s after the first unACKed push
+
+
+@protocols
+def test_endpoints_of_a_changed_cluster_go_out_at_once_beside_bootstrap_endpoint_names(
+    protocol,
+) -> None:
+    """The subscription grace waits only for names the client will add or drop."""
+    client = Client(protocol, with_bootstrap_endpoints("a", "b"))
+    [cds] = client.ask(CLUSTER)
+    [eds] = client.ask(ENDPOINT, ("a", "b", "static"))
+    client.ack(eds)
+    client.ack(cds)
+    a2 = factories.cluster("a")
+    a2.connect_timeout.FromSeconds(2)
+    changed = Snapshot.from_messages(
+        [(CLUSTER, a2), (CLUSTER, factories.cluster("b"))]
+        + [(ENDPOINT, factories.endpoints(n)) for n in ("a", "b")]
+        + [(ENDPOINT, factories.endpoints("static", 7000))]
+        + [
+            (LISTENER, factories.listener("http", "routes")),
+            (ROUTE, factories.routes("routes", "a")),
+        ]
+    )
+    assert types(client.publish(changed)) == [CLUSTER, ENDPOINT]
