@@ -247,7 +247,7 @@ class _Timer:
             self._handle = None
         self._deadline = deadline
         if deadline is not None:
-            delay = max(0.0, deadline - time.time())  # streams keep time with time.time
+            delay = max(0.0, deadline - time.monotonic())  # streams' deadline clock
             self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
 
     def _fire(self) -> None:

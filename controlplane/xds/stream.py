@@ -106,7 +106,7 @@ class TypeState:
     # Send again even if the version is unchanged: what the client holds must be refreshed.
     refresh: bool = False
     # Resources just sent reference names of this type the client will now ask for: wait
-    # for that request until then (ordering.SUBSCRIPTION_GRACE_SECONDS).
+    # for that request until then (monotonic; ordering.SUBSCRIPTION_GRACE_SECONDS).
     subscription_due_by: float | None = None
     acked_version: str | None = None
     acked_at: float | None = None
@@ -126,8 +126,8 @@ class TypeState:
     # Delta only: nonce -> (version, the names it added, changed or removed) of each
     # unACKed response.
     in_flight: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
-    # Since when a response of this type has been awaiting its ACK (not reset when a newer
-    # one supersedes it): what the warming timeout counts from.
+    # Since when (monotonic) a response of this type has been awaiting its ACK (not reset
+    # when a newer one supersedes it): what the warming timeout counts from.
     unacked_since: float | None = None
     # Subscribed on the client's behalf (ordering.IMPLIES_SUBSCRIPTION), not asked for yet.
     implied: bool = False
@@ -246,14 +246,17 @@ class XdsStream:
         *,
         types: Iterable[str] | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         warming_timeout: float = ordering.DEFAULT_WARMING_TIMEOUT_SECONDS,
     ) -> None:
         """`resolve(node)` gives the snapshot a node should hold; `types` limits the stream
         to those type URLs (a per-type service), default every type (ADS); types wait for a
-        CDS ACK at most `warming_timeout` seconds."""
+        CDS ACK at most `warming_timeout` seconds. `clock` stamps what the status shows;
+        deadlines are kept on `monotonic`, which a wall-clock step cannot move."""
         self.stream_id = stream_id
         self._resolve = resolve
         self._clock = clock
+        self._monotonic = monotonic
         self._warming_timeout = warming_timeout
         self._ads = types is None
         allowed = tuple(types) if types is not None else tuple(t.type_url for t in ADS_ORDER)
@@ -375,8 +378,8 @@ class XdsStream:
         return self._send_due()
 
     def next_deadline(self) -> float | None:
-        """When a type held back by an unACKed one is released anyway, if any is held."""
-        now = self._clock()
+        """When (on the monotonic clock) a type held back is released anyway, if any is."""
+        now = self._monotonic()
         deadlines = [
             deadline
             for state in self.types.values()
@@ -471,17 +474,18 @@ class XdsStream:
 
     def _send_due(self) -> list[Send]:
         sends: list[Send] = []
-        now = self._clock()
+        now, tick = self._clock(), self._monotonic()
         for resource_type in ADS_ORDER:
             state = self.types.get(resource_type.type_url)
-            if state is None or not state.subscribed or self._held_until(state, now):
+            if state is None or not state.subscribed or self._held_until(state, tick):
                 continue
-            send = self._send_if_changed(state, now)
+            send = self._send_if_changed(state, now, tick)
             if send is not None:
                 sends.append(send)
         return sends
 
-    def _send_if_changed(self, state: TypeState, now: float) -> Send | None:
+    def _send_if_changed(self, state: TypeState, now: float, tick: float) -> Send | None:
+        """`now` stamps what the status shows; `tick` (monotonic) starts deadlines."""
         if self.snapshot is None:
             return None
         current = self.snapshot.of_type(state.type_url)
@@ -506,15 +510,15 @@ class XdsStream:
         self._nonce_counter += 1
         state.latest_nonce = nonce
         if not state.awaiting_ack:
-            state.unacked_since = now
+            state.unacked_since = tick
         state.awaiting_ack = True
         state.sent_at = now
-        self._refresh_dependents(state.type_url, previous, current, now)
+        self._refresh_dependents(state.type_url, previous, current, tick)
         payload, removed = encoded
         return Send(state.type_url, current.version, nonce, names, payload, removed)
 
     def _refresh_dependents(
-        self, type_url: str, previous: TypeResources | None, current: TypeResources, now: float
+        self, type_url: str, previous: TypeResources | None, current: TypeResources, tick: float
     ) -> None:
         """Resources added or changed by this response get what they need to warm again;
         names the client does not ask for yet, it will ask for at once: wait for that."""
@@ -532,7 +536,7 @@ class XdsStream:
         will_add = after - dependent.names
         will_drop = (before - after) & dependent.names
         if not dependent.wildcard and (will_add or will_drop):
-            dependent.subscription_due_by = now + ordering.SUBSCRIPTION_GRACE_SECONDS
+            dependent.subscription_due_by = tick + ordering.SUBSCRIPTION_GRACE_SECONDS
 
 
 class SotwStream(XdsStream):

@@ -38,11 +38,16 @@ class Client:
 
     def __init__(self, protocol: str, snapshot: Snapshot) -> None:
         self.protocol = protocol
-        self.now = 1000.0
+        self.now = 1000.0  # the monotonic clock
+        self.wall = 1.8e9  # the wall clock, which deadlines must not depend on
         self.current = snapshot
         kind: type[XdsStream] = SotwStream if protocol == "sotw" else DeltaStream
         self.stream = kind(
-            1, lambda node: self.current, clock=lambda: self.now, warming_timeout=WARMING_TIMEOUT
+            1,
+            lambda node: self.current,
+            clock=lambda: self.wall,
+            monotonic=lambda: self.now,
+            warming_timeout=WARMING_TIMEOUT,
         )
         self.names: dict[str, tuple[str, ...]] = {}
 
@@ -390,3 +395,13 @@ def test_endpoints_of_a_changed_cluster_go_out_at_once_beside_bootstrap_endpoint
         ]
     )
     assert types(client.publish(changed)) == [CLUSTER, ENDPOINT]
+
+
+def test_a_wall_clock_step_does_not_move_the_warming_deadline() -> None:
+    client = Client("sotw", config("a"))
+    client.connect_and_sync()
+    client.publish(config("a", "never-warms", route_to="never-warms"))
+    client.subscribe(ENDPOINT, ("a", "never-warms"), client.stream.types[ENDPOINT].latest_nonce)
+    client.wall -= 3600  # NTP steps the wall clock back an hour
+    client.now += WARMING_TIMEOUT
+    assert types(client.stream.on_tick()) == [ROUTE]
