@@ -23,6 +23,7 @@ from controlplane.rollout.probe import XdsEndpoint
 from controlplane.store.sqlite import SQLiteStore
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet
+from controlplane.xds.limits import MAX_REQUEST_BYTES
 from controlplane.xds.ordering import DEFAULT_WARMING_TIMEOUT_SECONDS
 from controlplane.xds.server import KEEPALIVE_OPTIONS, XdsServer
 
@@ -112,7 +113,7 @@ class ControlPlane:
             options=[
                 *KEEPALIVE_OPTIONS,
                 ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 # A fleet reconnecting at once (after a restart) must not see its streams
                 # cancelled because the default backlog of 1,000 unaccepted calls filled up.
                 ("grpc.server.max_pending_requests", 100_000),

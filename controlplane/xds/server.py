@@ -21,7 +21,7 @@ from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from controlplane import resources
 from controlplane.observability.metrics import Metrics
-from controlplane.xds import ordering, wire
+from controlplane.xds import limits, ordering, wire
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.delta import DeltaStream
 from controlplane.xds.fleet import Fleet
@@ -51,6 +51,9 @@ SERVICES: tuple[tuple[str, str | None, str | None, str | None], ...] = (
     ("envoy.service.runtime.v3.RuntimeDiscoveryService", "StreamRuntime", "DeltaRuntime", resources.RUNTIME),
     ("envoy.service.extension.v3.ExtensionConfigDiscoveryService", "StreamExtensionConfigs", "DeltaExtensionConfigs", resources.EXTENSION_CONFIG),
 )  # fmt: skip
+
+NACK_LOG_INTERVAL_SECONDS = 10.0  # per stream and type: one NACK line, then a count
+NODE_ID_LOG_CHARS = 256  # node id and group in each log line of a stream
 
 _WAKE = object()  # the group's snapshot may have changed
 _TICK = object()  # the stream's next deadline has come
@@ -134,6 +137,7 @@ class XdsServer:
         bound = log.bind(stream_id=stream.stream_id, peer=context.peer())
         converged_on: str | None = None
         timer = _Timer(events)
+        nack_log = NackLog()
         try:
             while (event := await events.get()) is not _END:
                 if event is _TICK:
@@ -146,9 +150,12 @@ class XdsServer:
                     kind, state, sends = stream.receive(_parse(request_type, event))  # type: ignore[arg-type]
                     if stream not in self._fleet and stream.node is not None:
                         self._fleet.add(stream, _QueueControl(events))
-                        bound = bound.bind(node_id=stream.node.id, group=stream.group)
+                        bound = bound.bind(
+                            node_id=limits.clip(stream.node.id, NODE_ID_LOG_CHARS),
+                            group=limits.clip(stream.group or "", NODE_ID_LOG_CHARS),
+                        )
                         bound.info("stream opened", protocol=stream.protocol)
-                    self._record_request(bound, stream, kind, state)
+                    self._record_request(bound, stream, kind, state, nack_log)
                     if kind in (RequestKind.ACK, RequestKind.NACK):
                         self._fleet.progressed()
                     converged_on = self._record_convergence(stream, converged_on)
@@ -157,9 +164,13 @@ class XdsServer:
                     yield send.payload
                 timer.set(stream.next_deadline())
         except RemoteProtocolError as error:
-            bound.warning("protocol error", error=str(error))
+            bound.warning("protocol error", reason=error.reason, error=limits.clip(str(error)))
             self._metrics.stream_errors.labels(error.reason).inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, limits.clip(str(error)))
+        except Exception:  # a bug of ours: logged in full here, never shown to the client
+            bound.exception("stream failed", reason="internal")
+            self._metrics.stream_errors.labels("internal").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
         finally:
             reader.cancel()
             timer.set(None)
@@ -199,13 +210,26 @@ class XdsServer:
         )
 
     def _record_request(
-        self, bound: BoundLogger, stream: XdsStream, kind: RequestKind, state: TypeState
+        self,
+        bound: BoundLogger,
+        stream: XdsStream,
+        kind: RequestKind,
+        state: TypeState,
+        nack_log: NackLog,
     ) -> None:
-        fields = {"type_url": state.type_url, "nonce": state.latest_nonce}
+        fields = {"type_url": limits.clip(state.type_url), "nonce": state.latest_nonce}
         _, _, acks, nacks = self._counters(state.type_url, stream)
         if kind is RequestKind.NACK:
             nacks.inc()
-            bound.warning("nack", version=state.nacked_version, error=state.nack_error, **fields)
+            suppressed = nack_log.allow(state.type_url, time.monotonic())
+            if suppressed is not None:
+                bound.warning(
+                    "nack",
+                    version=state.nacked_version,
+                    error=state.nack_error,
+                    suppressed=suppressed,
+                    **fields,
+                )
         elif kind is RequestKind.ACK:
             acks.inc()
             bound.debug("ack", version=state.acked_version, **fields)
@@ -229,6 +253,23 @@ class XdsServer:
                 max(0.0, time.time() - stream.assigned_at)
             )
         return snapshot.version
+
+
+class NackLog:
+    """One NACK log line per type every NACK_LOG_INTERVAL_SECONDS per stream; the lines
+    left out are counted into the next one (the metrics count every NACK)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, int]] = {}  # type -> (logged at, suppressed since)
+
+    def allow(self, type_url: str, now: float) -> int | None:
+        """None to leave this NACK out of the log, else how many were left out before it."""
+        logged_at, suppressed = self._last.get(type_url, (-NACK_LOG_INTERVAL_SECONDS, 0))
+        if now - logged_at < NACK_LOG_INTERVAL_SECONDS:
+            self._last[type_url] = (logged_at, suppressed + 1)
+            return None
+        self._last[type_url] = (now, 0)
+        return suppressed
 
 
 class _Timer:
@@ -269,9 +310,11 @@ class _QueueControl:
 def _parse(request_type: type[Request], raw: bytes) -> Request:
     try:
         return request_type.FromString(raw)
-    except DecodeError as error:
+    except DecodeError:
         name = request_type.DESCRIPTOR.name
-        raise RemoteProtocolError(f"malformed {name}: {error}", "malformed") from None
+        raise RemoteProtocolError(
+            f"malformed {name}: {len(raw):,} bytes that do not decode", "malformed"
+        ) from None
 
 
 async def _read_into(request_iterator: AsyncIterator[bytes], events: asyncio.Queue[object]) -> None:

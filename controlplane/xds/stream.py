@@ -10,6 +10,7 @@ never touches a socket, and reads time only from the clock it was given.
 waits on what is the table in `ordering.py`.
 
 Rules kept here and nowhere else:
+- Every request is checked against the limits in limits.py before anything else.
 - The Node comes from the first request; a stream without one is refused.
 - Every response has its own nonce. A request naming a nonce that is not its type's latest
   is stale: it is neither an ACK nor a NACK, but the subscription it carries still counts.
@@ -50,20 +51,10 @@ from controlplane import resources
 from controlplane.resources import ADS_ORDER
 from controlplane.snapshot import Snapshot, TypeResources
 from controlplane.store import DEFAULT_GROUP
-from controlplane.xds import ordering, wire
+from controlplane.xds import limits, ordering, wire
+from controlplane.xds.limits import RemoteProtocolError
 
 WILDCARD = "*"
-
-
-class RemoteProtocolError(Exception):
-    """The client broke the protocol. The shell ends the stream with INVALID_ARGUMENT.
-
-    `reason` is a short fixed word for metrics; the message is for humans.
-    """
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class RequestKind(enum.Enum):
@@ -273,6 +264,7 @@ class XdsStream:
 
     def receive(self, request: Request) -> tuple[RequestKind, TypeState, list[Send]]:
         """Take one request; return what it was, the type's state after it, and what to send."""
+        limits.check_request(request)
         self._learn_node(request)
         state = self._state_for(request.type_url)
         if state is None:
@@ -288,14 +280,15 @@ class XdsStream:
         if kind is RequestKind.STALE:
             state.stale_requests += 1
             if request.HasField("error_detail"):
-                self._nacked(state, request.response_nonce, request.error_detail.message, now)
+                error = limits.clip(request.error_detail.message)
+                self._nacked(state, request.response_nonce, error, now)
         elif kind is RequestKind.NACK:
             state.awaiting_ack = False
             state.unacked_since = None
             state.nacked_version = state.sent_version
             if state.acked_version == state.nacked_version:
                 state.acked_version = None  # it rejected (part of) what it had accepted
-            state.nack_error = request.error_detail.message
+            state.nack_error = limits.clip(request.error_detail.message)
             state.nacked_at = now
             self._nacked(state, request.response_nonce, state.nack_error, now)
         elif kind is RequestKind.ACK:

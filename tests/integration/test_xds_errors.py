@@ -9,6 +9,7 @@ import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import struct_pb2
 
 from controlplane import resources
 from tests.integration import edge_config
@@ -69,11 +70,54 @@ def failure_of(channel: grpc.Channel, payload: bytes, method: str = ADS) -> grpc
     return caught.value
 
 
+def node_with_metadata(metadata: struct_pb2.Struct) -> base_pb2.Node:
+    return base_pb2.Node(id="t-1", metadata=metadata)
+
+
+def deep_metadata(depth: int) -> struct_pb2.Struct:
+    metadata = inner = struct_pb2.Struct()
+    for _ in range(depth):
+        inner = inner.get_or_create_struct("x")
+    return metadata
+
+
+NAN_METADATA = struct_pb2.Struct()
+NAN_METADATA["n"] = float("nan")
+
 BAD_REQUESTS = {
-    "malformed bytes": (b"\xff\xff\xff", "malformed DiscoveryRequest"),
+    "malformed bytes": (b"\xff\xff\xff", "malformed DiscoveryRequest", "malformed"),
     "no node": (
         discovery_pb2.DiscoveryRequest(type_url=resources.CLUSTER).SerializeToString(),
         "must carry a Node",
+        "no_node",
+    ),
+    "too many names": (
+        first_request(
+            resources.ENDPOINT, resource_names=[f"c{i}" for i in range(100_001)]
+        ).SerializeToString(),
+        "resource_names: 100,001 names, over the limit of 100,000 names",
+        "limit_names",
+    ),
+    "NaN in metadata": (
+        discovery_pb2.DiscoveryRequest(
+            type_url=resources.CLUSTER, node=node_with_metadata(NAN_METADATA)
+        ).SerializeToString(),
+        "node.metadata holds nan, which JSON cannot carry",
+        "bad_metadata",
+    ),
+    "deep metadata": (
+        discovery_pb2.DiscoveryRequest(
+            type_url=resources.CLUSTER, node=node_with_metadata(deep_metadata(20))
+        ).SerializeToString(),
+        "over the limit of 16 levels deep",
+        "limit_metadata",
+    ),
+    "huge node id": (
+        discovery_pb2.DiscoveryRequest(
+            type_url=resources.CLUSTER, node=base_pb2.Node(id="n" * 100_000)
+        ).SerializeToString(),
+        "node.id: 100,000 bytes, over the limit of 1,024 bytes",
+        "limit_node",
     ),
 }
 
@@ -87,10 +131,13 @@ def test_bad_request_gets_invalid_argument_and_other_streams_carry_on(
     cds = good.receive()
     assert cds.type_url == resources.CLUSTER and len(cds.resources) == 1
 
-    payload, message = BAD_REQUESTS[case]
+    payload, message, reason = BAD_REQUESTS[case]
     error = failure_of(channel, payload)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in error.details()
+    assert "Traceback" not in error.details() and "Error" not in error.details()
+    status, _ = http_get(f"http://127.0.0.1:{control_plane.http_port}/healthz", timeout=2)
+    assert status == 200
 
     # The good stream is unaffected: it ACKs and gets the next type in ADS order.
     good.send(
@@ -103,7 +150,22 @@ def test_bad_request_gets_invalid_argument_and_other_streams_carry_on(
     assert lds.type_url == resources.LISTENER and len(lds.resources) == 1
     good.close()
     warnings = [e for e in control_plane.log_events() if e["event"] == "protocol error"]
-    assert message in warnings[-1]["error"]
+    assert message in warnings[-1]["error"] and warnings[-1]["reason"] == reason
+    assert len(warnings[-1]["error"]) <= 1100  # clipped: a hostile text cannot flood the log
+    _, metrics = http_get(f"http://127.0.0.1:{control_plane.http_port}/metrics")
+    assert f'xdscp_stream_errors_total{{reason="{reason}"}} 1.0' in metrics
+
+
+def test_a_message_over_the_size_limit_is_refused_before_it_is_parsed(control_plane, channel):
+    good = Client(channel)
+    good.send(first_request(resources.CLUSTER))
+    assert good.receive().type_url == resources.CLUSTER
+    huge = first_request(resources.ENDPOINT, resource_names=["x" * 4000] * 4500)  # ~18 MiB
+    error = failure_of(channel, huge.SerializeToString())
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    good.send(discovery_pb2.DiscoveryRequest(type_url=resources.LISTENER))
+    assert good.receive().type_url == resources.LISTENER
+    good.close()
 
 
 @pytest.mark.parametrize(
