@@ -20,9 +20,13 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from controlplane import resources
+from controlplane.caches import ByteBoundedCache, size_of_names
 from controlplane.resources import ADS_ORDER
 
-_ENTRIES_CACHE_LIMIT = 1024
+# Wire entries joined per (type, version, names): a fleet mostly asks for the same names.
+_JOINED_ENTRIES: ByteBoundedCache[tuple[str, str, frozenset[str]], bytes] = ByteBoundedCache(
+    "sotw_entries", 64 << 20
+)
 VERSION_LENGTH = 16  # hex digits of sha256 kept in a version string
 _ANY_RESOURCES_TAG = b"\x12"  # DiscoveryResponse.resources: field 2, length-delimited
 _DELTA_RESOURCES_TAG = b"\x12"  # DeltaDiscoveryResponse.resources: field 2 as well
@@ -110,14 +114,13 @@ class TypeResources:
         per distinct set of names: a fleet mostly asks for the same ones."""
         if names is None:
             return self.wire_entries
-        cache: dict[frozenset[str], bytes] = self.__dict__.setdefault("_entries_cache", {})
-        entries = cache.get(names)
+        key = (self.type_url, self.version, names)
+        entries = _JOINED_ENTRIES.get(key)
         if entries is None:
-            if len(cache) >= _ENTRIES_CACHE_LIMIT:
-                cache.clear()
-            entries = cache[names] = b"".join(
+            entries = b"".join(
                 self.by_name[n].wire_entry for n in sorted(names) if n in self.by_name
             )
+            _JOINED_ENTRIES.put(key, entries, len(entries) + size_of_names(names))
         return entries
 
 

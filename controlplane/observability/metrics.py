@@ -21,6 +21,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from controlplane.caches import CACHES
 from controlplane.store import POINTERS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -151,6 +152,18 @@ class _FleetCollector(Collector):
             for phase in ROLLOUT_PHASES:
                 phases.add_metric([group, phase], 1 if phase == current else 0)
         yield phases
+        yield _gauge(
+            "xdscp_cache_bytes",
+            "Estimated bytes held by each cache shared between streams",
+            ["cache"],
+            ((name, cache.bytes) for name, cache in sorted(CACHES.items())),
+        )
+        yield _gauge(
+            "xdscp_cache_entries",
+            "Entries in each cache shared between streams",
+            ["cache"],
+            ((name, len(cache)) for name, cache in sorted(CACHES.items())),
+        )
 
 
 def _gauge(

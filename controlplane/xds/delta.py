@@ -31,6 +31,7 @@ from __future__ import annotations
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resources
+from controlplane.caches import ByteBoundedCache, size_of_names
 from controlplane.snapshot import TypeResources
 from controlplane.xds import wire
 from controlplane.xds.stream import WILDCARD, Request, TypeState, XdsStream, shared_names
@@ -129,9 +130,7 @@ class DeltaStream(XdsStream):
         if transition is None:
             transition = _transition(state.held, current, names)
             if key is not None:
-                if len(_TRANSITIONS) >= _TRANSITIONS_LIMIT:
-                    _TRANSITIONS.clear()
-                _TRANSITIONS[key] = transition
+                _TRANSITIONS.put(key, transition, _size_of(transition, names))
         entries, changed, removed, held, exact = transition
         if state.unanswered:  # subscribed names that do not exist: say so
             absent = {n for n in state.unanswered if n not in current.by_name}
@@ -158,8 +157,14 @@ Transition = tuple[bytes, tuple[str, ...], tuple[str, ...], dict[str, str], bool
 
 # Diffs shared by every client moving between the same two versions with the same names:
 # a fleet moves together, so each is computed once, not once per stream.
-_TRANSITIONS: dict[tuple[object, str, frozenset[str] | None], Transition] = {}
-_TRANSITIONS_LIMIT = 1024
+_TRANSITIONS: ByteBoundedCache[tuple[object, str, frozenset[str] | None], Transition] = (
+    ByteBoundedCache("delta_diffs", 64 << 20)
+)
+
+
+def _size_of(transition: Transition, names: frozenset[str] | None) -> int:
+    entries, changed, removed, held, _ = transition
+    return len(entries) + size_of_names(changed) + size_of_names(removed) + size_of_names(held)
 
 
 def _transition(

@@ -48,6 +48,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import json_format
 
 from controlplane import resources
+from controlplane.caches import ByteBoundedCache, size_of_names
 from controlplane.resources import ADS_ORDER
 from controlplane.snapshot import Snapshot, TypeResources
 from controlplane.store import DEFAULT_GROUP
@@ -150,18 +151,18 @@ class NodeInfo:
 Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
 
 
-_SHARED_NAME_SETS: dict[frozenset[str], frozenset[str]] = {}
-_SHARED_NAME_SETS_LIMIT = 4096
+# A fleet asks for the same names over and over: one object for each distinct subscription.
+_NAME_SETS: ByteBoundedCache[frozenset[str], frozenset[str]] = ByteBoundedCache(
+    "name_sets", 32 << 20
+)
 
 
 def shared_names(names: frozenset[str]) -> frozenset[str]:
     """One object for each distinct subscription: a fleet asks for the same names over and
     over, and thousands of streams need not each keep their own copy."""
-    shared = _SHARED_NAME_SETS.get(names)
+    shared = _NAME_SETS.get(names)
     if shared is None:
-        if len(_SHARED_NAME_SETS) >= _SHARED_NAME_SETS_LIMIT:
-            _SHARED_NAME_SETS.clear()
-        shared = _SHARED_NAME_SETS[names] = names
+        shared = _NAME_SETS.put(names, names, size_of_names(names))
     return shared
 
 
@@ -177,8 +178,14 @@ def classify(state: TypeState, request: Request) -> RequestKind:
     return RequestKind.ACK
 
 
-_REFRESH_CACHE: dict[tuple[str, str, str], frozenset[str]] = {}
-_REFRESH_CACHE_LIMIT = 256  # entries, for this cache and the next
+# What a move between two versions adds or changes, and what a set of resources references:
+# the same for every client, so computed once.
+_CHANGED_REFERENCES: ByteBoundedCache[tuple[str, str, str], frozenset[str]] = ByteBoundedCache(
+    "changed_references", 8 << 20
+)
+_REFERENCES: ByteBoundedCache[tuple[str, frozenset[str] | None, str], frozenset[str]] = (
+    ByteBoundedCache("references", 16 << 20)
+)
 
 
 def added_or_changed_references(
@@ -187,11 +194,9 @@ def added_or_changed_references(
     """Names of `to_type` referenced by the resources that `current` adds or changes over
     `previous`. The same for every client making that move, so computed once per move."""
     key = (previous.version, current.version, to_type)
-    names = _REFRESH_CACHE.get(key)
+    names = _CHANGED_REFERENCES.get(key)
     if names is None:
-        if len(_REFRESH_CACHE) >= _REFRESH_CACHE_LIMIT:
-            _REFRESH_CACHE.clear()
-        names = _REFRESH_CACHE[key] = frozenset(
+        names = frozenset(
             name
             for resource_name, resource in current.by_name.items()
             if (old := previous.by_name.get(resource_name)) is None
@@ -199,10 +204,8 @@ def added_or_changed_references(
             for type_url, name in resource.references
             if type_url == to_type
         )
+        _CHANGED_REFERENCES.put(key, names, size_of_names(names))
     return names
-
-
-_REFERENCES_CACHE: dict[tuple[str, frozenset[str] | None, str], frozenset[str]] = {}
 
 
 def references(
@@ -211,17 +214,16 @@ def references(
     """Names of `to_type` that the named resources of `current` (all when None) reference:
     what a client holding them asks for. Computed once per version and names."""
     key = (current.version, names, to_type)
-    found = _REFERENCES_CACHE.get(key)
+    found = _REFERENCES.get(key)
     if found is None:
-        if len(_REFERENCES_CACHE) >= _REFRESH_CACHE_LIMIT:
-            _REFERENCES_CACHE.clear()
-        found = _REFERENCES_CACHE[key] = frozenset(
+        found = frozenset(
             name
             for resource_name, resource in current.by_name.items()
             if names is None or resource_name in names
             for type_url, name in resource.references
             if type_url == to_type
         )
+        _REFERENCES.put(key, found, size_of_names(found) + size_of_names(names))
     return found
 
 
