@@ -65,4 +65,6 @@ def size_of_names(names: Iterable[str] | None) -> int:
     """About what a set (or the keys of a dict) of these names takes."""
     if names is None:
         return 0
-    return sum(len(name) + _STRING_OVERHEAD + _SLOT for name in names)
+    if not isinstance(names, (set, frozenset, dict, list, tuple)):
+        names = list(names)
+    return len(names) * (_STRING_OVERHEAD + _SLOT) + sum(map(len, names))

@@ -93,9 +93,9 @@ BAD_REQUESTS = {
     ),
     "too many names": (
         first_request(
-            resources.ENDPOINT, resource_names=[f"c{i}" for i in range(100_001)]
+            resources.ENDPOINT, resource_names=[f"c{i}" for i in range(50_001)]
         ).SerializeToString(),
-        "resource_names: 100,001 names, over the limit of 100,000 names",
+        "resource_names: 50,001 names, over the limit of 50,000 names",
         "limit_names",
     ),
     "NaN in metadata": (

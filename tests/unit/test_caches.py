@@ -7,6 +7,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.caches import CACHES, ByteBoundedCache, size_of_names
 from controlplane.resources import ENDPOINT
+from controlplane.xds.limits import MAX_NAMES_PER_REQUEST
 from controlplane.xds.stream import SotwStream
 from tests import factories
 
@@ -34,14 +35,14 @@ def test_size_of_names_counts_every_name() -> None:
 
 
 def test_clients_naming_many_distinct_resources_cannot_grow_the_shared_caches() -> None:
-    """40 streams, each asking for 100,000 names nobody else asks for (measured on the old
-    code: +421 MiB that stayed after the streams closed)."""
+    """40 streams, each asking for as many names as a request may carry, names nobody else
+    asks for (on the old code, 40 x 100,000 names left +421 MiB after the streams closed)."""
     snapshot = factories.edge_snapshot()
     for client in range(40):
         stream = SotwStream(client, lambda node: snapshot)
         request = discovery_pb2.DiscoveryRequest(
             type_url=ENDPOINT,
-            resource_names=[f"hostile-{client}-{i}" for i in range(100_000)],
+            resource_names=[f"hostile-{client}-{i}" for i in range(MAX_NAMES_PER_REQUEST)],
             node=base_pb2.Node(id=f"hostile-{client}"),
         )
         stream.receive(request)

@@ -46,12 +46,12 @@ def nested(depth: int) -> struct_pb2.Struct:
 def test_too_many_names_in_one_request_are_refused_naming_the_limit() -> None:
     names = [f"c{i}" for i in range(limits.MAX_NAMES_PER_REQUEST + 1)]
     assert refusal(sotw(resource_names=names)) == (
-        "limit_names: resource_names: 100,001 names, over the limit of 100,000 names"
+        "limit_names: resource_names: 50,001 names, over the limit of 50,000 names"
     )
     delta = discovery_pb2.DeltaDiscoveryRequest(
         type_url=CLUSTER, node=NODE, initial_resource_versions=dict.fromkeys(names, "v")
     )
-    assert refusal(delta).startswith("limit_names: initial_resource_versions: 100,001 names")
+    assert refusal(delta).startswith("limit_names: initial_resource_versions: 50,001 names")
 
 
 def test_a_name_over_the_length_limit_is_refused() -> None:
