@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import structlog
 
-from controlplane import resources
+from controlplane import memory, resources
 from controlplane.admin.auth import TokenInterceptor, load_or_create_token
 from controlplane.admin.http import HttpEndpoint
 from controlplane.admin.service import MUTATING_METHODS, AdminService
@@ -101,6 +101,7 @@ class ControlPlane:
             ControlPlaneView(self.fleet, self.assignments, self.store, self.controller)
         )
         self.ready = False
+        self._trimmer: asyncio.Task[None] | None = None
         self.bound: dict[str, Address] = {}
         # so_reuseport off: a second xdscp on the same port must fail, not split the fleet.
         self._xds = grpc.aio.server(
@@ -166,6 +167,7 @@ class ControlPlane:
             tcp=(_LOOPBACK.get(xds.host, xds.host), xds.port), unix_socket=self.config.unix_socket
         )
         self.controller.start()
+        self._trimmer = asyncio.create_task(memory.release_periodically(self.fleet.names_in_use))
         self.ready = True
         log.info(
             "serving",
@@ -196,6 +198,8 @@ class ControlPlane:
     async def stop(self) -> None:
         """Stop taking work, end xDS streams (Envoys reconnect elsewhere), finish admin calls."""
         self.ready = False
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         log.info("draining", grace_seconds=self.config.drain_seconds, streams=len(self.fleet))
         await self.controller.stop()
         self.fleet.close_all()

@@ -5,13 +5,14 @@ shared through these caches. A client asking for a million distinct things must 
 them grow without bound: each is a least-recently-used map with a byte budget, and an entry
 larger than an eighth of its budget is computed but not kept. Sizes are estimates of what an
 entry holds (its bytes and strings), and every cache reports them as metrics
-(`xdscp_cache_bytes`, `xdscp_cache_entries`).
+(`xdscp_cache_bytes`, `xdscp_cache_entries`). Entries made from subscriptions that no open
+stream holds any more are released now and then (controlplane/memory.py).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -25,9 +26,17 @@ CACHES: dict[str, ByteBoundedCache[object, object]] = {}
 
 
 class ByteBoundedCache(Generic[K, V]):
-    def __init__(self, name: str, budget_bytes: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        budget_bytes: int,
+        names_in_key: Callable[[K], Iterable[frozenset[str] | None]] = lambda key: (),
+    ) -> None:
+        """`names_in_key(key)` gives the subscriptions (name sets) a key was made from, so
+        that entries no open stream can ask for again are released (`release_unused`)."""
         self.name = name
         self.budget_bytes = budget_bytes
+        self._names_in_key = names_in_key
         self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self.bytes = 0
         CACHES[name] = self  # type: ignore[assignment]
@@ -53,6 +62,17 @@ class ByteBoundedCache(Generic[K, V]):
             self.bytes -= evicted
         return value
 
+    def release_unused(self, names_in_use: set[int]) -> None:
+        """Drop the entries made from a subscription no open stream holds (by identity:
+        streams hold the shared name sets, see xds.stream.shared_names)."""
+        unused = [
+            key
+            for key in self._entries
+            if any(n is not None and id(n) not in names_in_use for n in self._names_in_key(key))
+        ]
+        for key in unused:
+            self.bytes -= self._entries.pop(key)[1]
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -68,3 +88,9 @@ def size_of_names(names: Iterable[str] | None) -> int:
     if not isinstance(names, (set, frozenset, dict, list, tuple)):
         names = list(names)
     return len(names) * (_STRING_OVERHEAD + _SLOT) + sum(map(len, names))
+
+
+def release_unused(names_in_use: set[int]) -> None:
+    """Every cache drops what only closed streams could ask for."""
+    for cache in CACHES.values():
+        cache.release_unused(names_in_use)

@@ -25,7 +25,7 @@ from controlplane.resources import ADS_ORDER
 
 # Wire entries joined per (type, version, names): a fleet mostly asks for the same names.
 _JOINED_ENTRIES: ByteBoundedCache[tuple[str, str, frozenset[str]], bytes] = ByteBoundedCache(
-    "sotw_entries", 64 << 20
+    "sotw_entries", 64 << 20, lambda key: (key[2],)
 )
 VERSION_LENGTH = 16  # hex digits of sha256 kept in a version string
 _ANY_RESOURCES_TAG = b"\x12"  # DiscoveryResponse.resources: field 2, length-delimited

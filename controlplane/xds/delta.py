@@ -158,7 +158,11 @@ Transition = tuple[bytes, tuple[str, ...], tuple[str, ...], dict[str, str], bool
 # Diffs shared by every client moving between the same two versions with the same names:
 # a fleet moves together, so each is computed once, not once per stream.
 _TRANSITIONS: ByteBoundedCache[tuple[object, str, frozenset[str] | None], Transition] = (
-    ByteBoundedCache("delta_diffs", 64 << 20)
+    ByteBoundedCache(
+        "delta_diffs",
+        64 << 20,
+        lambda key: (key[2], key[0][1] if key[0] else None),  # type: ignore[index]
+    )
 )
 
 

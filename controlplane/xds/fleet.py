@@ -131,6 +131,16 @@ class Fleet:
         for _, control in self._streams.values():
             control.close()
 
+    def names_in_use(self) -> set[int]:
+        """Identities of the subscriptions (shared name sets) the open streams hold."""
+        return {
+            id(names)
+            for stream, _ in self._streams.values()
+            for state in stream.types.values()
+            for names in (state.names, state.sent_names, state.held_key and state.held_key[1])
+            if names
+        }
+
     def __iter__(self) -> Iterator[XdsStream]:
         return iter([stream for stream, _ in self._streams.values()])
 

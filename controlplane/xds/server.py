@@ -53,6 +53,7 @@ SERVICES: tuple[tuple[str, str | None, str | None, str | None], ...] = (
 )  # fmt: skip
 
 NACK_LOG_INTERVAL_SECONDS = 10.0  # per stream and type: one NACK line, then a count
+ERROR_LOG_INTERVAL_SECONDS = 1.0  # per protocol error reason, server-wide
 NODE_ID_LOG_CHARS = 256  # node id and group in each log line of a stream
 
 _WAKE = object()  # the group's snapshot may have changed
@@ -84,6 +85,9 @@ class XdsServer:
     ) -> None:
         self._assignments = assignments
         self._warming_timeout = warming_timeout
+        # Streams ended by a protocol error: one line per reason every second, server-wide,
+        # however many clients misbehave.
+        self._error_log = LogRateLimit(ERROR_LOG_INTERVAL_SECONDS)
         self._metrics = metrics
         self._counter_cache: dict[tuple[str, str], tuple[Counter, ...]] = {}
         self._fleet = fleet
@@ -137,7 +141,7 @@ class XdsServer:
         bound = log.bind(stream_id=stream.stream_id, peer=context.peer())
         converged_on: str | None = None
         timer = _Timer(events)
-        nack_log = NackLog()
+        nack_log = LogRateLimit(NACK_LOG_INTERVAL_SECONDS)  # per stream, by type
         try:
             while (event := await events.get()) is not _END:
                 if event is _TICK:
@@ -164,7 +168,14 @@ class XdsServer:
                     yield send.payload
                 timer.set(stream.next_deadline())
         except RemoteProtocolError as error:
-            bound.warning("protocol error", reason=error.reason, error=limits.clip(str(error)))
+            suppressed = self._error_log.allow(error.reason, time.monotonic())
+            if suppressed is not None:
+                bound.warning(
+                    "protocol error",
+                    reason=error.reason,
+                    error=limits.clip(str(error)),
+                    suppressed=suppressed,
+                )
             self._metrics.stream_errors.labels(error.reason).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, limits.clip(str(error)))
         except Exception:  # a bug of ours: logged in full here, never shown to the client
@@ -215,7 +226,7 @@ class XdsServer:
         stream: XdsStream,
         kind: RequestKind,
         state: TypeState,
-        nack_log: NackLog,
+        nack_log: LogRateLimit,
     ) -> None:
         fields = {"type_url": limits.clip(state.type_url), "nonce": state.latest_nonce}
         _, _, acks, nacks = self._counters(state.type_url, stream)
@@ -255,20 +266,21 @@ class XdsServer:
         return snapshot.version
 
 
-class NackLog:
-    """One NACK log line per type every NACK_LOG_INTERVAL_SECONDS per stream; the lines
-    left out are counted into the next one (the metrics count every NACK)."""
+class LogRateLimit:
+    """At most one log line per key every `interval` seconds; the lines left out are
+    counted into the next one (the metrics count every event)."""
 
-    def __init__(self) -> None:
-        self._last: dict[str, tuple[float, int]] = {}  # type -> (logged at, suppressed since)
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (logged at, left out since)
 
-    def allow(self, type_url: str, now: float) -> int | None:
-        """None to leave this NACK out of the log, else how many were left out before it."""
-        logged_at, suppressed = self._last.get(type_url, (-NACK_LOG_INTERVAL_SECONDS, 0))
-        if now - logged_at < NACK_LOG_INTERVAL_SECONDS:
-            self._last[type_url] = (logged_at, suppressed + 1)
+    def allow(self, key: str, now: float) -> int | None:
+        """None to leave this event out of the log, else how many were left out before it."""
+        logged_at, suppressed = self._last.get(key, (-self._interval, 0))
+        if now - logged_at < self._interval:
+            self._last[key] = (logged_at, suppressed + 1)
             return None
-        self._last[type_url] = (now, 0)
+        self._last[key] = (now, 0)
         return suppressed
 
 

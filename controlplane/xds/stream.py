@@ -153,7 +153,7 @@ Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
 
 # A fleet asks for the same names over and over: one object for each distinct subscription.
 _NAME_SETS: ByteBoundedCache[frozenset[str], frozenset[str]] = ByteBoundedCache(
-    "name_sets", 32 << 20
+    "name_sets", 32 << 20, lambda names: (names,)
 )
 
 
@@ -184,7 +184,7 @@ _CHANGED_REFERENCES: ByteBoundedCache[tuple[str, str, str], frozenset[str]] = By
     "changed_references", 8 << 20
 )
 _REFERENCES: ByteBoundedCache[tuple[str, frozenset[str] | None, str], frozenset[str]] = (
-    ByteBoundedCache("references", 16 << 20)
+    ByteBoundedCache("references", 16 << 20, lambda key: (key[1],))
 )
 
 

@@ -49,3 +49,33 @@ def test_clients_naming_many_distinct_resources_cannot_grow_the_shared_caches() 
     for name, cache in CACHES.items():
         assert cache.bytes <= cache.budget_bytes, name
     assert sum(cache.bytes for cache in CACHES.values()) <= 200 << 20
+
+
+def test_entries_made_from_subscriptions_no_open_stream_holds_are_released() -> None:
+    from controlplane import caches
+    from controlplane.xds.fleet import Fleet
+
+    class Control:
+        def wake(self) -> None: ...
+        def close(self) -> None: ...
+
+    snapshot = factories.edge_snapshot()
+    fleet = Fleet()
+    streams = []
+    for client in range(2):
+        stream = SotwStream(100 + client, lambda node: snapshot)
+        names = [f"mine-{client}-{i}" for i in range(1000)]
+        request = discovery_pb2.DiscoveryRequest(
+            type_url=ENDPOINT, resource_names=names, node=base_pb2.Node(id=f"n{client}")
+        )
+        stream.receive(request)
+        fleet.add(stream, Control())
+        streams.append(stream)
+    kept, gone = (s.types[ENDPOINT].names for s in streams)
+    name_sets = CACHES["name_sets"]
+    assert name_sets.get(kept) is kept and name_sets.get(gone) is gone
+    fleet.remove(streams[1])
+    caches.release_unused(fleet.names_in_use())
+    assert name_sets.get(kept) is kept
+    assert name_sets.get(gone) is None
+    assert not any(key[2] is gone for key in CACHES["sotw_entries"]._entries)

@@ -113,12 +113,12 @@ def test_clip_marks_the_cut() -> None:
     assert limits.clip("abcdefg", 5) == "abcde…[2 more chars]"
 
 
-def test_nack_log_lines_are_rate_limited_per_type_and_count_what_they_left_out() -> None:
-    from controlplane.xds.server import NACK_LOG_INTERVAL_SECONDS, NackLog
+def test_log_lines_are_rate_limited_per_key_and_count_what_they_left_out() -> None:
+    from controlplane.xds.server import NACK_LOG_INTERVAL_SECONDS, LogRateLimit
 
-    nack_log = NackLog()
+    nack_log = LogRateLimit(NACK_LOG_INTERVAL_SECONDS)
     assert nack_log.allow(CLUSTER, 100.0) == 0
     assert nack_log.allow(CLUSTER, 101.0) is None
     assert nack_log.allow(CLUSTER, 102.0) is None
-    assert nack_log.allow(ENDPOINT, 102.0) == 0  # another type has its own allowance
+    assert nack_log.allow(ENDPOINT, 102.0) == 0  # another key has its own allowance
     assert nack_log.allow(CLUSTER, 100.0 + NACK_LOG_INTERVAL_SECONDS) == 2
