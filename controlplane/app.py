@@ -11,6 +11,7 @@ import grpc
 import structlog
 
 from controlplane import memory, resources
+from controlplane.admin import limits as admin_limits
 from controlplane.admin.auth import TokenInterceptor, load_or_create_token
 from controlplane.admin.http import HttpEndpoint
 from controlplane.admin.service import MUTATING_METHODS, AdminService
@@ -124,7 +125,7 @@ class ControlPlane:
             interceptors=[
                 TokenInterceptor(load_or_create_token(config.token_path), MUTATING_METHODS)
             ],
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 256 << 20)],
+            options=[("grpc.so_reuseport", 0), *admin_limits.GRPC_OPTIONS],
         )
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminService(self.controller, self.store, self.fleet), self._admin

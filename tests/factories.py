@@ -90,3 +90,11 @@ def edge_snapshot(
             (resources.ROUTE, routes("routes", "web", prefix)),
         ]
     )
+
+
+def static_cluster(name: str, port: int = 8080) -> cluster_pb2.Cluster:
+    """A cluster that names its one endpoint itself: nothing else in a snapshot goes with it."""
+    c = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.STATIC)
+    c.connect_timeout.FromSeconds(1)
+    c.load_assignment.CopyFrom(endpoints(name, port))
+    return c

@@ -12,12 +12,13 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
 from controlplane import resources
+from controlplane.admin import limits
 from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.publish import build_snapshot
 from controlplane.resources import UnknownTypeError
 from controlplane.rollout.controller import NotFoundError, RolloutController, RolloutError
 from controlplane.rollout.gate import Rollout
-from controlplane.snapshot import ConsistencyError, DuplicateResourceError
+from controlplane.snapshot import ConsistencyError, DuplicateResourceError, Snapshot
 from controlplane.store import DEFAULT_GROUP, HistoryEntry, SnapshotStore
 from controlplane.xds.fleet import Fleet, NodeStatus
 
@@ -36,6 +37,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self._controller = controller
         self._store = store
         self._fleet = fleet
+        # The version GetSnapshot read last: a client reads one version page after page.
+        self._last_read: Snapshot | None = None
 
     async def Publish(
         self, request: admin_pb2.PublishRequest, context: grpc.aio.ServicerContext
@@ -129,7 +132,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def GetSnapshot(
         self, request: admin_pb2.GetSnapshotRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetSnapshotResponse:
-        snapshot = await asyncio.to_thread(self._store.get, request.version)
+        snapshot = await self._read(request.version)
         if snapshot is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"version {request.version!r} is not in the store"
@@ -138,15 +141,34 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"unknown type {request.type_url!r}"
             )
+        matching = [
+            r
+            for r in snapshot.all_resources()
+            if (not request.type_url or r.type_url == request.type_url)
+            and (not request.name or r.name == request.name)
+        ]
+        end = len(matching)
+        if request.page_bytes:
+            # wire_entry is exactly what a resource adds to the answer (field 2, an Any).
+            sizes = [len(r.wire_entry) for r in matching]
+            end = limits.page_end(sizes, request.offset, request.page_bytes)
         return admin_pb2.GetSnapshotResponse(
             version=snapshot.version,
             resources=[
                 any_pb2.Any(type_url=r.type_url, value=r.body)
-                for r in snapshot.all_resources()
-                if (not request.type_url or r.type_url == request.type_url)
-                and (not request.name or r.name == request.name)
+                for r in matching[request.offset : end]
             ],
+            next_offset=end if end < len(matching) else 0,
         )
+
+    async def _read(self, version: str) -> Snapshot | None:
+        cached = self._last_read
+        if cached is not None and cached.version == version:
+            return cached
+        snapshot = await asyncio.to_thread(self._store.get, version)
+        if snapshot is not None:
+            self._last_read = snapshot
+        return snapshot
 
     async def WaitForConvergence(
         self, request: admin_pb2.WaitForConvergenceRequest, context: grpc.aio.ServicerContext

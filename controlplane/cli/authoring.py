@@ -261,13 +261,9 @@ def _from_directory(directory: Path, env: str | None) -> tuple[Snapshot, str]:
 
 
 def _stored(args: argparse.Namespace, version: str) -> Snapshot:
-    from controlplane.admin.v1 import admin_pb2
-    from controlplane.cli.main import _call
+    from controlplane.cli.main import fetch_snapshot
 
-    request = admin_pb2.GetSnapshotRequest(version=version)
-    response = _call(
-        args, lambda stub, md: stub.GetSnapshot(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md)
-    )
+    response = fetch_snapshot(args, version)
     resources.load_all_descriptors()
     return Snapshot.from_serialized(
         (packed.type_url, resources.resource_name(resources.unpack_any(packed)), packed.value)

@@ -15,12 +15,16 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import any_pb2, json_format
 
+from controlplane.admin import limits
 from controlplane.cli import authoring, render
+
+if TYPE_CHECKING:
+    from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
 
 DEFAULT_SERVER = "127.0.0.1:18001"
 DEFAULT_TOKEN_FILE = Path(".xdscp") / "admin-token"
@@ -210,16 +214,18 @@ def cmd_publish(args: argparse.Namespace) -> int:
         raise CommandError(
             f"{args.directory}: {len(error.problems)} error(s); nothing published"
         ) from None
-    loaded = config.resources
-    print(authoring.publish_preview(snapshot, args.group, args), file=sys.stderr)
     request = admin_pb2.PublishRequest(
         group=args.group,
         message=args.message,
         actor=_actor(),
         resources=[
-            any_pb2.Any(type_url=r.type_url, value=resources.serialize(r.message)) for r in loaded
+            any_pb2.Any(type_url=r.type_url, value=resources.serialize(r.message))
+            for r in config.resources
         ],
     )
+    if error := limits.too_large("the publish request", request.ByteSize()):
+        raise CommandError(f"{args.directory}: {error}; nothing published")
+    print(authoring.publish_preview(snapshot, args.group, args), file=sys.stderr)
     response = _call(
         args, lambda stub, md: stub.Publish(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md)
     )
@@ -264,7 +270,6 @@ def cmd_get(args: argparse.Namespace) -> int:
     import yaml
 
     from controlplane import resources
-    from controlplane.admin.v1 import admin_pb2
 
     type_url = args.type
     if type_url and type_url not in resources.BY_URL:
@@ -274,10 +279,7 @@ def cmd_get(args: argparse.Namespace) -> int:
                 f"unknown --type {type_url!r}; use one of {', '.join(resources.BY_SHORT_NAME)}"
             )
         type_url = known.type_url
-    request = admin_pb2.GetSnapshotRequest(version=args.version, type_url=type_url, name=args.name)
-    response = _call(
-        args, lambda stub, md: stub.GetSnapshot(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md)
-    )
+    response = fetch_snapshot(args, args.version, type_url, args.name)
     if not response.resources:
         raise CommandError(f"no resources in {response.version} match --type/--name")
     resources.load_all_descriptors()
@@ -288,7 +290,8 @@ def cmd_get(args: argparse.Namespace) -> int:
         # A plain-dict copy: typed_config Anys come back as OrderedDicts, which YAML won't take.
         items.append({"@type": packed.type_url, **json.loads(json.dumps(fields))})
     print(f"# xdsctl get {response.version}")
-    print(yaml.safe_dump({"resources": items}, sort_keys=False), end="")
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # the C writer: same text, faster
+    print(yaml.dump({"resources": items}, Dumper=dumper, sort_keys=False), end="")
     return EXIT_OK
 
 
@@ -380,13 +383,38 @@ def _token(args: argparse.Namespace) -> str | None:
         return None
 
 
+def fetch_snapshot(
+    args: argparse.Namespace, version: str, type_url: str = "", name: str = ""
+) -> admin_pb2.GetSnapshotResponse:
+    """Every matching resource of a stored version, read a page at a time (see
+    controlplane.admin.limits), as one answer."""
+    from controlplane.admin.v1 import admin_pb2
+
+    def read_pages(
+        stub: admin_pb2_grpc.AdminStub, metadata: Sequence[tuple[str, str]]
+    ) -> admin_pb2.GetSnapshotResponse:
+        request = admin_pb2.GetSnapshotRequest(
+            version=version, type_url=type_url, name=name, page_bytes=limits.PAGE_BYTES
+        )
+        answer = admin_pb2.GetSnapshotResponse()
+        while True:
+            page = stub.GetSnapshot(request, timeout=RPC_TIMEOUT_SECONDS, metadata=metadata)
+            answer.version = page.version
+            answer.resources.extend(page.resources)
+            if not page.next_offset:
+                return answer
+            request.offset = page.next_offset
+
+    return _call(args, read_pages)
+
+
 def _call(args: argparse.Namespace, rpc: Callable) -> Any:  # type: ignore[type-arg]
     """rpc(stub, metadata) against --server, mapping gRPC failures to one-line errors."""
     from controlplane.admin.v1 import admin_pb2_grpc
 
     token = _token(args)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with grpc.insecure_channel(args.server) as channel:
+    with grpc.insecure_channel(args.server, options=limits.GRPC_OPTIONS) as channel:
         try:
             return rpc(admin_pb2_grpc.AdminStub(channel), metadata)
         except grpc.RpcError as error:
@@ -397,4 +425,8 @@ def _call(args: argparse.Namespace, rpc: Callable) -> Any:  # type: ignore[type-
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m` runs this file as __main__, a second copy of controlplane.cli.main: run the
+    # one authoring imports, so that main() catches the CommandError it raises.
+    from controlplane.cli.main import main as package_main
+
+    sys.exit(package_main())

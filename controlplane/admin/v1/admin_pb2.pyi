@@ -275,19 +275,25 @@ class WaitForConvergenceResponse(_message.Message):
     def __init__(self, version: _Optional[str] = ..., total_nodes: _Optional[int] = ..., acked_nodes: _Optional[int] = ..., seconds: _Optional[float] = ..., lagging: _Optional[_Iterable[_Union[LaggingNode, _Mapping]]] = ...) -> None: ...
 
 class GetSnapshotRequest(_message.Message):
-    __slots__ = ("version", "type_url", "name")
+    __slots__ = ("version", "type_url", "name", "page_bytes", "offset")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TYPE_URL_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     version: str
     type_url: str
     name: str
-    def __init__(self, version: _Optional[str] = ..., type_url: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    page_bytes: int
+    offset: int
+    def __init__(self, version: _Optional[str] = ..., type_url: _Optional[str] = ..., name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class GetSnapshotResponse(_message.Message):
-    __slots__ = ("version", "resources")
+    __slots__ = ("version", "resources", "next_offset")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     version: str
     resources: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
-    def __init__(self, version: _Optional[str] = ..., resources: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
+    next_offset: int
+    def __init__(self, version: _Optional[str] = ..., resources: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ..., next_offset: _Optional[int] = ...) -> None: ...

@@ -134,7 +134,8 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetSnapshot(self, request, context):
-        """The resources of a stored snapshot, optionally of one type and name.
+        """The resources of a stored snapshot, optionally of one type and name, in pages when asked
+        (page_bytes): a large snapshot does not fit one message (controlplane/admin/limits.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
