@@ -127,19 +127,17 @@ class SourceMap:
     @classmethod
     def from_files(cls, loaded: Iterable[SourcedResource]) -> SourceMap:
         """Re-reads each resource's file to find its item (for resources from `load_directory`)."""
-        documents: dict[str, YamlDocument | None] = {}
+        documents: dict[str, tuple[YamlDocument, dict[int | None, int]] | None] = {}
         items: dict[tuple[str, str], _Item] = {}
         for resource in loaded:
             file = resource.location.file
             if file not in documents:
-                try:
-                    documents[file] = parse_file(Path(file))
-                except YamlSourceError:
-                    documents[file] = None
-            document = documents[file]
-            index = _item_index(document, resource.location.line) if document else None
-            if document is None or index is None:
+                documents[file] = _items_by_line(Path(file))
+            found = documents[file]
+            index = found[1].get(resource.location.line) if found else None
+            if found is None or index is None:
                 continue
+            document = found[0]
             body = document.value[RESOURCES_KEY][index]
             origin = _Origin(file, document, (RESOURCES_KEY, index))
             kind = resources.resource_type(resource.type_url)
@@ -171,14 +169,19 @@ class SourceMap:
         return item.locate(tuple(path))
 
 
-def _item_index(document: YamlDocument, line: int | None) -> int | None:
+def _items_by_line(file: Path) -> tuple[YamlDocument, dict[int | None, int]] | None:
+    """The file's document, and the index of the `resources:` item starting on each line."""
+    try:
+        document = parse_file(file)
+    except YamlSourceError:
+        return None
     items = document.value.get(RESOURCES_KEY) if isinstance(document.value, dict) else None
     if not isinstance(items, list):
         return None
+    by_line: dict[int | None, int] = {}
     for index in range(len(items)):
-        if document.line((RESOURCES_KEY, index)) == line:
-            return index
-    return None
+        by_line.setdefault(document.line((RESOURCES_KEY, index)), index)
+    return document, by_line
 
 
 # --- Loading -------------------------------------------------------------------------------
@@ -262,10 +265,11 @@ def _overlay_files(root: Path) -> dict[str, Path]:
     folder = root / ENVIRONMENTS_DIR
     if not folder.is_dir():
         return {}
+    # Not only regular files: an overlay that cannot be read is refused when chosen, by reason.
     return {
         file.stem: file
         for file in sorted(folder.iterdir())
-        if file.is_file()
+        if not file.is_dir()
         and file.suffix.lower() in CONFIG_SUFFIXES
         and not file.name.startswith(".")
         and _ENV_NAME.match(file.stem)
@@ -283,14 +287,8 @@ def _overlay_file(root: Path, env: str) -> Path:
 
 
 def _base_items(root: Path, problems: list[ConfigProblem]) -> list[_Item]:
-    files = [
-        file
-        for file in loader.config_files(root)
-        if file.relative_to(root).parts[0] != ENVIRONMENTS_DIR
-    ]
-    if not files:
-        suffixes = ", ".join("*" + suffix for suffix in CONFIG_SUFFIXES)
-        problems.append(ConfigProblem(Location(str(root)), None, f"no {suffixes} files"))
+    files, refused = loader.config_files(root, skip=root / ENVIRONMENTS_DIR)
+    problems.extend(refused)
     items: list[_Item] = []
     for file in files:
         document = _parse(file, problems)

@@ -5,6 +5,7 @@ a top-level `resources:` list of items with an `"@type"`), parse each item into 
 message with protobuf's json_format, canonicalize it, and check names are present and
 unique. Strict and all-or-nothing: every problem in every file is collected and raised as
 one ConfigError, each problem naming file, line and field path; nothing partial is returned.
+Which entries of the directory are read, and the limits on them, are `inputs`'s rules.
 
 Protobuf reports only the first problem, and its field path skips oneof hops, so problems
 are located by walking the values alongside the message descriptors instead (see
@@ -26,6 +27,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from controlplane import resources
+from controlplane.config import inputs
+from controlplane.config.inputs import CONFIG_SUFFIXES
 from controlplane.config.yaml_source import (
     ValuePath,
     YamlDocument,
@@ -34,7 +37,6 @@ from controlplane.config.yaml_source import (
 )
 from controlplane.snapshot import ConsistencyError, Snapshot
 
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 RESOURCES_KEY = "resources"
 TYPE_KEY = "@type"
 
@@ -102,33 +104,38 @@ def load_directory(path: str | Path) -> list[SourcedResource]:
     directory = Path(path)
     if not directory.is_dir():
         raise ConfigError([ConfigProblem(Location(str(path)), None, "not a directory")])
-    files = config_files(directory)
-    if not files:
-        suffixes = ", ".join("*" + suffix for suffix in CONFIG_SUFFIXES)
-        raise ConfigError([ConfigProblem(Location(str(path)), None, f"no {suffixes} files")])
-    return _load_files(files)
+    files, problems = config_files(directory)
+    return _load_files(files, problems)
 
 
 def load_file(path: str | Path) -> list[SourcedResource]:
     """The resources of one config file (names checked for uniqueness within it)."""
-    return _load_files([Path(path)])
+    return _load_files([Path(path)], [])
 
 
-def config_files(directory: Path) -> list[Path]:
-    """Config files under `directory`, recursively, sorted, hidden files and dirs skipped."""
-    found = []
-    for candidate in directory.rglob("*"):
-        relative = candidate.relative_to(directory)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        if candidate.suffix.lower() in CONFIG_SUFFIXES and candidate.is_file():
-            found.append(candidate)
-    return sorted(found, key=lambda file: file.relative_to(directory).parts)
+def config_files(
+    directory: Path, skip: Path | None = None
+) -> tuple[list[Path], list[ConfigProblem]]:
+    """The config files under `directory` (sorted, `skip` left out), and a problem for each
+    entry refused (see `inputs`). Raises ConfigError, with nothing read, when the files
+    together are over the limit per directory."""
+    listing = inputs.config_files(directory, skip)
+    problems = [_input_problem(problem) for problem in listing.problems]
+    over = listing.over_total(directory)
+    if over is not None:
+        raise ConfigError([*problems, _input_problem(over)])
+    if not listing.files and not problems:
+        suffixes = ", ".join("*" + suffix for suffix in CONFIG_SUFFIXES)
+        problems.append(ConfigProblem(Location(str(directory)), None, f"no {suffixes} files"))
+    return [file.path for file in listing.files], problems
 
 
-def _load_files(files: list[Path]) -> list[SourcedResource]:
+def _input_problem(problem: inputs.InputProblem) -> ConfigProblem:
+    return ConfigProblem(Location(str(problem.path), problem.line), None, problem.message)
+
+
+def _load_files(files: list[Path], problems: list[ConfigProblem]) -> list[SourcedResource]:
     resources.load_all_descriptors()
-    problems: list[ConfigProblem] = []
     loaded: list[SourcedResource] = []
     for file in files:
         loaded.extend(_load_one(file, problems))

@@ -4,7 +4,8 @@ The job: turn text into dicts, lists and scalars, and keep a map from each value
 (`("resources", 0, "name")`) to the 1-based line it was written on, so a later stage can
 point an operator at the exact line of a problem. Stricter than `yaml.safe_load`: a
 duplicate mapping key is an error (naming both lines), as is a tag we do not understand.
-Nothing here knows about protobuf or Envoy.
+Aliases are measured before anything is built, so an alias bomb is refused at once, and so
+is nesting deeper than `inputs.MAX_DEPTH`. Nothing here knows about protobuf or Envoy.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from controlplane.config import inputs
+
 # The C loader is several times faster; the pure-Python one composes the same nodes.
 _LOADER: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -27,8 +30,6 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
-# Aliases can make a small file expand without bound ("billion laughs"); refuse to build more.
-_MAX_VALUES = 1_000_000
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -75,11 +76,9 @@ class YamlDocument:
 def parse_file(path: Path) -> YamlDocument:
     """Parse one file; `.json` files fall back to the json module if YAML rejects them."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise YamlSourceError([SourceProblem(None, f"not UTF-8 text: {err.reason}")]) from None
-    except OSError as err:
-        raise YamlSourceError([SourceProblem(None, f"cannot read: {err.strerror}")]) from None
+        text = inputs.read_text(path)
+    except inputs.UnreadableError as err:
+        raise YamlSourceError([SourceProblem(err.problem.line, err.problem.message)]) from None
     return parse_text(text, is_json=path.suffix.lower() == ".json")
 
 
@@ -92,6 +91,7 @@ def parse_text(text: str, *, is_json: bool = False) -> YamlDocument:
         raise YamlSourceError([_yaml_problem(err)]) from None
     if root is None:
         return YamlDocument(None)
+    _Measure().check(root)
     return _Builder().document(root)
 
 
@@ -120,10 +120,58 @@ def _parse_json(text: str) -> YamlDocument:
         value = json.loads(text, object_pairs_hook=pairs_to_dict)
     except json.JSONDecodeError as err:
         raise YamlSourceError([SourceProblem(err.lineno, f"invalid JSON: {err.msg}")]) from None
+    except RecursionError:
+        raise YamlSourceError([SourceProblem(None, _too_deep())]) from None
+    if _nests_too_deep(value):
+        raise YamlSourceError([SourceProblem(None, _too_deep())])
     if duplicates:
         problems = [SourceProblem(None, f'duplicate key "{key}"') for key in duplicates]
         raise YamlSourceError(problems)
     return YamlDocument(value)
+
+
+class _Measure:
+    """Sizes the document as built, before building: what aliases add, and how deep it nests.
+
+    Each mapping and list node is sized once (aliases share nodes), so this costs one step
+    per node written, however far the aliases would expand.
+    """
+
+    def __init__(self) -> None:
+        self._sizes: dict[int, tuple[int, int]] = {}  # node id -> (values, depth) as built
+        self._alias_values = 0
+
+    def check(self, root: Node) -> None:
+        self._size(root, 0)
+
+    def _size(self, node: Node, depth: int) -> tuple[int, int]:
+        if depth > inputs.MAX_DEPTH:
+            raise YamlSourceError([SourceProblem(_line(node), _too_deep())])
+        if isinstance(node, ScalarNode):
+            return 1, 0
+        known = self._sizes.get(id(node))
+        if known is not None:  # an alias (or a recursive one, sized (0, 0) while in progress)
+            self._count_alias(node, known, depth)
+            return known
+        self._sizes[id(node)] = (0, 0)
+        children = node.value if isinstance(node, SequenceNode) else [v for _, v in node.value]
+        values, deepest = 1, 0
+        for child in children:
+            size, child_depth = self._size(child, depth + 1)
+            values += size
+            deepest = max(deepest, child_depth + 1)
+        self._sizes[id(node)] = (values, deepest)
+        return values, deepest
+
+    def _count_alias(self, node: Node, known: tuple[int, int], depth: int) -> None:
+        values, deepest = known
+        if depth + deepest > inputs.MAX_DEPTH:
+            raise YamlSourceError([SourceProblem(_line(node), _too_deep())])
+        self._alias_values += values
+        if self._alias_values > inputs.MAX_ALIAS_VALUES:
+            limit = inputs.MAX_ALIAS_VALUES
+            message = f"aliases add over {limit:,} values, the limit per file (alias bomb?)"
+            raise YamlSourceError([SourceProblem(_line(node), message)])
 
 
 class _Builder:
@@ -135,7 +183,6 @@ class _Builder:
         self.problems: list[SourceProblem] = []
         self._scalars = SafeConstructor()
         self._active: set[int] = set()  # ids of nodes being built: a repeat is a recursive alias
-        self._count = 0
 
     def document(self, root: Node) -> YamlDocument:
         value = self.build(root, ())
@@ -144,9 +191,6 @@ class _Builder:
         return YamlDocument(value, self.key_lines, self.value_lines)
 
     def build(self, node: Node, path: ValuePath) -> Any:
-        self._count += 1
-        if self._count > _MAX_VALUES:
-            raise YamlSourceError([SourceProblem(_line(node), "too many values (alias bomb?)")])
         self.value_lines[path] = _line(node)
         if id(node) in self._active:
             self.problems.append(SourceProblem(_line(node), "recursive alias"))
@@ -230,3 +274,15 @@ class _Builder:
 
 def _line(node: Node) -> int:
     return node.start_mark.line + 1
+
+
+def _nests_too_deep(value: Any, depth: int = 0) -> bool:
+    if depth > inputs.MAX_DEPTH:
+        return True
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, list) and any(_nests_too_deep(item, depth + 1) for item in value)
+
+
+def _too_deep() -> str:
+    return f"nested deeper than {inputs.MAX_DEPTH} levels, the limit per file"

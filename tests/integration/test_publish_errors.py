@@ -95,6 +95,38 @@ def test_bad_input_is_refused_and_the_store_is_untouched(published, tmp_path, ca
     assert published.xdsctl("snapshots", "--json").stdout == history_before
 
 
+def test_a_dangling_symlink_fails_publish_and_validate_and_the_store_is_untouched(
+    published, tmp_path
+) -> None:
+    """A listeners.yaml that leads nowhere is refused, not read as "no listeners"."""
+    from tests.integration.harness import xdsctl
+
+    directory = edge_config.write(
+        tmp_path / "broken",
+        listener_port=free_port(),
+        backends={"a": 1},
+        routes=[edge_config.route_to("a")],
+    )
+    listeners = directory / "listeners.yaml"
+    listeners.unlink()
+    listeners.symlink_to("listeners-v2.yaml")
+    refusal = f"{listeners}: dangling symlink (to listeners-v2.yaml, which is missing)"
+    before = store_contents(published.store)
+    history_before = published.xdsctl("snapshots", "--json").stdout
+
+    result = published.xdsctl("publish", str(directory), "--group", "edge", check=False)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert f"error: {refusal}\n" in result.stderr
+    assert f"{directory}: 1 error(s); nothing published" in result.stderr
+    assert store_contents(published.store) == before
+    assert published.xdsctl("snapshots", "--json").stdout == history_before
+
+    validated = xdsctl("validate", str(directory), check=False)
+    assert validated.returncode == 1
+    assert validated.stdout.splitlines()[0] == f"error: {refusal}"
+
+
 def test_server_refuses_a_dangling_snapshot_sent_past_the_cli(published) -> None:
     before = store_contents(published.store)
     request = admin_pb2.PublishRequest(
