@@ -6,7 +6,8 @@ Starts `xdsctl serve --log-level info` (tests/integration/harness.py), publishes
 config (tests/bench/config.py), connects one healthy ADS client that ACKs everything, then
 runs each hostile case in turn, `--streams` hostile streams at a time from a thread pool.
 For each case it prints:
-- the worst and median `/healthz` latency seen while the case ran (polled every 20 ms);
+- the worst and median `/healthz` latency seen while the case ran (polled every 20 ms from
+  a process of its own; the hostile requests are built before the case starts);
 - the server's RSS before the case, its peak during it, and after it (streams closed);
 - the bytes the server wrote to its log during the case;
 - how the hostile streams ended (gRPC status codes).
@@ -18,6 +19,8 @@ did and every case ran, whatever the figures are.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import multiprocessing.synchronize
 import statistics
 import sys
 import tempfile
@@ -109,37 +112,58 @@ def cases(streams: int) -> list[Case]:
 
 
 class Watch:
-    """Polls /healthz and the server's RSS in a thread while a case runs."""
+    """Polls /healthz and the server's RSS from a process of its own while a case runs, so
+    that the hostile clients' threads (and this process's GIL) do not delay the polls."""
 
     def __init__(self, plane: XdsControlPlane) -> None:
-        self._plane = plane
-        self._stop = threading.Event()
+        assert plane.process is not None
+        context = multiprocessing.get_context("spawn")  # no fork: this process runs gRPC
+        self._stop = context.Event()
+        self._results: multiprocessing.Queue[tuple[list[float], int]] = context.Queue()
+        self._process = context.Process(
+            target=_watch,
+            args=(plane.http_port, plane.process.pid, self._stop, self._results),
+            daemon=True,
+        )
         self.latencies: list[float] = []
         self.peak_rss_kib = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> Watch:
-        self._thread.start()
+        self._process.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        self.latencies, self.peak_rss_kib = self._results.get(timeout=30)
+        self._process.join(timeout=10)
 
-    def _run(self) -> None:
-        url = f"http://127.0.0.1:{self._plane.http_port}/healthz"
-        while not self._stop.is_set():
-            started = time.perf_counter()
-            status, _ = http_get(url, timeout=10)
-            if status == 200:
-                self.latencies.append(time.perf_counter() - started)
-            self.peak_rss_kib = max(self.peak_rss_kib, rss_kib(self._plane))
-            time.sleep(POLL_SECONDS)
+
+def _watch(
+    http_port: int,
+    pid: int,
+    stop: multiprocessing.synchronize.Event,
+    results: multiprocessing.Queue[tuple[list[float], int]],
+) -> None:
+    url = f"http://127.0.0.1:{http_port}/healthz"
+    latencies: list[float] = []
+    peak = 0
+    while not stop.is_set():
+        started = time.perf_counter()
+        status, _ = http_get(url, timeout=10)
+        if status == 200:
+            latencies.append(time.perf_counter() - started)
+        peak = max(peak, _rss_of(pid))
+        time.sleep(POLL_SECONDS)
+    results.put((latencies, peak))
 
 
 def rss_kib(plane: XdsControlPlane) -> int:
     assert plane.process is not None
-    for line in Path(f"/proc/{plane.process.pid}/status").read_text().splitlines():
+    return _rss_of(plane.process.pid)
+
+
+def _rss_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
@@ -194,12 +218,13 @@ def run_case(plane: XdsControlPlane, case: Case, parallel: int) -> dict[str, obj
     before = rss_kib(plane)
     log_before = plane.log_path.stat().st_size
     ends: Counter[str] = Counter()
+    # Built before the case starts: the clients only send bytes while it is measured.
+    payloads = [case.requests(i) for i in range(case.streams)] if case.requests else []
     with Watch(plane) as watch, grpc.insecure_channel(f"127.0.0.1:{plane.xds_port}") as channel:
         started = time.perf_counter()
-        if case.requests is not None:
-            make = case.requests
+        if payloads:
             with ThreadPoolExecutor(parallel) as pool:
-                for end in pool.map(lambda i: run_stream(channel, make(i)), range(case.streams)):
+                for end in pool.map(lambda p: run_stream(channel, p), payloads):
                     ends[end] += 1
         else:
             ends[nack_flood(channel, case.nacks)] += 1

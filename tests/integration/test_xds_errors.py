@@ -124,7 +124,7 @@ BAD_REQUESTS = {
 
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
 def test_bad_request_gets_invalid_argument_and_other_streams_carry_on(
-    control_plane, channel, case
+    control_plane, channel, case, tmp_path
 ) -> None:
     good = Client(channel)
     good.send(first_request(resources.CLUSTER))
@@ -148,6 +148,16 @@ def test_bad_request_gets_invalid_argument_and_other_streams_carry_on(
     good.send(discovery_pb2.DiscoveryRequest(type_url=resources.LISTENER))
     lds = good.receive()
     assert lds.type_url == resources.LISTENER and len(lds.resources) == 1
+    # ...and the next publish reaches it.
+    config = edge_config.write(
+        tmp_path / "next",
+        listener_port=free_port(),
+        backends={"a": 1, "b": 2},
+        routes=[edge_config.route_to("b")],
+    )
+    control_plane.xdsctl("publish", str(config))
+    update = good.receive()
+    assert update.type_url == resources.CLUSTER and update.version_info != cds.version_info
     good.close()
     warnings = [e for e in control_plane.log_events() if e["event"] == "protocol error"]
     assert message in warnings[-1]["error"] and warnings[-1]["reason"] == reason
