@@ -33,7 +33,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from controlplane import resources
 from controlplane.caches import ByteBoundedCache, size_of_names
 from controlplane.snapshot import TypeResources
-from controlplane.xds import wire
+from controlplane.xds import limits, wire
 from controlplane.xds.stream import WILDCARD, Request, TypeState, XdsStream, shared_names
 
 # The version of a resource whose state on the client is not known: never a content hash,
@@ -55,13 +55,13 @@ class DeltaStream(XdsStream):
         if request.initial_resource_versions:
             self.started_empty = False
         if not state.subscribed:
-            state.held = dict(request.initial_resource_versions)
+            state.held = limits.versions(request.initial_resource_versions)
             state.held_key = None
 
     def _subscribe(self, state: TypeState, request: Request) -> None:
         assert isinstance(request, discovery_pb2.DeltaDiscoveryRequest)
-        subscribe = set(request.resource_names_subscribe)
-        unsubscribe = set(request.resource_names_unsubscribe)
+        subscribe = limits.names("resource_names_subscribe", request.resource_names_subscribe)
+        unsubscribe = limits.names("resource_names_unsubscribe", request.resource_names_unsubscribe)
         first = not state.subscribed
         if first:
             state.subscribed = True
@@ -82,9 +82,9 @@ class DeltaStream(XdsStream):
                 state.held = {n: v for n, v in state.held.items() if n not in forget_all}
                 state.held_key = None
         held = state.held  # copied before a change: it may be shared with other streams
-        resubscribed = {n for n in subscribe - {WILDCARD} if n in held}
-        if first:
-            resubscribed -= request.initial_resource_versions.keys()
+        # On the first request, what the client reported holding (initial_resource_versions)
+        # stays held; later, subscribing to a name it holds sends it again.
+        resubscribed = frozenset() if first else held.keys() & subscribe - {WILDCARD}
         new = subscribe - held.keys() - {WILDCARD}
         # The wildcard still covers an explicit name unsubscribed: say where it stands.
         answer = {n for n in unsubscribe if state.wildcard and n in state.names}
@@ -133,7 +133,7 @@ class DeltaStream(XdsStream):
                 _TRANSITIONS.put(key, transition, _size_of(transition, names))
         entries, changed, removed, held, exact = transition
         if state.unanswered:  # subscribed names that do not exist: say so
-            absent = {n for n in state.unanswered if n not in current.by_name}
+            absent = state.unanswered.difference(current.by_name)
             removed = tuple(sorted(absent.union(removed)))
             state.unanswered = frozenset()
         first_answer = state.sent_version is None and not state.held

@@ -1,7 +1,9 @@
 """What one xDS request may ask of the server: stated limits, checked before any work.
 
 A request is untrusted until checked. Each limit is a named constant here and nowhere
-else; a request over one is refused with a RemoteProtocolError (INVALID_ARGUMENT) whose
+else. Counts and sizes are checked before anything is done with a request; the length of
+each name as the names are read (`names`, `versions`), so they are read once. A request
+over a limit is refused with a RemoteProtocolError (INVALID_ARGUMENT) whose
 message names the limit, and whose reason (`limit_...`) labels the metric. gRPC itself
 refuses a message over MAX_REQUEST_BYTES before it is parsed (RESOURCE_EXHAUSTED).
 With these limits the work one request causes is linear in its size and small.
@@ -12,9 +14,13 @@ LOG_TEXT_CHARS, with the cut marked.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
+
+from controlplane.caches import NAME_OVERHEAD_BYTES
 
 MAX_REQUEST_BYTES = 16 << 20  # a delta reconnect listing 100,000 resources is ~4 MiB
 MAX_NAMES_PER_REQUEST = 50_000  # in each of: resource_names, subscribe, unsubscribe, initial;
@@ -52,15 +58,30 @@ def _refuse(what: str, count: int, limit: int, unit: str, reason: str) -> Remote
     )
 
 
-def _check_names(what: str, names: object) -> None:
+def _check_count(what: str, names: object) -> None:
     count = len(names)  # type: ignore[arg-type]
     if count > MAX_NAMES_PER_REQUEST:
         raise _refuse(what, count, MAX_NAMES_PER_REQUEST, "names", "names")
-    if count and max(map(len, names)) > MAX_NAME_BYTES // 4:  # type: ignore[call-overload]
-        for name in names:  # type: ignore[attr-defined]  # (a character is 1 to 4 bytes)
-            if len(name.encode()) > MAX_NAME_BYTES:
-                size = len(name.encode())
+
+
+class NameSet(frozenset[str]):
+    """Names read from a request, with the bytes they take (caches.size_of_names)."""
+
+    size_bytes: int
+
+
+def names(what: str, field: Iterable[str]) -> NameSet:
+    """The names of a request field (already within MAX_NAMES_PER_REQUEST, see
+    check_request), each refused if over MAX_NAME_BYTES. Read once: a request's names are
+    turned into Python strings one time."""
+    found = NameSet(field)
+    lengths = list(map(len, found))
+    if lengths and max(lengths) > MAX_NAME_BYTES // 4:  # (a character is 1 to 4 bytes)
+        for name in found:
+            if (size := len(name.encode())) > MAX_NAME_BYTES:
                 raise _refuse(f"{what}: a name", size, MAX_NAME_BYTES, "bytes", "name")
+    found.size_bytes = len(lengths) * NAME_OVERHEAD_BYTES + sum(lengths)
+    return found
 
 
 def check_request(
@@ -70,11 +91,11 @@ def check_request(
     if len(request.type_url) > MAX_NAME_BYTES:
         raise _refuse("type_url", len(request.type_url), MAX_NAME_BYTES, "chars", "name")
     if isinstance(request, discovery_pb2.DiscoveryRequest):
-        _check_names("resource_names", request.resource_names)
+        _check_count("resource_names", request.resource_names)
     else:
-        _check_names("resource_names_subscribe", request.resource_names_subscribe)
-        _check_names("resource_names_unsubscribe", request.resource_names_unsubscribe)
-        _check_names("initial_resource_versions", request.initial_resource_versions)
+        _check_count("resource_names_subscribe", request.resource_names_subscribe)
+        _check_count("resource_names_unsubscribe", request.resource_names_unsubscribe)
+        _check_count("initial_resource_versions", request.initial_resource_versions)
     if request.HasField("error_detail"):
         size = len(request.error_detail.message.encode())
         if size > MAX_ERROR_DETAIL_BYTES:
@@ -118,3 +139,11 @@ def _check_metadata_values(metadata: struct_pb2.Struct) -> None:
 
 def _finite(number: float) -> bool:
     return number - number == 0.0  # False for NaN and both infinities
+
+
+def versions(field: Mapping[str, str]) -> dict[str, str]:
+    """A delta request's initial_resource_versions (within MAX_NAMES_PER_REQUEST), each
+    name refused if over MAX_NAME_BYTES."""
+    held = dict(field)
+    names("initial_resource_versions", held)
+    return held

@@ -55,6 +55,10 @@ SERVICES: tuple[tuple[str, str | None, str | None, str | None], ...] = (
 NACK_LOG_INTERVAL_SECONDS = 10.0  # per stream and type: one NACK line, then a count
 ERROR_LOG_INTERVAL_SECONDS = 1.0  # per protocol error reason, server-wide
 LARGE_REQUEST_BYTES = 256 << 10  # about 6,000 names: a few milliseconds of work
+# After each large request the loop is left to everything else for this long before the
+# next large one: a flood of them cannot hold up small requests (or /healthz) for more than
+# one large request at a time.
+LARGE_REQUEST_PAUSE_SECONDS = 0.005
 NODE_ID_LOG_CHARS = 256  # node id and group in each log line of a stream
 
 _WAKE = object()  # the group's snapshot may have changed
@@ -90,7 +94,7 @@ class XdsServer:
         # however many clients misbehave.
         self._error_log = LogRateLimit(ERROR_LOG_INTERVAL_SECONDS)
         # Large requests take the event loop for tens of milliseconds each: they are handled
-        # one at a time, and everything else that is ready runs between two of them.
+        # one at a time, with a pause for everything else between two of them.
         self._large_requests = asyncio.Lock()
         self._metrics = metrics
         self._counter_cache: dict[tuple[str, str], tuple[Counter, ...]] = {}
@@ -159,8 +163,8 @@ class XdsServer:
                     if len(raw) > LARGE_REQUEST_BYTES:
                         await self._large_requests.acquire()  # one at a time, others between
                         try:
-                            await asyncio.sleep(0)
                             kind, state, sends = stream.receive(_parse(request_type, raw))
+                            await asyncio.sleep(LARGE_REQUEST_PAUSE_SECONDS)
                         finally:
                             self._large_requests.release()
                     else:

@@ -550,7 +550,7 @@ class SotwStream(XdsStream):
 
     def _subscribe(self, state: TypeState, request: Request) -> None:
         assert isinstance(request, discovery_pb2.DiscoveryRequest)
-        names = frozenset(request.resource_names)
+        names = limits.names("resource_names", request.resource_names)
         if not state.subscribed:
             state.subscribed = True
             state.legacy_wildcard = not names and resources.resource_type(state.type_url).wildcard
