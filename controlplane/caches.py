@@ -20,7 +20,7 @@ V = TypeVar("V")
 
 _STRING_OVERHEAD = 57  # bytes CPython takes for a short str beyond its characters
 _SLOT = 16  # bytes a set or dict slot takes per entry, roughly
-NAME_OVERHEAD_BYTES = _STRING_OVERHEAD + _SLOT  # what one name in a set takes beyond its chars
+_NAME_OVERHEAD = _STRING_OVERHEAD + _SLOT  # what one name in a set takes beyond its chars
 
 # Every cache by name, for the metrics.
 CACHES: dict[str, ByteBoundedCache[object, object]] = {}
@@ -86,12 +86,9 @@ def size_of_names(names: Iterable[str] | None) -> int:
     """About what a set (or the keys of a dict) of these names takes."""
     if names is None:
         return 0
-    known = getattr(names, "size_bytes", None)  # measured as it was read (xds.limits.names)
-    if known is not None:
-        return int(known)
     if not isinstance(names, (set, frozenset, dict, list, tuple)):
         names = list(names)
-    return len(names) * NAME_OVERHEAD_BYTES + sum(map(len, names))
+    return len(names) * _NAME_OVERHEAD + sum(map(len, names))
 
 
 def release_unused(names_in_use: set[int]) -> None:

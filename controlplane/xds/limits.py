@@ -14,13 +14,11 @@ LOG_TEXT_CHARS, with the cut marked.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
-
-from controlplane.caches import NAME_OVERHEAD_BYTES
 
 MAX_REQUEST_BYTES = 16 << 20  # a delta reconnect listing 100,000 resources is ~4 MiB
 MAX_NAMES_PER_REQUEST = 50_000  # in each of: resource_names, subscribe, unsubscribe, initial;
@@ -64,24 +62,20 @@ def _check_count(what: str, names: object) -> None:
         raise _refuse(what, count, MAX_NAMES_PER_REQUEST, "names", "names")
 
 
-class NameSet(frozenset[str]):
-    """Names read from a request, with the bytes they take (caches.size_of_names)."""
-
-    size_bytes: int
-
-
-def names(what: str, field: Iterable[str]) -> NameSet:
+def names(what: str, field: Iterable[str]) -> frozenset[str]:
     """The names of a request field (already within MAX_NAMES_PER_REQUEST, see
     check_request), each refused if over MAX_NAME_BYTES. Read once: a request's names are
     turned into Python strings one time."""
-    found = NameSet(field)
-    lengths = list(map(len, found))
-    if lengths and max(lengths) > MAX_NAME_BYTES // 4:  # (a character is 1 to 4 bytes)
-        for name in found:
+    found = frozenset(field)
+    _check_lengths(what, found)
+    return found
+
+
+def _check_lengths(what: str, names: Collection[str]) -> None:
+    if names and max(map(len, names)) > MAX_NAME_BYTES // 4:  # (a character is 1 to 4 bytes)
+        for name in names:
             if (size := len(name.encode())) > MAX_NAME_BYTES:
                 raise _refuse(f"{what}: a name", size, MAX_NAME_BYTES, "bytes", "name")
-    found.size_bytes = len(lengths) * NAME_OVERHEAD_BYTES + sum(lengths)
-    return found
 
 
 def check_request(
@@ -145,5 +139,5 @@ def versions(field: Mapping[str, str]) -> dict[str, str]:
     """A delta request's initial_resource_versions (within MAX_NAMES_PER_REQUEST), each
     name refused if over MAX_NAME_BYTES."""
     held = dict(field)
-    names("initial_resource_versions", held)
+    _check_lengths("initial_resource_versions", held)
     return held
