@@ -28,6 +28,8 @@ What delta adds to the shared rules:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resources
@@ -73,14 +75,9 @@ class DeltaStream(XdsStream):
             state.legacy_wildcard = False  # a legacy wildcard stays a wildcard, with names
         if WILDCARD in subscribe:
             state.wildcard = True
-        if WILDCARD in unsubscribe and state.wildcard:
+        dropped_wildcard = WILDCARD in unsubscribe and state.wildcard
+        if dropped_wildcard:
             state.wildcard = False
-            # The client drops what it held through the wildcard alone.
-            explicit = (state.names | subscribe) - unsubscribe
-            forget_all = state.held.keys() - explicit
-            if forget_all:
-                state.held = {n: v for n, v in state.held.items() if n not in forget_all}
-                state.held_key = None
         held = state.held  # copied before a change: it may be shared with other streams
         # On the first request, what the client reported holding (initial_resource_versions)
         # stays held; later, subscribing to a name it holds sends it again.
@@ -89,10 +86,13 @@ class DeltaStream(XdsStream):
         # The wildcard still covers an explicit name unsubscribed: say where it stands.
         answer = {n for n in unsubscribe if state.wildcard and n in state.names}
         forget = (unsubscribe - answer - {WILDCARD}) & held.keys()
+        if dropped_wildcard:  # the client drops what it held through the wildcard alone
+            forget |= held.keys() - ((state.names | subscribe) - unsubscribe)
+        if forget:
+            state.held = {n: v for n, v in held.items() if n not in forget}
+            state.held_key = None
+        _mark_unknown(state, resubscribed | answer)  # send it again
         if resubscribed or answer or forget:
-            held = {n: v for n, v in held.items() if n not in forget}
-            held |= dict.fromkeys(resubscribed | answer, UNKNOWN)  # send it again
-            state.held, state.held_key = held, None
             state.refresh = True
         if new or state.unanswered:
             state.unanswered = frozenset((state.unanswered | new) - unsubscribe)
@@ -102,8 +102,7 @@ class DeltaStream(XdsStream):
     def _nacked(self, state: TypeState, nonce: str, error: str, now: float) -> None:
         version, touched = state.in_flight.get(nonce, ("", tuple(state.held)))
         # (an unremembered response: nothing the client holds of the type is certain)
-        state.held = state.held | dict.fromkeys(touched, UNKNOWN)
-        state.held_key = None
+        _mark_unknown(state, touched)
         if nonce != state.latest_nonce:
             # A newer response was sent counting these as applied, and the client may ACK
             # it: record the rejection, and send what it carried once more, so that the
@@ -116,10 +115,7 @@ class DeltaStream(XdsStream):
         return bool(request.initial_resource_versions)
 
     def _refresh(self, state: TypeState, names: frozenset[str]) -> None:
-        stale = [name for name in names if name in state.held]
-        if stale:
-            state.held = state.held | dict.fromkeys(stale, UNKNOWN)
-            state.held_key = None
+        if _mark_unknown(state, [name for name in names if name in state.held]):
             state.refresh = True
 
     def _encode(
@@ -130,7 +126,7 @@ class DeltaStream(XdsStream):
         if transition is None:
             transition = _transition(state.held, current, names)
             if key is not None:
-                _TRANSITIONS.put(key, transition, _size_of(transition, names))
+                _TRANSITIONS.put(key, transition, _size_of(transition))
         entries, changed, removed, held, exact = transition
         if state.unanswered:  # subscribed names that do not exist: say so
             absent = state.unanswered.difference(current.by_name)
@@ -150,6 +146,17 @@ class DeltaStream(XdsStream):
         return payload, removed
 
 
+def _mark_unknown(state: TypeState, names: Iterable[str]) -> bool:
+    """What the client holds of `names` is unknown: the next response sends or removes each
+    (`held` is replaced, never changed in place: it may be shared with other streams).
+    True if there were any."""
+    unknown = dict.fromkeys(names, UNKNOWN)
+    if unknown:
+        state.held = state.held | unknown
+        state.held_key = None
+    return bool(unknown)
+
+
 # entries to send, the names they carry, names removed, what the client then holds, and
 # whether that is exactly the version's resources for those names (so the transition can
 # key a shared cache)
@@ -166,7 +173,7 @@ _TRANSITIONS: ByteBoundedCache[tuple[object, str, frozenset[str] | None], Transi
 )
 
 
-def _size_of(transition: Transition, names: frozenset[str] | None) -> int:
+def _size_of(transition: Transition) -> int:
     entries, changed, removed, held, _ = transition
     return len(entries) + size_of_names(changed) + size_of_names(removed) + size_of_names(held)
 

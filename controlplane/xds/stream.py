@@ -50,7 +50,7 @@ from google.protobuf import json_format
 from controlplane import resources
 from controlplane.caches import ByteBoundedCache, size_of_names
 from controlplane.resources import ADS_ORDER
-from controlplane.snapshot import Snapshot, TypeResources
+from controlplane.snapshot import Resource, Snapshot, TypeResources
 from controlplane.store import DEFAULT_GROUP
 from controlplane.xds import limits, ordering, wire
 from controlplane.xds.limits import RemoteProtocolError
@@ -196,13 +196,13 @@ def added_or_changed_references(
     key = (previous.version, current.version, to_type)
     names = _CHANGED_REFERENCES.get(key)
     if names is None:
-        names = frozenset(
-            name
-            for resource_name, resource in current.by_name.items()
-            if (old := previous.by_name.get(resource_name)) is None
-            or old.version != resource.version
-            for type_url, name in resource.references
-            if type_url == to_type
+        names = _referenced(
+            (
+                resource
+                for name, resource in current.by_name.items()
+                if (old := previous.by_name.get(name)) is None or old.version != resource.version
+            ),
+            to_type,
         )
         _CHANGED_REFERENCES.put(key, names, size_of_names(names))
     return names
@@ -216,15 +216,17 @@ def references(
     key = (current.version, names, to_type)
     found = _REFERENCES.get(key)
     if found is None:
-        found = frozenset(
-            name
-            for resource_name, resource in current.by_name.items()
-            if names is None or resource_name in names
-            for type_url, name in resource.references
-            if type_url == to_type
+        found = _referenced(
+            (r for name, r in current.by_name.items() if names is None or name in names), to_type
         )
         _REFERENCES.put(key, found, size_of_names(found) + size_of_names(names))
     return found
+
+
+def _referenced(among: Iterable[Resource], to_type: str) -> frozenset[str]:
+    return frozenset(
+        name for resource in among for type_url, name in resource.references if type_url == to_type
+    )
 
 
 class XdsStream:
