@@ -8,6 +8,7 @@ nothing else. Time reaches a stream only as a tick at the deadline it asks for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -150,6 +151,7 @@ class XdsServer:
         converged_on: str | None = None
         timer = _Timer(events)
         nack_log = LogRateLimit(NACK_LOG_INTERVAL_SECONDS)  # per stream, by type
+        ignored: set[str] = set()  # types asked for and not served: logged once per stream
         try:
             while (event := await events.get()) is not _END:
                 if event is _TICK:
@@ -160,14 +162,7 @@ class XdsServer:
                     sends = stream.on_snapshot(self._assignments.resolve(stream.node))
                 else:
                     raw: bytes = event  # type: ignore[assignment]
-                    if len(raw) > LARGE_REQUEST_BYTES:
-                        await self._large_requests.acquire()  # one at a time, others between
-                        try:
-                            kind, state, sends = stream.receive(_parse(request_type, raw))
-                            await asyncio.sleep(LARGE_REQUEST_PAUSE_SECONDS)
-                        finally:
-                            self._large_requests.release()
-                    else:
+                    async with self._turn(len(raw)):
                         kind, state, sends = stream.receive(_parse(request_type, raw))
                     if stream not in self._fleet and stream.node is not None:
                         self._fleet.add(stream, _QueueControl(events))
@@ -176,7 +171,7 @@ class XdsServer:
                             group=limits.clip(stream.group or "", NODE_ID_LOG_CHARS),
                         )
                         bound.info("stream opened", protocol=stream.protocol)
-                    self._record_request(bound, stream, kind, state, nack_log)
+                    self._record_request(bound, stream, kind, state, nack_log, ignored)
                     if kind in (RequestKind.ACK, RequestKind.NACK):
                         self._fleet.progressed()
                     converged_on = self._record_convergence(stream, converged_on)
@@ -205,6 +200,17 @@ class XdsServer:
             if stream in self._fleet:
                 self._fleet.remove(stream)
                 bound.info("stream closed")
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, request_bytes: int) -> AsyncIterator[None]:
+        """Large requests are handled one at a time, each followed by a pause in which
+        everything else that is ready runs; small ones go straight through."""
+        if request_bytes <= LARGE_REQUEST_BYTES:
+            yield
+            return
+        async with self._large_requests:
+            yield
+            await asyncio.sleep(LARGE_REQUEST_PAUSE_SECONDS)
 
     def _counters(self, type_url: str, stream: XdsStream) -> tuple[Counter, ...]:
         """(pushes, pushed bytes, ACKs, NACKs) for a type and the stream's group, looked up
@@ -244,6 +250,7 @@ class XdsServer:
         kind: RequestKind,
         state: TypeState,
         nack_log: LogRateLimit,
+        ignored: set[str],
     ) -> None:
         fields = {"type_url": limits.clip(state.type_url), "nonce": state.latest_nonce}
         _, _, acks, nacks = self._counters(state.type_url, stream)
@@ -267,8 +274,8 @@ class XdsServer:
             bound.debug("subscription update", names=len(state.names), **fields)
         elif kind is RequestKind.UNSUPPORTED:
             self._metrics.ignored_requests.labels("unsupported_type").inc()
-            if state.type_url not in stream.ignored_types:
-                stream.ignored_types.add(state.type_url)
+            if state.type_url not in ignored:
+                ignored.add(state.type_url)
                 bound.warning("request for a type not served: ignored", type_url=state.type_url)
 
     def _record_convergence(self, stream: XdsStream, converged_on: str | None) -> str | None:

@@ -263,7 +263,6 @@ class XdsStream:
         self.started_at = clock()
         # Fresh: the client held nothing when it connected (a new Envoy, not a reconnect).
         self.started_empty = True
-        self.ignored_types: set[str] = set()  # asked for on ADS, not served (the shell logs)
         self._nonce_counter = 0
 
     def receive(self, request: Request) -> tuple[RequestKind, TypeState, list[Send]]:
