@@ -50,20 +50,7 @@ def write(
     endpoints = [
         {
             "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": "127.0.0.1", "port_value": port}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
+            **load_assignment(name, port),
         }
         for name, port in backends.items()
     ]
@@ -108,6 +95,17 @@ def write(
     ):
         (directory / filename).write_text(yaml.safe_dump({"resources": items}, sort_keys=False))
     return directory
+
+
+def load_assignment(name: str, port: int, address: str = "127.0.0.1") -> dict[str, Any]:
+    """A ClusterLoadAssignment (without its @type) with one host."""
+    socket_address = {"address": address, "port_value": port}
+    return {
+        "cluster_name": name,
+        "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": {"socket_address": socket_address}}}]}
+        ],
+    }
 
 
 def route_to(cluster: str, prefix: str = "/") -> dict[str, Any]:
@@ -163,22 +161,7 @@ def static_cluster(
         "name": name,
         "type": "STATIC",
         "connect_timeout": connect_timeout,
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": address, "port_value": port}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
+        "load_assignment": load_assignment(name, port, address),
     }
 
 

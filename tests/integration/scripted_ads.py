@@ -46,6 +46,7 @@ from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
 from tests.bench.fleet import CDS, EDS, LDS, RDS
+from tests.integration import edge_config
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 SHORT = {CDS: "CDS", EDS: "EDS", LDS: "LDS", RDS: "RDS"}
@@ -467,23 +468,7 @@ def cluster(name: str, *, connect_timeout: str = "1s", invalid: bool = False) ->
 
 def endpoints(name: str, port: int) -> Message:
     return json_format.ParseDict(
-        {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": "127.0.0.1", "port_value": port}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-        endpoint_pb2.ClusterLoadAssignment(),
+        edge_config.load_assignment(name, port), endpoint_pb2.ClusterLoadAssignment()
     )
 
 
