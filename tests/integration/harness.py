@@ -201,12 +201,19 @@ def ads_bootstrap(
     api_type: str = "GRPC",
     metadata: dict[str, str] | None = None,
     xds_keepalive_interval: str | None = None,
+    cds_initial_fetch_timeout: str | None = None,
+    static_clusters: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A standard ADS bootstrap (see deploy/envoy/), with a fast reconnect for tests.
 
     `xds_keepalive_interval` (e.g. "1s") makes Envoy send HTTP/2 PINGs on its xDS connection
     at that interval (timeout 5s), as deploy/envoy/bootstrap-ads.yaml does.
+    `cds_initial_fetch_timeout` ("0s": wait for clusters forever) and `static_clusters`
+    (beside the xds cluster) shape what Envoy does at start-up.
     """
+    cds_config: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
+    if cds_initial_fetch_timeout is not None:
+        cds_config["initial_fetch_timeout"] = cds_initial_fetch_timeout
     http2: dict[str, Any] = {}
     if xds_keepalive_interval is not None:
         http2["connection_keepalive"] = {"interval": xds_keepalive_interval, "timeout": "5s"}
@@ -231,7 +238,7 @@ def ads_bootstrap(
                     }
                 ],
             },
-            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": cds_config,
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
         "static_resources": {
@@ -265,7 +272,8 @@ def ads_bootstrap(
                             }
                         ],
                     },
-                }
+                },
+                *(static_clusters or []),
             ]
         },
     }

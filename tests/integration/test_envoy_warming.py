@@ -372,6 +372,47 @@ def test_an_envoy_reconnecting_with_a_cluster_still_warming_is_tracked_and_relea
     assert_released(edge, envoy, v1, a, start_envoy, api_type)
 
 
+@PROTOCOLS
+def test_a_fresh_envoy_asking_for_bootstrap_endpoints_first_still_gets_its_clusters(
+    api_type: str,
+    edge: Edge,
+    upstream: Callable[[str], HttpUpstream],
+    start_envoy: StartEnvoy,
+) -> None:
+    """A fresh Envoy initializes an EDS cluster of its bootstrap (fed over ADS) before CDS,
+    so its first request is for endpoints, like an Envoy that reconnects with CDS paused.
+    It reports holding nothing, so xdscp leaves its clusters for it to ask for (the first
+    push is its endpoints, not unrequested clusters), and with CDS initial_fetch_timeout 0s
+    it becomes ready, routes traffic and holds the bootstrap cluster's endpoints."""
+    a, boot = upstream("a"), upstream("boot")
+    directory = edge.write({"a": a.port}, [edge_config.route_to("a")])
+    boot_endpoints = {
+        "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+        **edge_config.load_assignment("boot", boot.port),
+    }
+    (directory / "boot.yaml").write_text(yaml.safe_dump({"resources": [boot_endpoints]}))
+    v1 = edge.plane.xdsctl("publish", str(directory), "--group", "edge").stdout.strip()
+    boot_cluster = {
+        "name": "boot",
+        "type": "EDS",
+        "connect_timeout": "1s",
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+    }
+    envoy = start_envoy(  # returns once /ready says LIVE
+        "edge-1",
+        "edge",
+        edge.plane.xds_port,
+        api_type=api_type,
+        cds_initial_fetch_timeout="0s",
+        static_clusters=[boot_cluster],
+    )
+    bounded(lambda: serving(edge.url(), "backend=a"), "traffic to a", edge.plane, envoy)
+    assert envoy.cluster_hosts("boot") == {f"127.0.0.1:{boot.port}"}
+    bounded(lambda: synced_on(edge.plane, "edge-1", v1), "SYNCED on v1", edge.plane, envoy)
+    pushes = [e["type_url"] for e in edge.plane.log_events() if e["event"] == "push"]
+    assert pushes[0].endswith("ClusterLoadAssignment"), pushes  # it asked for endpoints first
+
+
 # --- a canary that takes a cluster that never warms ---------------------------------------------
 
 
