@@ -413,6 +413,23 @@ def test_a_fresh_envoy_asking_for_bootstrap_endpoints_first_still_gets_its_clust
     assert pushes[0].endswith("ClusterLoadAssignment"), pushes  # it asked for endpoints first
 
 
+@PROTOCOLS
+def test_when_envoy_drops_its_last_eds_cluster_the_empty_subscription_counts_as_held(
+    api_type: str,
+    edge: Edge,
+    upstream: Callable[[str], HttpUpstream],
+    start_envoy: StartEnvoy,
+) -> None:
+    """Envoy asks for no endpoints once its last EDS cluster is gone, and does not ACK an
+    empty answer to that: xdscp sends none, and the node is SYNCED on the new version."""
+    a, s = upstream("a"), upstream("s")
+    _, envoy = run_v1(edge, a, start_envoy, "edge-1", api_type=api_type)
+    static = edge_config.static_cluster("s", port=s.port)
+    v2, _ = edge.publish({}, [edge_config.route_to("s")], extra_clusters=[static])
+    bounded(lambda: serving(edge.url(), "backend=s"), "traffic to the static cluster", edge.plane)
+    bounded(lambda: synced_on(edge.plane, "edge-1", v2), "SYNCED on v2", edge.plane, envoy)
+
+
 # --- a canary that takes a cluster that never warms ---------------------------------------------
 
 
