@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import structlog
 
-from controlplane import memory, resources
+from controlplane import memory, resources, tls
 from controlplane.admin import limits as admin_limits
 from controlplane.admin.auth import TokenInterceptor, load_or_create_token
 from controlplane.admin.http import HttpEndpoint
 from controlplane.admin.service import MUTATING_METHODS, AdminService
 from controlplane.admin.v1 import admin_pb2_grpc
+from controlplane.observability import grpc_core_log
 from controlplane.observability.fleet_view import ControlPlaneView
 from controlplane.observability.metrics import CONTENT_TYPE, Metrics
 from controlplane.rollout.controller import RolloutController
@@ -26,11 +30,12 @@ from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet
 from controlplane.xds.limits import MAX_REQUEST_BYTES
 from controlplane.xds.ordering import DEFAULT_WARMING_TIMEOUT_SECONDS
-from controlplane.xds.server import KEEPALIVE_OPTIONS, XdsServer
+from controlplane.xds.server import KEEPALIVE_OPTIONS, LogRateLimit, XdsServer
 
 log = structlog.get_logger("app")
 
 DEFAULT_STORE = Path(".xdscp") / "xdscp.db"
+HANDSHAKE_LOG_INTERVAL_SECONDS = 1.0  # per reason: a flood of bad clients is one line a second
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # a wildcard bind is reached on loopback
 
 
@@ -50,6 +55,15 @@ class Address:
     def grpc_target(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name: it may resolve to anything
+
 
 @dataclass(frozen=True)
 class Config:
@@ -64,6 +78,40 @@ class Config:
     xds_socket: Path | None = None
     policies: dict[str, RolloutPolicy] = field(default_factory=dict)
     admin_token_file: Path | None = None  # default: admin-token beside the store
+    # TLS on the xDS and admin ports (one certificate); a client CA makes a port mTLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    xds_client_ca: Path | None = None  # mTLS on xDS: node identity from the certificate
+    admin_client_ca: Path | None = None
+    trust_domain: str | None = None  # of the SPIFFE IDs and DNS names nodes present
+    allow_plaintext: bool = False  # plaintext on a non-loopback address (warned at start)
+
+    def __post_init__(self) -> None:
+        """Refuse combinations that would serve less securely than they read."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_cert is None and (self.xds_client_ca or self.admin_client_ca):
+            raise ValueError("a client CA (mTLS) needs --tls-cert and --tls-key")
+        if (self.xds_client_ca is None) != (self.trust_domain is None):
+            raise ValueError(
+                "--tls-client-ca and --trust-domain go together: node identity is read from "
+                "client certificates in that trust domain"
+            )
+        if self.tls_cert is None and not self.allow_plaintext:
+            for flag, address in (
+                ("--xds-address", self.xds_address),
+                ("--admin-address", self.admin_address),
+            ):
+                if not address.is_loopback:
+                    raise ValueError(
+                        f"{flag} {address.grpc_target()} is not a loopback address: serve it "
+                        "with TLS (--tls-cert, --tls-key) or allow plaintext explicitly "
+                        "(--allow-plaintext)"
+                    )
+
+    @property
+    def mtls(self) -> bool:
+        return self.xds_client_ca is not None
 
     @property
     def unix_socket(self) -> Path | None:
@@ -72,7 +120,9 @@ class Config:
             p.fresh_probe is not None and p.fresh_probe.isolate_network
             for p in self.policies.values()
         )
-        if self.xds_socket is None and isolated:
+        # With mTLS the probe cannot show a client certificate: it uses the Unix socket.
+        probes = any(p.fresh_probe is not None for p in self.policies.values())
+        if self.xds_socket is None and (isolated or (self.mtls and probes)):
             return self.store_path.parent / "xds.sock"
         return self.xds_socket
 
@@ -104,6 +154,19 @@ class ControlPlane:
         self.ready = False
         self._trimmer: asyncio.Task[None] | None = None
         self.bound: dict[str, Address] = {}
+        self.tls: dict[str, tls.ReloadingServerCredentials] = {}
+        if config.tls_cert is not None and config.tls_key is not None:
+            for port, client_ca in (
+                ("xds", config.xds_client_ca),
+                ("admin", config.admin_client_ca),
+            ):
+                files = tls.TlsFiles(config.tls_cert, config.tls_key, client_ca)
+                self.tls[port] = tls.ReloadingServerCredentials(
+                    files, port, self.metrics.tls_loaded
+                )
+        self._handshake_log = LogRateLimit(HANDSHAKE_LOG_INTERVAL_SECONDS)
+        self._handshake_log_lock = threading.Lock()
+        grpc_core_log.subscribe(self._handshake_failed)
         # so_reuseport off: a second xdscp on the same port must fail, not split the fleet.
         self._xds = grpc.aio.server(
             handlers=XdsServer(
@@ -111,6 +174,7 @@ class ControlPlane:
                 self.fleet,
                 self.metrics,
                 warming_timeout=config.warming_timeout,
+                trust_domain=config.trust_domain,
             ).handlers(),
             options=[
                 *KEEPALIVE_OPTIONS,
@@ -146,12 +210,14 @@ class ControlPlane:
         """Bind (port 0 picks a free port; `self.bound` says which), then serve."""
         resources.load_all_descriptors()
         await asyncio.to_thread(self.controller.load)
-        xds = self._bind_grpc(self._xds, self.config.xds_address)
+        xds = self._bind_grpc(self._xds, self.config.xds_address, self.tls.get("xds"))
         if self.config.unix_socket is not None:
             self._add_unix_socket(self.config.unix_socket)
-        admin = self._bind_grpc(self._admin, self.config.admin_address)
+        admin = self._bind_grpc(self._admin, self.config.admin_address, self.tls.get("admin"))
         await self._xds.start()
         await self._admin.start()
+        if self.config.unix_socket is not None:
+            self.config.unix_socket.chmod(0o600)  # only this user may claim to be anyone
         try:
             http_port = await self._http.start(
                 self.config.http_address.host, self.config.http_address.port
@@ -165,7 +231,9 @@ class ControlPlane:
             "http": Address(self.config.http_address.host, http_port),
         }
         self.controller.probe_xds = XdsEndpoint(
-            tcp=(_LOOPBACK.get(xds.host, xds.host), xds.port), unix_socket=self.config.unix_socket
+            # With TLS on xDS the probe (which has no certificate) uses the Unix socket.
+            tcp=None if "xds" in self.tls else (_LOOPBACK.get(xds.host, xds.host), xds.port),
+            unix_socket=self.config.unix_socket,
         )
         self.controller.start()
         self._trimmer = asyncio.create_task(memory.release_periodically(self.fleet.names_in_use))
@@ -177,13 +245,38 @@ class ControlPlane:
             groups=self.assignments.groups(),
             rollout_policies=sorted(self.config.policies),
             admin_token_file=str(self.config.token_path),
+            tls={port: str(c.files.cert) for port, c in self.tls.items()},
+            mtls=[port for port, c in self.tls.items() if c.requires_client_certificate],
+            trust_domain=self.config.trust_domain or "",
             **{name: address.grpc_target() for name, address in self.bound.items()},
         )
+        for name, address in (("xds", xds), ("admin", admin)):
+            if name not in self.tls and not address.is_loopback:
+                log.warning(
+                    "plaintext on a non-loopback address: anyone who can reach it is trusted",
+                    port=name,
+                    address=address.grpc_target(),
+                )
+
+    def _handshake_failed(self, reason: str, error: str) -> None:
+        """Told by gRPC core's log (a thread of its own) of a TLS handshake it refused."""
+        self.metrics.handshake_failures.labels(reason).inc()
+        with self._handshake_log_lock:
+            suppressed = self._handshake_log.allow(reason, time.monotonic())
+        if suppressed is not None:
+            log.warning("tls handshake refused", reason=reason, error=error, suppressed=suppressed)
 
     @staticmethod
-    def _bind_grpc(server: grpc.aio.Server, address: Address) -> Address:
+    def _bind_grpc(
+        server: grpc.aio.Server,
+        address: Address,
+        credentials: tls.ReloadingServerCredentials | None,
+    ) -> Address:
         try:
-            port = server.add_insecure_port(address.grpc_target())
+            if credentials is None:
+                port = server.add_insecure_port(address.grpc_target())
+            else:
+                port = server.add_secure_port(address.grpc_target(), credentials.credentials())
         except RuntimeError as error:
             raise BindError(f"cannot listen on {address.grpc_target()}: {error}") from None
         return Address(address.host, port)
@@ -199,6 +292,7 @@ class ControlPlane:
     async def stop(self) -> None:
         """Stop taking work, end xDS streams (Envoys reconnect elsewhere), finish admin calls."""
         self.ready = False
+        grpc_core_log.unsubscribe(self._handshake_failed)
         if self._trimmer is not None:
             self._trimmer.cancel()
         log.info("draining", grace_seconds=self.config.drain_seconds, streams=len(self.fleet))

@@ -5,6 +5,9 @@ Invariants:
 - Versions are content hashes: the same resources give the same version on every machine
   and after every restart. Each type has its own version, so an unchanged type is not pushed.
 - A snapshot built from messages has no dangling references (see resources.references).
+- A node is served only the secrets its snapshot's other resources reference, and none when
+  the snapshot is another group's (`as_served`): an Envoy never receives keys that nothing
+  it runs uses, or that belong to a group it is not in.
 """
 
 from __future__ import annotations
@@ -157,12 +160,15 @@ class DuplicateResourceError(ValueError):
 class Snapshot:
     """Immutable set of resources by type. Build with `from_messages` or `from_serialized`."""
 
-    __slots__ = ("_types", "version")
+    __slots__ = ("_served", "_types", "version")
 
-    def __init__(self, types: Mapping[str, TypeResources]) -> None:
+    def __init__(self, types: Mapping[str, TypeResources], *, version: str | None = None) -> None:
+        """`version` is given only to a view of another snapshot (`as_served`), which keeps
+        the version of the snapshot it shows."""
         self._types = MappingProxyType(dict(types))
+        self._served: dict[bool, Snapshot] = {}
         present = [t for t in ADS_ORDER if self._types[t.type_url].by_name]
-        self.version = _digest(
+        self.version = version or _digest(
             *(
                 p
                 for t in present
@@ -199,6 +205,36 @@ class Snapshot:
         if dangling:
             raise ConsistencyError(dangling)
         return snapshot
+
+    def as_served(self, *, owner: bool) -> Snapshot:
+        """This snapshot as a node is served it: with only the secrets its other resources
+        reference, or (`owner` False: the node's group falls back on this group's config)
+        with none. Same version; built once per snapshot."""
+        secrets = self.of_type(resources.SECRET)
+        if not secrets.by_name:
+            return self
+        view = self._served.get(owner)
+        if view is None:
+            kept = self._referenced_secrets() if owner else frozenset()
+            if kept == secrets.by_name.keys():
+                view = self
+            else:
+                types = dict(self._types)
+                types[resources.SECRET] = TypeResources(
+                    resources.SECRET, {n: r for n, r in secrets.by_name.items() if n in kept}
+                )
+                view = Snapshot(types, version=self.version)
+            self._served[owner] = view
+        return view
+
+    def _referenced_secrets(self) -> frozenset[str]:
+        return frozenset(
+            name
+            for resource in self.all_resources()
+            if resource.type_url != resources.SECRET
+            for to_type, name in resource.references
+            if to_type == resources.SECRET
+        )
 
     def of_type(self, type_url: str) -> TypeResources:
         return self._types[resources.resource_type(type_url).type_url]

@@ -98,3 +98,28 @@ def static_cluster(name: str, port: int = 8080) -> cluster_pb2.Cluster:
     c.connect_timeout.FromSeconds(1)
     c.load_assignment.CopyFrom(endpoints(name, port))
     return c
+
+
+def tls_cluster(name: str, secret_name: str) -> cluster_pb2.Cluster:
+    """A cluster whose upstream TLS certificate is the named secret, over ADS."""
+    from envoy.config.core.v3 import base_pb2
+    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
+
+    context = tls_pb2.UpstreamTlsContext(
+        common_tls_context=tls_pb2.CommonTlsContext(
+            tls_certificate_sds_secret_configs=[
+                secret_pb2.SdsSecretConfig(name=secret_name, sds_config=ADS)
+            ]
+        )
+    )
+    c = cluster(name)
+    c.transport_socket.CopyFrom(base_pb2.TransportSocket(name="tls", typed_config=_any(context)))
+    return c
+
+
+def secret(name: str, key_text: str = "not a real key") -> object:
+    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+
+    s = secret_pb2.Secret(name=name)
+    s.tls_certificate.private_key.inline_string = key_text
+    return s

@@ -69,6 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="token for mutating admin calls (default: admin-token beside the store; created)",
     )
+    tls_flags = serve.add_argument_group(
+        "TLS", "TLS on the xDS and admin ports; see docs/security.md (plaintext: loopback only)"
+    )
+    tls_flags.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
+    tls_flags.add_argument("--tls-key", type=Path, help="its private key (PEM, unencrypted)")
+    tls_flags.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="mTLS on xDS: clients need a certificate from this CA, and it decides which "
+        "node id and group they may claim (needs --trust-domain)",
+    )
+    tls_flags.add_argument(
+        "--trust-domain",
+        help="trust domain of node identities: spiffe://DOMAIN/group/G/node/ID or ID.G.DOMAIN",
+    )
+    tls_flags.add_argument(
+        "--admin-client-ca", type=Path, help="mTLS on admin: xdsctl needs a certificate from it"
+    )
+    tls_flags.add_argument(
+        "--allow-plaintext",
+        action="store_true",
+        help="serve plaintext on a non-loopback address (warned at every start)",
+    )
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--drain-seconds", type=float, default=5.0, help="grace period on shutdown")
     serve.add_argument(
@@ -111,6 +134,29 @@ def build_parser() -> argparse.ArgumentParser:
     get.set_defaults(handler=cmd_get)
 
     authoring.add_commands(commands, _add_server)
+
+    certgen = commands.add_parser(
+        "certgen",
+        help="write a CA, a server certificate and node/xdsctl client certificates",
+        description="For deployments without cert-manager or SPIRE. A CA already in DIR is "
+        "reused; other files are replaced (that is how they are rotated). Example: "
+        "xdsctl certgen deploy/certs --trust-domain xdscp.local --server-name xdscp "
+        "--node 'edge/*' --canary edge/edge-canary --admin-client",
+    )
+    certgen.add_argument("directory", type=Path)
+    certgen.add_argument("--trust-domain", required=True)
+    certgen.add_argument(
+        "--server-name", action="append", required=True, help="DNS name or IP (repeatable)"
+    )
+    certgen.add_argument(
+        "--node", action="append", default=[], metavar="GROUP/ID", help="ID may be a glob"
+    )
+    certgen.add_argument(
+        "--canary", action="append", default=[], metavar="GROUP/ID", help="a canary node"
+    )
+    certgen.add_argument("--admin-client", action="store_true", help="a certificate for xdsctl")
+    certgen.add_argument("--days", type=int, default=365)
+    certgen.set_defaults(handler=cmd_certgen)
 
     rollout = commands.add_parser("rollout", help="canary rollouts: status, promote, abort")
     rollout_commands = rollout.add_subparsers(
@@ -155,6 +201,21 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"admin token for changes (env XDSCTL_TOKEN; default {DEFAULT_TOKEN_FILE} if present)",
     )
+    tls_flags = parser.add_argument_group("TLS to the admin port")
+    for flag, env, help_text in (
+        ("--tls-ca", "XDSCTL_TLS_CA", "use TLS, trusting this CA for the server's certificate"),
+        ("--tls-cert", "XDSCTL_TLS_CERT", "client certificate, when the server asks for mTLS"),
+        ("--tls-key", "XDSCTL_TLS_KEY", "its private key"),
+    ):
+        tls_flags.add_argument(
+            flag, type=Path, default=os.environ.get(env) or None, help=f"{help_text} (env {env})"
+        )
+    tls_flags.add_argument(
+        "--tls-server-name",
+        default=os.environ.get("XDSCTL_TLS_SERVER_NAME") or None,
+        help="the name the server's certificate must carry, if not --server's host "
+        "(env XDSCTL_TLS_SERVER_NAME)",
+    )
 
 
 def _positive_seconds(text: str) -> float:
@@ -168,10 +229,12 @@ def _positive_seconds(text: str) -> float:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from controlplane import app
+    from controlplane import app, tls
+    from controlplane.observability import grpc_core_log
     from controlplane.observability import logging as obs_logging
     from controlplane.rollout.policy import load_policies
 
+    grpc_core_log.install()  # before logging: log lines go to the real stderr
     obs_logging.configure(args.log_level)
     try:
         config = app.Config(
@@ -183,15 +246,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
             xds_socket=args.xds_socket,
             policies=load_policies(args.rollout_policy) if args.rollout_policy else {},
             admin_token_file=args.admin_token_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            xds_client_ca=args.tls_client_ca,
+            admin_client_ca=args.admin_client_ca,
+            trust_domain=args.trust_domain,
+            allow_plaintext=args.allow_plaintext,
             **({"warming_timeout": args.warming_timeout} if args.warming_timeout else {}),
         )
     except ValueError as error:
         raise CommandError(str(error)) from None
     try:
         asyncio.run(app.run(config))
-    except app.BindError as error:
+    except (app.BindError, tls.TlsError) as error:
         raise CommandError(str(error)) from None
     return EXIT_OK
+
+
+def cmd_certgen(args: argparse.Namespace) -> int:
+    from controlplane import certgen
+
+    nodes = [(*_node_spec(spec), False) for spec in args.node]
+    nodes += [(*_node_spec(spec), True) for spec in args.canary]
+    if not 1 <= args.days <= 3650:
+        raise CommandError(f"--days must be 1 to 3650, not {args.days}")
+    for path in certgen.create(
+        args.directory,
+        trust_domain=args.trust_domain,
+        server_names=args.server_name,
+        nodes=nodes,
+        admin_client=args.admin_client,
+        days=args.days,
+    ):
+        print(path)
+    return EXIT_OK
+
+
+def _node_spec(text: str) -> tuple[str, str]:
+    group, sep, node_id = text.partition("/")
+    if not sep or not group or not node_id or "/" in node_id:
+        raise CommandError(f"{text!r} is not GROUP/ID")
+    return group, node_id
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -414,7 +509,7 @@ def _call(args: argparse.Namespace, rpc: Callable) -> Any:  # type: ignore[type-
 
     token = _token(args)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with grpc.insecure_channel(args.server, options=limits.GRPC_OPTIONS) as channel:
+    with _channel(args) as channel:
         try:
             return rpc(admin_pb2_grpc.AdminStub(channel), metadata)
         except grpc.RpcError as error:
@@ -422,6 +517,30 @@ def _call(args: argparse.Namespace, rpc: Callable) -> Any:  # type: ignore[type-
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise CommandError(f"cannot reach xdscp at {args.server}: {details}") from None
             raise CommandError(f"{code.name.lower()}: {details}") from None
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    options = list(limits.GRPC_OPTIONS)
+    if args.tls_ca is None:
+        if args.tls_cert or args.tls_key:
+            raise CommandError("--tls-cert and --tls-key need --tls-ca (the server's CA)")
+        return grpc.insecure_channel(args.server, options=options)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CommandError("--tls-cert and --tls-key go together")
+    ca, cert, key = (_read_pem(p) for p in (args.tls_ca, args.tls_cert, args.tls_key))
+    if args.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+    credentials = grpc.ssl_channel_credentials(ca, key, cert)
+    return grpc.secure_channel(args.server, credentials, options=options)
+
+
+def _read_pem(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise CommandError(f"{path}: {error.strerror}") from None
 
 
 if __name__ == "__main__":

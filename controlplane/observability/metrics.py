@@ -9,11 +9,12 @@ phases and outcomes; never node ids. Versions appear only in the per-group info 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -23,6 +24,9 @@ from prometheus_client.registry import Collector
 
 from controlplane.caches import CACHES
 from controlplane.store import POINTERS
+
+if TYPE_CHECKING:
+    from controlplane.tls import TlsMaterial
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 disable_created_metrics()  # *_created series double the output and nobody alerts on them
@@ -98,6 +102,39 @@ class Metrics:
             buckets=_SECONDS_BUCKETS,
             registry=self.registry,
         )
+
+        self.identity_refusals = Counter(
+            "xdscp_identity_refusals",
+            "xDS streams refused because the client certificate does not grant the node "
+            "id and group claimed (no_identity, claim_mismatch)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.handshake_failures = Counter(
+            "xdscp_tls_handshake_failures",
+            "TLS handshakes refused on the xDS or admin port, as gRPC reports them "
+            "(no_client_certificate, untrusted_certificate, not_tls, handshake_failed)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.tls_reloads = Counter(
+            "xdscp_tls_reloads",
+            "Certificate files read by port: loaded, or refused (the last good set stays)",
+            ["port", "result"],
+            registry=self.registry,
+        )
+        self.tls_expiry = Gauge(
+            "xdscp_tls_certificate_expiry_timestamp_seconds",
+            "When the server certificate in use on each port expires (Unix time)",
+            ["port"],
+            registry=self.registry,
+        )
+
+    def tls_loaded(self, port: str, material: TlsMaterial | None) -> None:
+        """Told by tls.ReloadingServerCredentials of every load of a port's files."""
+        self.tls_reloads.labels(port, "loaded" if material else "refused").inc()
+        if material is not None:
+            self.tls_expiry.labels(port).set(material.not_after.timestamp())
 
     def watch(self, fleet: FleetView) -> None:
         self.registry.register(_FleetCollector(fleet))

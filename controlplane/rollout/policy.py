@@ -51,10 +51,17 @@ class CanarySelector:
     percent: float | None = None
 
     def matches(self, node: NodeInfo) -> bool:
-        if node.metadata.get(PROBE_METADATA_KEY) == "true":
+        """What a node must prove to count (see docs/security.md): `node_id` and `percent`
+        rest on its node id, which a client certificate proves when mTLS is on. Metadata is
+        the node's own word: with a certificate, it counts only if the certificate grants
+        the canary role, and the fresh probe's mark only from a client without one (the
+        probe reaches xdscp over its Unix socket)."""
+        if node.metadata.get(PROBE_METADATA_KEY) == "true" and not node.trust.certified:
             return True
-        if self.metadata and all(
-            str(node.metadata.get(key)) == value for key, value in self.metadata.items()
+        if (
+            self.metadata
+            and node.trust.canary
+            and all(str(node.metadata.get(key)) == value for key, value in self.metadata.items())
         ):
             return True
         if self.node_id_glob is not None and fnmatch.fnmatchcase(node.id, self.node_id_glob):

@@ -4,6 +4,9 @@
   served group `default`'s.
 - While a group has a rollout, its canary nodes (as the rollout's selector decides) get the
   candidate instead, including canaries that connect mid-rollout.
+- Secrets go only to their owners: a node gets the secrets its group's listeners, clusters
+  and other resources reference, and none from a group it falls back on (see
+  Snapshot.as_served).
 Any change tells the listeners, which re-resolve the streams they own.
 """
 
@@ -37,8 +40,12 @@ class Assignments:
         group = self.effective_group(node.group)
         rollout = self._rollouts.get(group)
         if rollout is not None and rollout[1].matches(node):
-            return rollout[0]
-        return self._stable.get(group) or self._stable.get(DEFAULT_GROUP)
+            return rollout[0].as_served(owner=group == node.group)
+        if (own := self._stable.get(group)) is not None:
+            return own.as_served(owner=group == node.group)
+        if (fallback := self._stable.get(DEFAULT_GROUP)) is not None:
+            return fallback.as_served(owner=node.group == DEFAULT_GROUP)
+        return None
 
     def is_canary(self, node: NodeInfo) -> bool:
         rollout = self._rollouts.get(self.effective_group(node.group))

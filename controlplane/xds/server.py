@@ -26,6 +26,7 @@ from controlplane.xds import limits, ordering, wire
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.delta import DeltaStream
 from controlplane.xds.fleet import Fleet
+from controlplane.xds.identity import Certificate, IdentityRefused
 from controlplane.xds.stream import (
     RemoteProtocolError,
     Request,
@@ -88,9 +89,13 @@ class XdsServer:
         metrics: Metrics,
         *,
         warming_timeout: float = ordering.DEFAULT_WARMING_TIMEOUT_SECONDS,
+        trust_domain: str | None = None,
     ) -> None:
+        """`trust_domain` (with mTLS on the port): client certificates decide what nodes
+        may claim, as identity.py reads them."""
         self._assignments = assignments
         self._warming_timeout = warming_timeout
+        self._trust_domain = trust_domain
         # Streams ended by a protocol error: one line per reason every second, server-wide,
         # however many clients misbehave.
         self._error_log = LogRateLimit(ERROR_LOG_INTERVAL_SECONDS)
@@ -130,6 +135,7 @@ class XdsServer:
                 self._assignments.resolve,
                 types=types,
                 warming_timeout=self._warming_timeout,
+                certificate=self._certificate(context),
             )
             async for payload in self._serve(stream, request_type, request_iterator, context):
                 yield payload
@@ -190,6 +196,17 @@ class XdsServer:
                 )
             self._metrics.stream_errors.labels(error.reason).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, limits.clip(str(error)))
+        except IdentityRefused as error:
+            suppressed = self._error_log.allow(error.reason, time.monotonic())
+            if suppressed is not None:
+                bound.warning(
+                    "identity refused",
+                    reason=error.reason,
+                    error=limits.clip(str(error)),
+                    suppressed=suppressed,
+                )
+            self._metrics.identity_refusals.labels(error.reason).inc()
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, limits.clip(str(error)))
         except Exception:  # a bug of ours: logged in full here, never shown to the client
             bound.exception("stream failed", reason="internal")
             self._metrics.stream_errors.labels("internal").inc()
@@ -200,6 +217,12 @@ class XdsServer:
             if stream in self._fleet:
                 self._fleet.remove(stream)
                 bound.info("stream closed")
+
+    def _certificate(self, context: grpc.aio.ServicerContext) -> Certificate | None:
+        """The client's certificate; None on the Unix socket or when mTLS is off."""
+        if self._trust_domain is None:
+            return None
+        return Certificate.from_auth_context(self._trust_domain, context.auth_context())
 
     @contextlib.asynccontextmanager
     async def _turn(self, request_bytes: int) -> AsyncIterator[None]:

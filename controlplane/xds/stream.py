@@ -11,7 +11,8 @@ waits on what is the table in `ordering.py`.
 
 Rules kept here and nowhere else:
 - Every request is checked against the limits in limits.py before anything else.
-- The Node comes from the first request; a stream without one is refused.
+- The Node comes from the first request; a stream without one is refused. With a client
+  certificate, the node may claim only what the certificate grants (identity.py).
 - Every response has its own nonce. A request naming a nonce that is not its type's latest
   is stale: it is neither an ACK nor a NACK, but the subscription it carries still counts.
   A request with no nonce is an initial request (or a resubscription).
@@ -41,7 +42,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -53,6 +54,7 @@ from controlplane.resources import ADS_ORDER
 from controlplane.snapshot import Resource, Snapshot, TypeResources
 from controlplane.store import DEFAULT_GROUP
 from controlplane.xds import limits, ordering, wire
+from controlplane.xds.identity import CLAIMED, Certificate, Trust
 from controlplane.xds.limits import RemoteProtocolError
 
 WILDCARD = "*"
@@ -132,6 +134,7 @@ class NodeInfo:
     build_version: str
     user_agent: str
     metadata: dict[str, object] = field(default_factory=dict)
+    trust: Trust = CLAIMED
 
     @classmethod
     def from_node(cls, node: base_pb2.Node) -> NodeInfo:
@@ -243,16 +246,19 @@ class XdsStream:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         warming_timeout: float = ordering.DEFAULT_WARMING_TIMEOUT_SECONDS,
+        certificate: Certificate | None = None,
     ) -> None:
         """`resolve(node)` gives the snapshot a node should hold; `types` limits the stream
         to those type URLs (a per-type service), default every type (ADS); types wait for a
-        CDS ACK at most `warming_timeout` seconds. `clock` stamps what the status shows;
+        CDS ACK at most `warming_timeout` seconds. `certificate` is the client's, when it
+        showed one: it decides what the node may claim. `clock` stamps what the status shows;
         deadlines are kept on `monotonic`, which a wall-clock step cannot move."""
         self.stream_id = stream_id
         self._resolve = resolve
         self._clock = clock
         self._monotonic = monotonic
         self._warming_timeout = warming_timeout
+        self._certificate = certificate
         self._ads = types is None
         allowed = tuple(types) if types is not None else tuple(t.type_url for t in ADS_ORDER)
         self._allowed = allowed
@@ -424,7 +430,10 @@ class XdsStream:
                 raise RemoteProtocolError(
                     "the first request of a stream must carry a Node with an id", "no_node"
                 )
-            self.node = NodeInfo.from_node(request.node)
+            node = NodeInfo.from_node(request.node)
+            if self._certificate is not None:
+                node = replace(node, trust=self._certificate.admit(node.id, node.group))
+            self.node = node
             self._assign(self._resolve(self.node))
         elif request.HasField("node") and request.node.id and request.node.id != self.node.id:
             raise RemoteProtocolError(

@@ -201,6 +201,35 @@ def test_canary_selectors(selector, node_id, metadata, expected) -> None:
     assert selector.matches(node) is expected
 
 
+@pytest.mark.parametrize(
+    ("trust", "metadata", "expected"),
+    [
+        ("certified node", {"canary": "true"}, False),  # metadata is only its own word
+        ("certified canary", {"canary": "true"}, True),
+        ("certified canary", {}, False),  # the role alone does not make it one
+        ("certified node", {"xdscp.probe": "true"}, False),  # the probe has no certificate
+        ("certified canary", {"xdscp.probe": "true"}, False),
+    ],
+)
+def test_with_a_certificate_metadata_counts_only_with_the_canary_role(
+    trust, metadata, expected
+) -> None:
+    from controlplane.xds.identity import Trust
+    from controlplane.xds.stream import NodeInfo
+
+    granted = Trust(certified=True, canary=trust == "certified canary")
+    node = NodeInfo("edge-1", "edge", "", "", metadata, granted)
+    assert CanarySelector(metadata={"canary": "true"}).matches(node) is expected
+
+
+def test_with_a_certificate_node_id_rules_rest_on_the_proven_id() -> None:
+    from controlplane.xds.identity import Trust
+    from controlplane.xds.stream import NodeInfo
+
+    node = NodeInfo("edge-canary-1", "edge", "", "", {}, Trust(certified=True, canary=False))
+    assert CanarySelector(node_id_glob="edge-canary-*").matches(node)
+
+
 def test_percent_selector_is_stable_and_roughly_proportional() -> None:
     from controlplane.xds.stream import NodeInfo
 

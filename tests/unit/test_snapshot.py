@@ -74,3 +74,34 @@ def test_missing_sds_secret_is_dangling() -> None:
         Snapshot.from_messages(
             [(resources.CLUSTER, cluster), (resources.ENDPOINT, factories.endpoints("web"))]
         )
+
+
+def _with_secrets() -> Snapshot:
+    return Snapshot.from_messages(
+        [
+            (resources.CLUSTER, factories.tls_cluster("web", "web-client-cert")),
+            (resources.ENDPOINT, factories.endpoints("web")),
+            (resources.SECRET, factories.secret("web-client-cert")),
+            (resources.SECRET, factories.secret("unused-key")),
+        ]
+    )
+
+
+def test_a_node_of_the_owning_group_is_served_only_the_secrets_its_config_references() -> None:
+    snapshot = _with_secrets()
+    served = snapshot.as_served(owner=True)
+    assert set(served.resources(resources.SECRET)) == {"web-client-cert"}
+    assert served.version == snapshot.version  # the same snapshot, as status and gate see it
+    assert served.resources(resources.CLUSTER) == snapshot.resources(resources.CLUSTER)
+    assert snapshot.as_served(owner=True) is served  # built once
+
+
+def test_a_node_falling_back_on_another_groups_config_is_served_no_secrets() -> None:
+    served = _with_secrets().as_served(owner=False)
+    assert dict(served.resources(resources.SECRET)) == {}
+    assert set(served.resources(resources.CLUSTER)) == {"web"}
+
+
+def test_a_snapshot_without_secrets_is_served_as_it_is() -> None:
+    snapshot = factories.edge_snapshot()
+    assert snapshot.as_served(owner=False) is snapshot
