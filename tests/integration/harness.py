@@ -88,9 +88,11 @@ def http_get(
 class XdsControlPlane:
     """`xdsctl serve` in its own process, on fresh ports, with a store under `workdir`."""
 
-    def __init__(self, workdir: Path, *extra_args: str) -> None:
-        """`extra_args` go to `xdsctl serve` (e.g. --rollout-policy FILE)."""
+    def __init__(self, workdir: Path, *extra_args: str, xdsctl_args: tuple[str, ...] = ()) -> None:
+        """`extra_args` go to `xdsctl serve` (e.g. --rollout-policy FILE), `xdsctl_args` to
+        every other xdsctl command (e.g. --tls-ca FILE)."""
         self.workdir = workdir
+        self.xdsctl_args = xdsctl_args
         self.store = workdir / "xdscp.db"
         self.token_file = workdir / "admin-token"  # created by the server beside its store
         self.extra_args = extra_args
@@ -165,7 +167,13 @@ class XdsControlPlane:
 
     def xdsctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return xdsctl(
-            *args, "--server", self.admin_address, "--token-file", str(self.token_file), check=check
+            *args,
+            "--server",
+            self.admin_address,
+            "--token-file",
+            str(self.token_file),
+            *self.xdsctl_args,
+            check=check,
         )
 
     def status(self) -> list[dict[str, Any]]:
@@ -203,13 +211,15 @@ def ads_bootstrap(
     xds_keepalive_interval: str | None = None,
     cds_initial_fetch_timeout: str | None = None,
     static_clusters: list[dict[str, Any]] | None = None,
+    xds_transport_socket: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A standard ADS bootstrap (see deploy/envoy/), with a fast reconnect for tests.
 
     `xds_keepalive_interval` (e.g. "1s") makes Envoy send HTTP/2 PINGs on its xDS connection
     at that interval (timeout 5s), as deploy/envoy/bootstrap-ads.yaml does.
     `cds_initial_fetch_timeout` ("0s": wait for clusters forever) and `static_clusters`
-    (beside the xds cluster) shape what Envoy does at start-up.
+    (beside the xds cluster) shape what Envoy does at start-up. `xds_transport_socket`:
+    TLS to xdscp (see pki.py).
     """
     cds_config: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
     if cds_initial_fetch_timeout is not None:
@@ -247,6 +257,7 @@ def ads_bootstrap(
                     "name": "xds",
                     "type": "STATIC",
                     "connect_timeout": "1s",
+                    **({"transport_socket": xds_transport_socket} if xds_transport_socket else {}),
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
