@@ -53,9 +53,11 @@ class Grant:
 class IdentityRefused(Exception):
     """The client's certificate does not let it claim what it claimed."""
 
-    def __init__(self, message: str, reason: str) -> None:
+    def __init__(self, message: str, reason: str, node_id: str, group: str) -> None:
         super().__init__(message)
         self.reason = reason  # a metric label: no_identity, claim_mismatch
+        self.node_id = node_id  # as claimed
+        self.group = group
 
 
 def grants(trust_domain: str, uris: Iterable[str], dns_names: Iterable[str]) -> list[Grant]:
@@ -112,6 +114,8 @@ class Certificate:
                 f"the client certificate grants no node identity in trust domain "
                 f"{self.trust_domain!r} (SANs: {self.describe()})",
                 "no_identity",
+                node_id,
+                group,
             )
         matching = [g for g in held if g.allows(node_id, group)]
         if not matching:
@@ -119,6 +123,8 @@ class Certificate:
                 f"node {node_id!r} of group {group!r} is not what the client certificate "
                 f"grants ({self.describe()})",
                 "claim_mismatch",
+                node_id,
+                group,
             )
         return Trust(certified=True, canary=any(g.canary for g in matching))
 

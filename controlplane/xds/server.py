@@ -202,6 +202,8 @@ class XdsServer:
                 bound.warning(
                     "identity refused",
                     reason=error.reason,
+                    node_id=limits.clip(error.node_id, NODE_ID_LOG_CHARS),
+                    group=limits.clip(error.group, NODE_ID_LOG_CHARS),
                     error=limits.clip(str(error)),
                     suppressed=suppressed,
                 )

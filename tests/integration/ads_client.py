@@ -19,11 +19,22 @@ ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedRe
 
 class AckingNode:
     def __init__(
-        self, xds_port: int, node_id: str, group: str, metadata: dict[str, str] | None = None
+        self,
+        xds_port: int,
+        node_id: str,
+        group: str,
+        metadata: dict[str, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        """`credentials`: TLS to xdscp (default plaintext)."""
         self.acked: dict[str, str] = {}  # type URL -> version
         self._requests: queue.Queue[discovery_pb2.DiscoveryRequest | None] = queue.Queue()
-        self._channel = grpc.insecure_channel(f"127.0.0.1:{xds_port}")
+        target = f"127.0.0.1:{xds_port}"
+        self._channel = (
+            grpc.secure_channel(target, credentials)
+            if credentials is not None
+            else grpc.insecure_channel(target)
+        )
         node = base_pb2.Node(id=node_id, cluster=group)
         node.metadata.CopyFrom(
             struct_pb2.Struct(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from controlplane import certgen
 
 TRUST_DOMAIN = "xdscp.test"
@@ -35,6 +37,14 @@ class Pki:
         uri = certgen.node_uri(TRUST_DOMAIN, group, node_id, canary=canary)
         role = "canary" if canary else "node"
         return self.issue(f"{role}-{group}-{node_id}".replace("*", "any"), uri)
+
+    def credentials(self, cert: Path | None, key: Path | None) -> grpc.ChannelCredentials:
+        """gRPC client credentials trusting xdscp's CA, presenting `cert` if given."""
+        return grpc.ssl_channel_credentials(
+            self.ca_path.read_bytes(),
+            key.read_bytes() if key else None,
+            cert.read_bytes() if cert else None,
+        )
 
     def serve_args(self, *, admin_mtls: bool = False) -> tuple[str, ...]:
         """`xdsctl serve` flags: TLS on both ports, mTLS with node identity on xDS."""
