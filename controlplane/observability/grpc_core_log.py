@@ -10,6 +10,7 @@ Only `xdsctl serve` installs it; without it, subscribers are simply never called
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -29,6 +30,7 @@ _REASONS = (
     (b"HTTP_REQUEST", "not_tls"),
 )
 MAX_LINE_BYTES = 64 << 10  # a longer "line" is passed on but not parsed
+EXIT_DRAIN_SECONDS = 1.0
 
 _listeners: list[HandshakeListener] = []
 _installed = False
@@ -54,10 +56,18 @@ def install() -> None:
     os.close(write_end)
     sys.stderr.flush()
     sys.stderr = open(real_stderr, "w", buffering=1, closefd=False)  # noqa: SIM115
-    threading.Thread(
+    pump = threading.Thread(
         target=_pump, args=(read_end, real_stderr), name="grpc-core-log", daemon=True
-    ).start()
+    )
+    pump.start()
+    atexit.register(_restore, real_stderr, pump)
     _installed = True
+
+
+def _restore(real_stderr: int, pump: threading.Thread) -> None:
+    """At exit: fd 2 is the real stderr again, and what is still in the pipe is passed on."""
+    os.dup2(real_stderr, 2)  # the pipe's last writer is gone: the pump reads to its end
+    pump.join(timeout=EXIT_DRAIN_SECONDS)
 
 
 def _pump(read_end: int, real_stderr: int) -> None:
