@@ -120,9 +120,9 @@ class Config:
             p.fresh_probe is not None and p.fresh_probe.isolate_network
             for p in self.policies.values()
         )
-        # With mTLS the probe cannot show a client certificate: it uses the Unix socket.
+        # With TLS on xDS the probe (which has no certificate) uses the Unix socket.
         probes = any(p.fresh_probe is not None for p in self.policies.values())
-        if self.xds_socket is None and (isolated or (self.mtls and probes)):
+        if self.xds_socket is None and (isolated or (self.tls_cert is not None and probes)):
             return self.store_path.parent / "xds.sock"
         return self.xds_socket
 

@@ -28,6 +28,7 @@ from controlplane.resources import SECRET
 from tests.integration import edge_config
 from tests.integration.ads_client import AckingNode
 from tests.integration.harness import (
+    ENVOY_BINARY,
     Envoy,
     XdsControlPlane,
     free_port,
@@ -406,3 +407,43 @@ def test_swapped_certificate_files_serve_new_connections_while_streams_keep_runn
 
 def renewed_not_after(issued: certgen.Issued) -> float:
     return x509.load_pem_x509_certificate(issued.cert_pem).not_valid_after_utc.timestamp()
+
+
+def test_with_tls_on_xds_the_fresh_probe_reaches_xdscp_over_its_unix_socket(tmp_path, pki) -> None:
+    """The probe's Envoy has no client certificate: with TLS on xDS it must still connect,
+    count as the fresh canary, and let a good candidate through."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        yaml.safe_dump(
+            {
+                "groups": {
+                    "edge": {
+                        "canary": {"node_id": "no-such-node"},
+                        "min_existing": 0,
+                        "min_fresh": 1,
+                        "bake_seconds": 0.5,
+                        "deadline_seconds": 60,
+                        "fresh_probe": {
+                            "envoy_binary": str(ENVOY_BINARY),
+                            "ready_timeout_seconds": 20,
+                            "isolate_network": False,
+                        },
+                    }
+                }
+            }
+        )
+    )
+    plane = XdsControlPlane(
+        tmp_path, *pki.serve_args(), "--rollout-policy", str(policy), xdsctl_args=pki.xdsctl_args()
+    ).start()
+    try:
+        _publish_clusters(tmp_path / "v1", plane, "a")
+        rollout = wait_for(
+            lambda: (r := _rollout(plane)).get("phase") in ("promoted", "aborted") and r,
+            timeout=45,
+            what="the probe's verdict",
+        )
+        assert rollout["phase"] == "promoted", rollout
+        assert (tmp_path / "xds.sock").stat().st_mode & 0o777 == 0o600
+    finally:
+        plane.stop()
