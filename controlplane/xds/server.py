@@ -157,7 +157,9 @@ class XdsServer:
         converged_on: str | None = None
         timer = _Timer(events)
         nack_log = LogRateLimit(NACK_LOG_INTERVAL_SECONDS)  # per stream, by type
-        ignored: set[str] = set()  # types asked for and not served: logged once per stream
+        # Logged once per stream: ("type", URL) of types not served, ("secret", name) of
+        # secrets asked for and not served.
+        logged_once: set[tuple[str, str]] = set()
         try:
             while (event := await events.get()) is not _END:
                 if event is _TICK:
@@ -177,7 +179,7 @@ class XdsServer:
                             group=limits.clip(stream.group or "", NODE_ID_LOG_CHARS),
                         )
                         bound.info("stream opened", protocol=stream.protocol)
-                    self._record_request(bound, stream, kind, state, nack_log, ignored)
+                    self._record_request(bound, stream, kind, state, nack_log, logged_once)
                     if kind in (RequestKind.ACK, RequestKind.NACK):
                         self._fleet.progressed()
                     converged_on = self._record_convergence(stream, converged_on)
@@ -275,7 +277,7 @@ class XdsServer:
         kind: RequestKind,
         state: TypeState,
         nack_log: LogRateLimit,
-        ignored: set[str],
+        logged_once: set[tuple[str, str]],
     ) -> None:
         fields = {"type_url": limits.clip(state.type_url), "nonce": state.latest_nonce}
         _, _, acks, nacks = self._counters(state.type_url, stream)
@@ -297,11 +299,34 @@ class XdsServer:
             bound.debug("stale request ignored", **fields)
         elif kind is RequestKind.UPDATE:
             bound.debug("subscription update", names=len(state.names), **fields)
-        elif kind is RequestKind.UNSUPPORTED:
+        if state.type_url == resources.SECRET and kind in (RequestKind.INITIAL, RequestKind.UPDATE):
+            self._report_unserved_secrets(bound, stream, state.names, logged_once)
+        if kind is RequestKind.UNSUPPORTED:
             self._metrics.ignored_requests.labels("unsupported_type").inc()
-            if state.type_url not in ignored:
-                ignored.add(state.type_url)
+            if ("type", state.type_url) not in logged_once:
+                logged_once.add(("type", state.type_url))
                 bound.warning("request for a type not served: ignored", type_url=state.type_url)
+
+    @staticmethod
+    def _report_unserved_secrets(
+        bound: BoundLogger,
+        stream: XdsStream,
+        names: frozenset[str],
+        logged_once: set[tuple[str, str]],
+    ) -> None:
+        """Once per stream and name: a secret asked for and not served (see Snapshot.as_served),
+        which leaves the listener or cluster that needs it warming on the Envoy."""
+        served = stream.snapshot.resources(resources.SECRET) if stream.snapshot else {}
+        missing = sorted(n for n in names if n not in served and ("secret", n) not in logged_once)
+        if missing:
+            logged_once.update(("secret", n) for n in missing)
+            bound.warning(
+                "secrets not served",
+                why="not published in the node's group, not referenced by the group's config, "
+                "or the group falls back on default's config",
+                names=[limits.clip(n, 256) for n in missing[:20]],
+                more=max(0, len(missing) - 20),
+            )
 
     def _record_convergence(self, stream: XdsStream, converged_on: str | None) -> str | None:
         """Observe, once per snapshot, how long this node took to ACK all of it."""

@@ -282,6 +282,14 @@ def test_a_node_gets_only_the_secrets_its_own_group_uses(tmp_path, pki, plane, p
     assert ask(plane, lonely, node("lonely-1", "lonely"), every) == set()
     default = pki.credentials(*pki.node("default", "d-1"))
     assert ask(plane, default, node("d-1", "default"), every) == {"default_cert"}
+    # Each refusal is explained once in the log, naming what was not served.
+    unserved = logged(plane, "secrets not served")
+    assert {(e["node_id"], tuple(e["names"])) for e in unserved} == {
+        ("edge-1", ("default_cert", "edge_spare_key", "payments_cert")),
+        ("pay-1", ("default_cert", "edge_cert", "edge_spare_key")),
+        ("lonely-1", tuple(sorted(every))),
+        ("d-1", ("edge_cert", "edge_spare_key", "payments_cert")),
+    }
 
 
 def test_canaries_must_prove_it_before_their_acks_count(tmp_path, pki) -> None:
