@@ -8,7 +8,9 @@ It waits (bounded) for the channel to be ready, makes one unary call with a dead
 until stdin is closed, so the test can inspect the control plane while it is connected.
 Each line the test writes to stdin meanwhile is one more call with that line as the message,
 answered `REPLY <hex>` or `ERROR <code> <details>`.
-Any failure of the first call is printed to stderr and the exit code is non-zero.
+Any failure of the first call is printed to stderr and the exit code is non-zero. If the
+channel never becomes ready, one call that does not wait for it shows why: its error is
+printed as `ERROR <code> <details>` (for an xDS target, the resolver's error) before exit 2.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ def main(argv: list[str]) -> int:
             grpc.channel_ready_future(channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
             print(f"channel to {target} not ready within {timeout}s", file=sys.stderr)
+            try:
+                channel.unary_unary(method)(message, timeout=timeout)
+            except grpc.RpcError as error:
+                print(f"ERROR {error.code()} {error.details()}", flush=True)
             return 2
         call = channel.unary_unary(method)  # bytes in, bytes out: no serializers
         try:

@@ -3,6 +3,9 @@
 The chain gRPC asks for by name (gRFC A27): Listener `echo.test` (an api_listener holding an
 HttpConnectionManager whose last HTTP filter is the router) -> RDS `echo-route` -> Cluster
 `echo-cluster` (EDS over ADS) -> its ClusterLoadAssignment, pointing at a local gRPC server.
+
+Over mTLS, the client's bootstrap names its certificate, key and CA as `tls` channel creds
+(gRFC A65), and xdscp's trust domain decides which node id that certificate may claim.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.edge_config import ADS, HCM, ROUTER
-from tests.integration.harness import REPO, XdsControlPlane, wait_for
+from tests.integration.harness import REPO, XdsControlPlane, http_get, wait_for
+from tests.integration.pki import Pki
 
 NODE_ID = "grpc-client-1"
 SERVICE = "echo.test"
@@ -163,12 +168,16 @@ def write_grpc_config(
     return directory
 
 
-def write_bootstrap(path: Path, xds_port: int) -> Path:
+def write_bootstrap(
+    path: Path, xds_port: int, channel_creds: list[dict[str, Any]] | None = None
+) -> Path:
+    """gRPC's bootstrap (gRFC A27): xdscp as its one xDS server, reached with `channel_creds`
+    (plaintext when None)."""
     bootstrap: dict[str, Any] = {
         "xds_servers": [
             {
                 "server_uri": f"127.0.0.1:{xds_port}",
-                "channel_creds": [{"type": "insecure"}],
+                "channel_creds": channel_creds or [{"type": "insecure"}],
                 "server_features": ["xds_v3"],
             }
         ],
@@ -176,6 +185,21 @@ def write_bootstrap(path: Path, xds_port: int) -> Path:
     }
     path.write_text(json.dumps(bootstrap))
     return path
+
+
+def tls_channel_creds(ca: Path, cert: Path, key: Path) -> list[dict[str, Any]]:
+    """mTLS to the xDS server, as gRFC A65 spells it: channel creds of type `tls`, whose config
+    is that of the file-watcher certificate provider (gRFC A29). gRPC C-core (grpcio) reads it
+    in TlsChannelCredsFactory (src/core/credentials/transport/channel_creds_registry_init.cc),
+    which watches the three files with a FileWatcherCertificateProvider and checks the
+    server's certificate against the host of `server_uri` (127.0.0.1 is an IP SAN of it)."""
+    config = {
+        "ca_certificate_file": str(ca),
+        "certificate_file": str(cert),
+        "private_key_file": str(key),
+        "refresh_interval": "60s",  # a google.protobuf.Duration in JSON; default 10 minutes
+    }
+    return [{"type": "tls", "config": config}]
 
 
 def client_env(bootstrap: Path) -> dict[str, str]:
@@ -207,11 +231,21 @@ def describe(plane: XdsControlPlane, stderr_path: Path) -> str:
 
 class GrpcClient:
     """grpc_xds_client.py in its own process, resolving `xds:///echo.test` through `plane`;
-    `call` makes one more RPC on the same channel."""
+    `call` makes one more RPC on the same channel. `channel_creds` go to its bootstrap;
+    `timeout_s` bounds its wait for a ready channel and each RPC."""
 
-    def __init__(self, plane: XdsControlPlane, tmp_path: Path, message: str = "hello") -> None:
+    def __init__(
+        self,
+        plane: XdsControlPlane,
+        tmp_path: Path,
+        message: str = "hello",
+        *,
+        channel_creds: list[dict[str, Any]] | None = None,
+        timeout_s: float = CLIENT_TIMEOUT_S,
+    ) -> None:
         self.plane = plane
-        bootstrap = write_bootstrap(tmp_path / "grpc-bootstrap.json", plane.xds_port)
+        self.timeout_s = timeout_s
+        bootstrap = write_bootstrap(tmp_path / "grpc-bootstrap.json", plane.xds_port, channel_creds)
         self.stdout_path, self.stderr_path = tmp_path / "client.out", tmp_path / "client.err"
         with self.stdout_path.open("wb") as stdout, self.stderr_path.open("wb") as stderr:
             self.process = subprocess.Popen(
@@ -221,7 +255,7 @@ class GrpcClient:
                     f"xds:///{SERVICE}",
                     METHOD,
                     message,
-                    str(CLIENT_TIMEOUT_S),
+                    str(timeout_s),
                 ],
                 cwd=REPO,
                 env=client_env(bootstrap),
@@ -255,7 +289,7 @@ class GrpcClient:
             self._running("before its RPC succeeded")
             return False
 
-        wait_for(ready, timeout=CLIENT_TIMEOUT_S + 10, what="the RPC through xds:///")
+        wait_for(ready, timeout=self.timeout_s + 10, what="the RPC through xds:///")
 
     def call(self, message: str, timeout: float = 10) -> str:
         """One more RPC: its answer line, `REPLY <hex>` or `ERROR ...`."""
@@ -275,6 +309,15 @@ class GrpcClient:
         assert self.process.stdin is not None
         self.process.stdin.close()
         return self.process.wait(timeout=15)
+
+    def wait_exit(self) -> int:
+        """Its exit code, once it gives up on its own (within its timeout)."""
+        wait_for(
+            lambda: self.process.poll() is not None,
+            timeout=self.timeout_s + 10,
+            what="the gRPC client to give up",
+        )
+        return self.process.returncode
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -392,5 +435,101 @@ def test_grpc_xds_client_drops_a_cluster_it_no_longer_routes_to_and_keeps_workin
         for message in ("after-1", "after-2", "after-3"):
             assert client.call(message) == f"REPLY {f'two:{message}'.encode().hex()}"
         assert client.close() == 0, describe(control_plane, client.stderr_path)
+    finally:
+        client.kill()
+
+
+@pytest.fixture
+def mtls_plane(tmp_path: Path) -> Iterator[tuple[XdsControlPlane, Pki]]:
+    """xdscp with TLS on both ports and mTLS with node identity on xDS; and its PKI."""
+    pki = Pki(tmp_path / "pki")
+    plane = XdsControlPlane(tmp_path, *pki.serve_args(), xdsctl_args=pki.xdsctl_args())
+    try:
+        plane.start()
+        yield plane, pki
+    finally:
+        plane.stop()
+
+
+def identity_refusals(plane: XdsControlPlane, reason: str) -> float:
+    """xdscp_identity_refusals_total{reason=...} from /metrics (0 before the first one)."""
+    status, body = http_get(f"http://127.0.0.1:{plane.http_port}/metrics")
+    assert status == 200, body
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == "xdscp_identity_refusals_total" and sample.labels == {"reason": reason}
+    )
+
+
+def test_grpc_xds_client_reaches_xdscp_over_mtls_with_its_node_certificate(
+    mtls_plane: tuple[XdsControlPlane, Pki], echo_backend: int, tmp_path: Path
+) -> None:
+    plane, pki = mtls_plane
+    serving = next(e for e in plane.log_events() if e["event"] == "serving")
+    assert serving["mtls"] == ["xds"]  # no client gets an xDS stream without a certificate
+    plane.xdsctl("publish", str(write_grpc_config(tmp_path / "grpc", echo_backend)))
+    cert, key = pki.node("default", NODE_ID)  # grants what the bootstrap's node claims
+    client = GrpcClient(plane, tmp_path, channel_creds=tls_channel_creds(pki.ca_path, cert, key))
+    try:
+        client.wait_ready()
+        assert client.replies() == [b"echo:hello"]
+
+        types = wait_for(
+            lambda: all_synced(plane, NODE_ID),
+            timeout=10,
+            what=f"{NODE_ID} SYNCED on {', '.join(TYPES)}",
+            explain=lambda: describe(plane, client.stderr_path),
+        )
+        assert not any(t.get("nack_error") for t in types.values()), types
+        node = next(n for n in plane.status() if n["node_id"] == NODE_ID)
+        assert node["group"] == "default"
+        assert "gRPC" in node["user_agent"]
+        assert [e for e in plane.log_events() if e["event"] == "identity refused"] == []
+        assert identity_refusals(plane, "claim_mismatch") == 0
+
+        assert client.close() == 0, describe(plane, client.stderr_path)
+    finally:
+        client.kill()
+
+
+def test_grpc_xds_client_with_a_certificate_for_another_node_is_refused(
+    mtls_plane: tuple[XdsControlPlane, Pki], echo_backend: int, tmp_path: Path
+) -> None:
+    """The same client and bootstrap (node grpc-client-1), with a certificate from the same CA
+    that grants node `other-node`: the TLS handshake succeeds, the stream is refused."""
+    plane, pki = mtls_plane
+    plane.xdsctl("publish", str(write_grpc_config(tmp_path / "grpc", echo_backend)))
+    cert, key = pki.node("default", "other-node")
+    client = GrpcClient(
+        plane,
+        tmp_path,
+        channel_creds=tls_channel_creds(pki.ca_path, cert, key),
+        timeout_s=3,  # it cannot get ready: waiting longer only slows the test
+    )
+    try:
+        refused = wait_for(
+            lambda: [e for e in plane.log_events() if e["event"] == "identity refused"],
+            timeout=10,
+            what="xdscp to refuse the client's claim",
+            explain=lambda: describe(plane, client.stderr_path),
+        )
+        assert refused[0]["reason"] == "claim_mismatch", refused
+        # The event has no node_id field (no node is admitted); its error names the claim.
+        claim = f"node {NODE_ID!r} of group 'default' is not what the client certificate grants"
+        assert claim in refused[0]["error"], refused
+        assert "spiffe://xdscp.test/group/default/node/other-node" in refused[0]["error"]
+        assert identity_refusals(plane, "claim_mismatch") >= 1
+        assert identity_refusals(plane, "no_identity") == 0
+
+        # The client got no config: its channel never became ready, and a call that does not
+        # wait for it fails with the resolver's error, which carries xdscp's refusal.
+        assert client.wait_exit() == 2, describe(plane, client.stderr_path)
+        assert client.replies() == []
+        [error] = [line for line in client.lines() if line.startswith("ERROR ")]
+        assert error.startswith("ERROR StatusCode.UNAVAILABLE "), error
+        assert "PERMISSION_DENIED" in error and claim in error, error
+        assert all(n["node_id"] != NODE_ID for n in plane.status())
     finally:
         client.kill()
