@@ -102,8 +102,8 @@ def test_compose_serve_would_start_with_tls() -> None:
     argv = SERVICES["xdscp"]["command"]
     config = serve_config(argv, host_path("xdscp", str(dry_run(argv).rollout_policy)))
     assert_served_safely(config)
-    # mTLS leaves the fresh probe (it has no client certificate) the Unix socket beside the
-    # store, which must be on the writable data volume.
+    # With TLS on xDS the fresh probe (it has no client certificate) uses the Unix socket
+    # beside the store, which must be on the writable data volume.
     assert config.unix_socket is not None
     assert ("xdscp-data", str(config.unix_socket.parent)) in mounts("xdscp")
 
