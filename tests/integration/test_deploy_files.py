@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy_layout import SERVICES, host_path, mounts, run_certgen, volume_dir
+from tests.deploy_layout import SERVICES, dry_run, host_path, mounts, run_certgen, volume_dir
 from tests.integration.harness import (
     ENVOY_BINARY,
     REPO,
@@ -171,9 +171,10 @@ def test_compose_layout_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     data = host_path("xdscp", "/var/lib/xdscp", tmp_path)
     data.mkdir(parents=True)
     # The harness puts its own address and store flags first: the compose ones, later, win.
-    plane = XdsControlPlane(data, *compose_serve_args(tmp_path)).start()
+    plane = XdsControlPlane(data, *compose_serve_args(tmp_path))
     envoy = None
     try:
+        plane.start()
         serving = next(e for e in plane.log_events() if e.get("event") == "serving")
         assert serving["mtls"] == ["xds", "admin"], serving
         assert serving["trust_domain"] == "xdscp.local"
@@ -188,7 +189,9 @@ def test_compose_layout_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         # Group edge has a canary policy; a group with no snapshot of its own gets default's.
         (tmp_path / "config").mkdir()
         (tmp_path / "config/cluster.yaml").write_text(ONE_CLUSTER)
-        token = host_path("xdscp", "/var/lib/xdscp/admin-token", tmp_path)
+        # The token where the publish one-shot reads it: on the data volume xdscp writes.
+        token_file = dry_run(SERVICES["publish"]["command"]).token_file
+        token = host_path("publish", str(token_file), tmp_path)
         xdsctl("publish", str(tmp_path / "config"), "--token-file", str(token))
 
         config = compose_bootstrap("envoy-canary", tmp_path)
@@ -199,7 +202,8 @@ def test_compose_layout_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert address == {"address": "xdscp", "port_value": 18000}  # the compose service
         address.update(address="127.0.0.1", port_value=plane.xds_port)
         node = config["node"]
-        envoy = Envoy(tmp_path, node["id"], config=config).start()  # /ready LIVE: it has CDS+LDS
+        envoy = Envoy(tmp_path, node["id"], config=config)
+        envoy.start()  # until /ready is LIVE: it has clusters and listeners from xdscp
 
         def synced() -> dict[str, Any] | None:
             nodes = json.loads(xdsctl("status", "--json").stdout).get("nodes", [])
@@ -219,4 +223,5 @@ def test_compose_layout_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     finally:
         if envoy is not None:
             envoy.stop()
-        assert plane.stop() == 0
+        exit_code = plane.stop()
+    assert exit_code == 0
