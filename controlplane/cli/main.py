@@ -67,7 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-token-file",
         type=Path,
         default=None,
-        help="token for mutating admin calls (default: admin-token beside the store; created)",
+        help="token of the admin write role: publish, promote, abort, rollback, and reads "
+        "with secrets (default: admin-token beside the store; created)",
+    )
+    serve.add_argument(
+        "--admin-read-token-file",
+        type=Path,
+        default=None,
+        help="token of the admin read role: status, snapshots, get, diff, rollout status "
+        "(default: admin-read-token beside the store; created)",
     )
     tls_flags = serve.add_argument_group(
         "TLS", "TLS on the xDS and admin ports; see docs/security.md (plaintext: loopback only)"
@@ -199,7 +207,8 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
         "--token-file",
         type=Path,
         default=None,
-        help=f"admin token for changes (env XDSCTL_TOKEN; default {DEFAULT_TOKEN_FILE} if present)",
+        help="the server's write token, or its read token for reads only "
+        f"(env XDSCTL_TOKEN; default {DEFAULT_TOKEN_FILE} if present)",
     )
     tls_flags = parser.add_argument_group("TLS to the admin port")
     for flag, env, help_text in (
@@ -230,6 +239,7 @@ def _positive_seconds(text: str) -> float:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from controlplane import app, tls
+    from controlplane.admin.auth import TokenError
     from controlplane.observability import grpc_core_log
     from controlplane.observability import logging as obs_logging
     from controlplane.rollout.policy import load_policies
@@ -246,6 +256,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             xds_socket=args.xds_socket,
             policies=load_policies(args.rollout_policy) if args.rollout_policy else {},
             admin_token_file=args.admin_token_file,
+            admin_read_token_file=args.admin_read_token_file,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             xds_client_ca=args.tls_client_ca,
@@ -258,7 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     try:
         asyncio.run(app.run(config))
-    except (app.BindError, tls.TlsError) as error:
+    except (app.BindError, tls.TlsError, TokenError) as error:
         raise CommandError(str(error)) from None
     return EXIT_OK
 
