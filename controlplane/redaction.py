@@ -82,11 +82,12 @@ def redact_resource(resource: Resource, mask: Mask = constant_mask) -> Resource:
 
 
 def redact_snapshot(snapshot: Snapshot, mask: Mask = constant_mask) -> Snapshot:
-    """A snapshot whose resources are redacted. Its version is not the original's."""
-    return Snapshot.from_serialized(
-        (r.type_url, r.name, redact_body(r.type_url, r.body, mask))
-        for r in snapshot.all_resources()
-    )
+    """`snapshot` itself when it holds no key material, else a copy with its resources
+    redacted (whose version is not the original's)."""
+    shown = [redact_resource(r, mask) for r in snapshot.all_resources()]
+    if all(a is b for a, b in zip(shown, snapshot.all_resources(), strict=True)):
+        return snapshot
+    return Snapshot.from_serialized((r.type_url, r.name, r.body) for r in shown)
 
 
 def redact_pem_keys(text: str) -> str:

@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--group", default="default", help="node group (node.cluster)")
     publish.add_argument("--env", default=None, help="apply DIR/environments/ENV.yaml")
     publish.add_argument("--message", "-m", default="", help="why: kept in the history")
+    publish.add_argument(
+        "--show-secrets",
+        action="store_true",
+        help="show secret values in the diff printed first (by default a changed private key "
+        "or password shows as a changed [redacted ...] mark)",
+    )
     _add_server(publish)
     publish.set_defaults(handler=cmd_publish)
 
@@ -138,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("version")
     get.add_argument("--type", default="", help="cluster, endpoint, listener, route, secret")
     get.add_argument("--name", default="")
+    get.add_argument(
+        "--show-secrets",
+        action="store_true",
+        help="print private keys, passwords and other secret values as stored; needs the "
+        "write token (without it they read [redacted])",
+    )
     _add_server(get)
     get.set_defaults(handler=cmd_get)
 
@@ -385,7 +397,7 @@ def cmd_get(args: argparse.Namespace) -> int:
                 f"unknown --type {type_url!r}; use one of {', '.join(resources.BY_SHORT_NAME)}"
             )
         type_url = known.type_url
-    response = fetch_snapshot(args, args.version, type_url, args.name)
+    response = fetch_snapshot(args, args.version, type_url, args.name, args.show_secrets)
     if not response.resources:
         raise CommandError(f"no resources in {response.version} match --type/--name")
     resources.load_all_descriptors()
@@ -490,17 +502,26 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def fetch_snapshot(
-    args: argparse.Namespace, version: str, type_url: str = "", name: str = ""
+    args: argparse.Namespace,
+    version: str,
+    type_url: str = "",
+    name: str = "",
+    include_secrets: bool = False,
 ) -> admin_pb2.GetSnapshotResponse:
     """Every matching resource of a stored version, read a page at a time (see
-    controlplane.admin.limits), as one answer."""
+    controlplane.admin.limits), as one answer. Secret values read "[redacted]" unless
+    `include_secrets` (which needs the write token)."""
     from controlplane.admin.v1 import admin_pb2
 
     def read_pages(
         stub: admin_pb2_grpc.AdminStub, metadata: Sequence[tuple[str, str]]
     ) -> admin_pb2.GetSnapshotResponse:
         request = admin_pb2.GetSnapshotRequest(
-            version=version, type_url=type_url, name=name, page_bytes=limits.PAGE_BYTES
+            version=version,
+            type_url=type_url,
+            name=name,
+            page_bytes=limits.PAGE_BYTES,
+            include_secrets=include_secrets,
         )
         answer = admin_pb2.GetSnapshotResponse()
         while True:

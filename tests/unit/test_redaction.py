@@ -239,9 +239,11 @@ def test_the_fields_envoy_marks_sensitive_cover_what_must_never_be_shown() -> No
 
 
 def test_a_resource_without_key_material_keeps_its_very_bytes() -> None:
-    for resource in factories.edge_snapshot().all_resources():
+    snapshot = factories.edge_snapshot()
+    for resource in snapshot.all_resources():
         assert redaction.redact_body(resource.type_url, resource.body) is resource.body
         assert redaction.redact_resource(resource) is resource
+    assert redaction.redact_snapshot(snapshot) is snapshot
 
 
 def test_redacted_bytes_are_deterministic_and_redacting_again_changes_nothing() -> None:
