@@ -15,9 +15,9 @@ import structlog
 
 from controlplane import memory, resources, tls
 from controlplane.admin import limits as admin_limits
-from controlplane.admin.auth import TokenInterceptor, load_or_create_token
+from controlplane.admin.auth import AdminTokens, RoleInterceptor
 from controlplane.admin.http import HttpEndpoint
-from controlplane.admin.service import MUTATING_METHODS, AdminService
+from controlplane.admin.service import MUTATING_METHODS, AdminService, asks_for_secrets
 from controlplane.admin.v1 import admin_pb2_grpc
 from controlplane.observability import grpc_core_log
 from controlplane.observability.fleet_view import ControlPlaneView
@@ -77,7 +77,8 @@ class Config:
     # xDS on a Unix socket too: reachable from a probe Envoy in its own network namespace.
     xds_socket: Path | None = None
     policies: dict[str, RolloutPolicy] = field(default_factory=dict)
-    admin_token_file: Path | None = None  # default: admin-token beside the store
+    admin_token_file: Path | None = None  # write role; default: admin-token beside the store
+    admin_read_token_file: Path | None = None  # default: admin-read-token beside the store
     # TLS on the xDS and admin ports (one certificate); a client CA makes a port mTLS.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -129,6 +130,10 @@ class Config:
     @property
     def token_path(self) -> Path:
         return self.admin_token_file or self.store_path.parent / "admin-token"
+
+    @property
+    def read_token_path(self) -> Path:
+        return self.admin_read_token_file or self.store_path.parent / "admin-read-token"
 
 
 class BindError(RuntimeError):
@@ -187,7 +192,12 @@ class ControlPlane:
         )
         self._admin = grpc.aio.server(
             interceptors=[
-                TokenInterceptor(load_or_create_token(config.token_path), MUTATING_METHODS)
+                RoleInterceptor(
+                    AdminTokens.load(config.token_path, config.read_token_path),
+                    MUTATING_METHODS,
+                    asks_for_secrets,
+                    self.metrics.admin_refused,
+                )
             ],
             options=[("grpc.so_reuseport", 0), *admin_limits.GRPC_OPTIONS],
         )

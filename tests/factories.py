@@ -1,6 +1,9 @@
-"""Small Envoy resources for unit tests: an EDS cluster, its endpoints, a listener, routes."""
+"""Small Envoy resources for unit tests: an EDS cluster, its endpoints, a listener, routes,
+secrets, and a real key pair (from certgen)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, config_source_pb2
@@ -13,7 +16,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from google.protobuf import any_pb2
 
-from controlplane import resources
+from controlplane import certgen, resources
 from controlplane.snapshot import Snapshot
 
 ADS = config_source_pb2.ConfigSource(
@@ -123,3 +126,16 @@ def secret(name: str, key_text: str = "not a real key") -> object:
     s = secret_pb2.Secret(name=name)
     s.tls_certificate.private_key.inline_string = key_text
     return s
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A real EC private key and a certificate for it, both PEM text."""
+
+    private_key: str
+    certificate: str
+
+
+def key_pair(common_name: str = "example.test") -> KeyPair:
+    issued = certgen.issue(certgen.new_ca(), common_name)
+    return KeyPair(private_key=issued.key_pem.decode(), certificate=issued.cert_pem.decode())

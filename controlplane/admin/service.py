@@ -1,4 +1,10 @@
-"""The admin gRPC API (protos/controlplane/admin/v1/admin.proto) that xdsctl calls."""
+"""The admin gRPC API (protos/controlplane/admin/v1/admin.proto) that xdsctl calls.
+
+Who may call what is auth.py's business (read and write roles); this module says which calls
+need the write role. Answers never show key material by accident: resources are redacted
+unless the request asks for secrets, and texts that come from Envoys (NACK errors) lose any
+PEM private key they quote.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +21,11 @@ from controlplane import resources
 from controlplane.admin import limits
 from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.publish import build_snapshot
+from controlplane.redaction import redact_pem_keys, redact_resource
 from controlplane.resources import UnknownTypeError
 from controlplane.rollout.controller import NotFoundError, RolloutController, RolloutError
 from controlplane.rollout.gate import Rollout
-from controlplane.snapshot import ConsistencyError, DuplicateResourceError, Snapshot
+from controlplane.snapshot import ConsistencyError, DuplicateResourceError, Resource, Snapshot
 from controlplane.store import DEFAULT_GROUP, HistoryEntry, SnapshotStore
 from controlplane.xds.fleet import Fleet, NodeStatus
 
@@ -26,10 +33,15 @@ log = structlog.get_logger("admin")
 
 _INVALID = (UnknownTypeError, DecodeError, ConsistencyError, DuplicateResourceError)
 
-# Calls that change what the fleet gets: they need the admin token.
+# Calls that change what the fleet gets: they need the write role.
 MUTATING_METHODS = {
     f"/xdscp.admin.v1.Admin/{name}" for name in ("Publish", "Promote", "Abort", "Rollback")
 }
+
+
+def asks_for_secrets(request: object) -> bool:
+    """A read that asks for key material: it needs the write role too."""
+    return bool(getattr(request, "include_secrets", False))
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
@@ -39,6 +51,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self._fleet = fleet
         # The version GetSnapshot read last: a client reads one version page after page.
         self._last_read: Snapshot | None = None
+        # Its resources as shown without include_secrets, redacted once: (version, by key).
+        self._last_redacted: tuple[str, dict[tuple[str, str], Resource]] = ("", {})
 
     async def Publish(
         self, request: admin_pb2.PublishRequest, context: grpc.aio.ServicerContext
@@ -147,6 +161,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             if (not request.type_url or r.type_url == request.type_url)
             and (not request.name or r.name == request.name)
         ]
+        if not request.include_secrets:
+            matching = await self._redacted(snapshot.version, matching)
         end = len(matching)
         if request.page_bytes:
             # wire_entry is exactly what a resource adds to the answer (field 2, an Any).
@@ -170,6 +186,21 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             self._last_read = snapshot
         return snapshot
 
+    async def _redacted(self, version: str, matching: list[Resource]) -> list[Resource]:
+        """`matching` with key material redacted; each resource is redacted once per version
+        read, since pages are sized by the redacted resources and a client reads them all."""
+        if self._last_redacted[0] != version:
+            self._last_redacted = (version, {})
+        done = self._last_redacted[1]
+        missing = [r for r in matching if (r.type_url, r.name) not in done]
+        if missing:
+            done.update(
+                await asyncio.to_thread(
+                    lambda: {(r.type_url, r.name): redact_resource(r) for r in missing}
+                )
+            )
+        return [done[r.type_url, r.name] for r in matching]
+
     async def WaitForConvergence(
         self, request: admin_pb2.WaitForConvergenceRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.WaitForConvergenceResponse:
@@ -187,7 +218,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             acked_nodes=convergence.acked,
             seconds=convergence.seconds,
             lagging=[
-                admin_pb2.LaggingNode(node_id=node_id, state=state)
+                admin_pb2.LaggingNode(node_id=node_id, state=redact_pem_keys(state))
                 for node_id, state in convergence.lagging
             ],
         )
@@ -201,13 +232,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             previous_stable=rollout.previous_stable or "",
             staged_at=rollout.staged_at,
             ended_at=rollout.ended_at or 0.0,
-            reason=rollout.reason,
+            reason=redact_pem_keys(rollout.reason),
             actor=rollout.actor,
             message=rollout.message,
             existing_acked=rollout.existing_acked,
             fresh_acked=rollout.fresh_acked,
             probe_state=rollout.probe_state.value,
-            probe_reason=rollout.probe_reason,
+            probe_reason=redact_pem_keys(rollout.probe_reason),
         )
         if policy is not None:
             status.min_existing = policy.min_existing
@@ -273,7 +304,7 @@ def _node_status(node: NodeStatus) -> admin_pb2.NodeStatus:
                 acked_at=t.acked_at or 0.0,
                 nacked_version=t.nacked_version or "",
                 nacked_at=t.nacked_at or 0.0,
-                nack_error=t.nack_error or "",
+                nack_error=redact_pem_keys(t.nack_error or ""),
             )
             for t in node.types
         ],

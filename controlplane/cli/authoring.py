@@ -7,6 +7,8 @@ rules, and with `--envoy` (or XDSCTL_ENVOY) asks a real Envoy binary too. Exit s
 
 `diff A B` compares two snapshots, each a directory or a stored version; `diff DIR` compares
 the group's stable version with DIR. Stored versions come from the server's admin API.
+Secret values (private keys, passwords: see controlplane.redaction) are redacted on both
+sides unless --show-secrets, so what the server shows a read token compares alike.
 
 `add_commands` registers both on xdsctl's parser; `python -m controlplane.cli.authoring` runs
 them alone. The CLI only maps flags onto calls: the work is in controlplane.config and
@@ -33,6 +35,7 @@ from controlplane.config.environments import (
 )
 from controlplane.config.loader import ConfigError, ConfigProblem, snapshot_of
 from controlplane.diff import diff_snapshots, render_diff
+from controlplane.redaction import fingerprint_mask, redact_snapshot
 from controlplane.snapshot import Snapshot
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -69,6 +72,12 @@ def add_commands(subparsers: Any, add_server: Callable[[argparse.ArgumentParser]
     diff.add_argument("b", metavar="B", nargs="?", help="directory or stored version")
     diff.add_argument("--group", default="default", help="whose stable `diff DIR` compares with")
     diff.add_argument("--env", default=None, help="environment overlay for directories")
+    diff.add_argument(
+        "--show-secrets",
+        action="store_true",
+        help="compare and print secret values; needs the write token (without it they are "
+        "redacted on both sides, so a change to a secret alone does not show)",
+    )
     add_server(diff)
     diff.set_defaults(handler=cmd_diff)
 
@@ -218,7 +227,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     if args.b is None:
         new, new_label = _resolve(args.a, args)
-        old, old_label = _stable(args, args.group)
+        old, old_label = _stable(args, args.group, args.show_secrets)
     else:
         old, old_label = _resolve(args.a, args)
         new, new_label = _resolve(args.b, args)
@@ -230,10 +239,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def publish_preview(new: Snapshot, group: str, args: argparse.Namespace) -> str:
     """The diff `xdsctl publish` shows before it sends: the group's stable against `new`.
 
+    Publishing needs the write token, which reads the stable with its secrets, so a changed
+    secret shows: as a changed fingerprint mark (never its value) unless --show-secrets.
     Raises CommandError (from controlplane.cli.main) if the server cannot be asked.
     """
-    old, old_label = _stable(args, group)
-    return f"--- {old_label}\n+++ version {new.version}\n" + render_diff(diff_snapshots(old, new))
+    header = f"+++ version {new.version}\n"
+    old, old_label = _stable(args, group, include_secrets=True)
+    if not args.show_secrets:
+        mask = fingerprint_mask()
+        old = redact_snapshot(old, mask) if old is not None else None
+        new = redact_snapshot(new, mask)
+    return f"--- {old_label}\n{header}" + render_diff(diff_snapshots(old, new))
 
 
 def _resolve(spec: str, args: argparse.Namespace) -> tuple[Snapshot, str]:
@@ -241,10 +257,12 @@ def _resolve(spec: str, args: argparse.Namespace) -> tuple[Snapshot, str]:
 
     path = Path(spec)
     if path.is_dir():
-        return _from_directory(path, args.env)
+        snapshot, label = _from_directory(path, args.env)
+        # Stored versions come redacted unless --show-secrets: redact directories alike.
+        return (snapshot if args.show_secrets else redact_snapshot(snapshot)), label
     if not _VERSION.match(spec):
         raise CommandError(f"{spec}: neither a directory nor a stored version")
-    return _stored(args, spec), f"version {spec}"
+    return _stored(args, spec, args.show_secrets), f"version {spec}"
 
 
 def _from_directory(directory: Path, env: str | None) -> tuple[Snapshot, str]:
@@ -260,10 +278,10 @@ def _from_directory(directory: Path, env: str | None) -> tuple[Snapshot, str]:
     return snapshot, f"{directory}{env_label} (version {snapshot.version})"
 
 
-def _stored(args: argparse.Namespace, version: str) -> Snapshot:
+def _stored(args: argparse.Namespace, version: str, include_secrets: bool) -> Snapshot:
     from controlplane.cli.main import fetch_snapshot
 
-    response = fetch_snapshot(args, version)
+    response = fetch_snapshot(args, version, include_secrets=include_secrets)
     resources.load_all_descriptors()
     return Snapshot.from_serialized(
         (packed.type_url, resources.resource_name(resources.unpack_any(packed)), packed.value)
@@ -271,7 +289,9 @@ def _stored(args: argparse.Namespace, version: str) -> Snapshot:
     )
 
 
-def _stable(args: argparse.Namespace, group: str) -> tuple[Snapshot | None, str]:
+def _stable(
+    args: argparse.Namespace, group: str, include_secrets: bool
+) -> tuple[Snapshot | None, str]:
     """The group's stable snapshot, or None when the group has none yet."""
     from controlplane.admin.v1 import admin_pb2
     from controlplane.cli.main import _call
@@ -284,4 +304,4 @@ def _stable(args: argparse.Namespace, group: str) -> tuple[Snapshot | None, str]
     version = pointers.get("stable", "")
     if not version:
         return None, f"group {group}: no stable version"
-    return _stored(args, version), f"group {group} stable (version {version})"
+    return _stored(args, version, include_secrets), f"group {group} stable (version {version})"

@@ -68,7 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-token-file",
         type=Path,
         default=None,
-        help="token for mutating admin calls (default: admin-token beside the store; created)",
+        help="token of the admin write role: publish, promote, abort, rollback, and reads "
+        "with secrets (default: admin-token beside the store; created)",
+    )
+    serve.add_argument(
+        "--admin-read-token-file",
+        type=Path,
+        default=None,
+        help="token of the admin read role: status, snapshots, get, diff, rollout status "
+        "(default: admin-read-token beside the store; created)",
     )
     tls_flags = serve.add_argument_group(
         "TLS", "TLS on the xDS and admin ports; see docs/security.md (plaintext: loopback only)"
@@ -110,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--group", default="default", help="node group (node.cluster)")
     publish.add_argument("--env", default=None, help="apply DIR/environments/ENV.yaml")
     publish.add_argument("--message", "-m", default="", help="why: kept in the history")
+    publish.add_argument(
+        "--show-secrets",
+        action="store_true",
+        help="show secret values in the diff printed first (by default a changed private key "
+        "or password shows as a changed [redacted ...] mark)",
+    )
     _add_server(publish)
     publish.set_defaults(handler=cmd_publish)
 
@@ -131,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("version")
     get.add_argument("--type", default="", help="cluster, endpoint, listener, route, secret")
     get.add_argument("--name", default="")
+    get.add_argument(
+        "--show-secrets",
+        action="store_true",
+        help="print private keys, passwords and other secret values as stored; needs the "
+        "write token (without it they read [redacted])",
+    )
     _add_server(get)
     get.set_defaults(handler=cmd_get)
 
@@ -200,7 +220,8 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
         "--token-file",
         type=Path,
         default=None,
-        help=f"admin token for changes (env XDSCTL_TOKEN; default {DEFAULT_TOKEN_FILE} if present)",
+        help="the server's write token, or its read token for reads only "
+        f"(env XDSCTL_TOKEN; default {DEFAULT_TOKEN_FILE} if present)",
     )
     tls_flags = parser.add_argument_group("TLS to the admin port")
     for flag, env, help_text in (
@@ -231,6 +252,7 @@ def _positive_seconds(text: str) -> float:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from controlplane import app, tls
+    from controlplane.admin.auth import TokenError
     from controlplane.observability import grpc_core_log
     from controlplane.observability import logging as obs_logging
 
@@ -242,7 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     try:
         asyncio.run(app.run(config))
-    except (app.BindError, tls.TlsError) as error:
+    except (app.BindError, tls.TlsError, TokenError) as error:
         raise CommandError(str(error)) from None
     return EXIT_OK
 
@@ -262,6 +284,7 @@ def serve_config(args: argparse.Namespace) -> app.Config:
         xds_socket=args.xds_socket,
         policies=load_policies(args.rollout_policy) if args.rollout_policy else {},
         admin_token_file=args.admin_token_file,
+        admin_read_token_file=args.admin_read_token_file,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         xds_client_ca=args.tls_client_ca,
@@ -383,7 +406,7 @@ def cmd_get(args: argparse.Namespace) -> int:
                 f"unknown --type {type_url!r}; use one of {', '.join(resources.BY_SHORT_NAME)}"
             )
         type_url = known.type_url
-    response = fetch_snapshot(args, args.version, type_url, args.name)
+    response = fetch_snapshot(args, args.version, type_url, args.name, args.show_secrets)
     if not response.resources:
         raise CommandError(f"no resources in {response.version} match --type/--name")
     resources.load_all_descriptors()
@@ -488,17 +511,26 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def fetch_snapshot(
-    args: argparse.Namespace, version: str, type_url: str = "", name: str = ""
+    args: argparse.Namespace,
+    version: str,
+    type_url: str = "",
+    name: str = "",
+    include_secrets: bool = False,
 ) -> admin_pb2.GetSnapshotResponse:
     """Every matching resource of a stored version, read a page at a time (see
-    controlplane.admin.limits), as one answer."""
+    controlplane.admin.limits), as one answer. Secret values read "[redacted]" unless
+    `include_secrets` (which needs the write token)."""
     from controlplane.admin.v1 import admin_pb2
 
     def read_pages(
         stub: admin_pb2_grpc.AdminStub, metadata: Sequence[tuple[str, str]]
     ) -> admin_pb2.GetSnapshotResponse:
         request = admin_pb2.GetSnapshotRequest(
-            version=version, type_url=type_url, name=name, page_bytes=limits.PAGE_BYTES
+            version=version,
+            type_url=type_url,
+            name=name,
+            page_bytes=limits.PAGE_BYTES,
+            include_secrets=include_secrets,
         )
         answer = admin_pb2.GetSnapshotResponse()
         while True:

@@ -95,6 +95,12 @@ class Metrics:
             ["group", "outcome"],
             registry=self.registry,
         )
+        self.admin_refused = Counter(
+            "xdscp_admin_refused",
+            "Admin calls refused, by reason (admin/auth.py REFUSAL_REASONS)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.rollback_duration = Histogram(
             "xdscp_rollback_duration_seconds",
             "From a rollback command to every connected node ACKing it",

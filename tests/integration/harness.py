@@ -94,7 +94,9 @@ class XdsControlPlane:
         self.workdir = workdir
         self.xdsctl_args = xdsctl_args
         self.store = workdir / "xdscp.db"
-        self.token_file = workdir / "admin-token"  # created by the server beside its store
+        # Created by the server beside its store: the write role's token and the read role's.
+        self.token_file = workdir / "admin-token"
+        self.read_token_file = workdir / "admin-read-token"
         self.extra_args = extra_args
         # 0 until the first start binds them; later starts reuse the same ports.
         self.xds_port = self.admin_port = self.http_port = 0
@@ -165,13 +167,16 @@ class XdsControlPlane:
             lines = f.read().decode().splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
 
-    def xdsctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def xdsctl(
+        self, *args: str, check: bool = True, token_file: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """xdsctl against this server, with its write token unless told another."""
         return xdsctl(
             *args,
             "--server",
             self.admin_address,
             "--token-file",
-            str(self.token_file),
+            str(token_file or self.token_file),
             *self.xdsctl_args,
             check=check,
         )

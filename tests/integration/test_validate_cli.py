@@ -226,7 +226,9 @@ def test_diff_of_two_directories_is_offline(tmp_path: Path) -> None:
 def test_diff_against_stored_versions_and_the_publish_preview(
     control_plane: XdsControlPlane, tmp_path: Path
 ) -> None:
-    server = ("--server", control_plane.admin_address)
+    # diff only reads: the read token is enough.
+    read_token = str(control_plane.read_token_file)
+    server = ("--server", control_plane.admin_address, "--token-file", read_token)
     config = copy_examples(tmp_path)
     clusters = config / "clusters.yaml"
     clusters.write_text(clusters.read_text().replace("idle_timeout: 25s", "idle_timeout: 20s"))

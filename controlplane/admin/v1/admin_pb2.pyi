@@ -275,18 +275,20 @@ class WaitForConvergenceResponse(_message.Message):
     def __init__(self, version: _Optional[str] = ..., total_nodes: _Optional[int] = ..., acked_nodes: _Optional[int] = ..., seconds: _Optional[float] = ..., lagging: _Optional[_Iterable[_Union[LaggingNode, _Mapping]]] = ...) -> None: ...
 
 class GetSnapshotRequest(_message.Message):
-    __slots__ = ("version", "type_url", "name", "page_bytes", "offset")
+    __slots__ = ("version", "type_url", "name", "page_bytes", "offset", "include_secrets")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TYPE_URL_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SECRETS_FIELD_NUMBER: _ClassVar[int]
     version: str
     type_url: str
     name: str
     page_bytes: int
     offset: int
-    def __init__(self, version: _Optional[str] = ..., type_url: _Optional[str] = ..., name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    include_secrets: bool
+    def __init__(self, version: _Optional[str] = ..., type_url: _Optional[str] = ..., name: _Optional[str] = ..., page_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., include_secrets: _Optional[bool] = ...) -> None: ...
 
 class GetSnapshotResponse(_message.Message):
     __slots__ = ("version", "resources", "next_offset")

@@ -136,6 +136,7 @@ class AdminServicer:
     def GetSnapshot(self, request, context):
         """The resources of a stored snapshot, optionally of one type and name, in pages when asked
         (page_bytes): a large snapshot does not fit one message (controlplane/admin/limits.py).
+        Key material is redacted unless include_secrets, which needs the write role.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
