@@ -2,6 +2,7 @@
 
 Resource bodies are stored once by content hash, so a long history of small changes does not
 copy the whole config each time. Reads verify that the bytes still hash to the version.
+Its files are owner-only (see files.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.snapshot import Snapshot
-from controlplane.store import KEEP, STABLE, HistoryEntry, PublishResult, StoreError, _Keep
+from controlplane.store import KEEP, STABLE, HistoryEntry, PublishResult, StoreError, _Keep, files
 
 _SCHEMA_VERSION = 2
 _SCHEMA = """
@@ -64,7 +65,7 @@ CREATE TABLE IF NOT EXISTS pointers (
 class SQLiteStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        files.prepare(self.path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
