@@ -21,6 +21,7 @@ from controlplane.observability.metrics import CONTENT_TYPE, Metrics
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.policy import RolloutPolicy
 from controlplane.rollout.probe import XdsEndpoint
+from controlplane.store.sealing import Sealer
 from controlplane.store.sqlite import SQLiteStore
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet
@@ -64,6 +65,7 @@ class Config:
     xds_socket: Path | None = None
     policies: dict[str, RolloutPolicy] = field(default_factory=dict)
     admin_token_file: Path | None = None  # default: admin-token beside the store
+    store_key_file: Path | None = None  # seal the store's secrets with this key
 
     @property
     def unix_socket(self) -> Path | None:
@@ -90,7 +92,10 @@ class ControlPlane:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = SQLiteStore(config.store_path)
+        key_file = config.store_key_file
+        self.store = SQLiteStore(
+            config.store_path, sealer=Sealer.from_key_file(key_file) if key_file else None
+        )
         self.assignments = Assignments()
         self.fleet = Fleet()
         self.assignments.subscribe(self.fleet.wake_all)

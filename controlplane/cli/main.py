@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--store", type=Path, default=None, help="SQLite file (default .xdscp/xdscp.db)"
     )
+    serve.add_argument(
+        "--store-key-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="encrypt the secrets in the store with this key: 32 bytes, raw or base64, "
+        "owner-only (make one with `xdsctl store-key create FILE`)",
+    )
     serve.add_argument("--rollout-policy", type=Path, default=None, help="canary policy YAML")
     serve.add_argument(
         "--admin-token-file",
@@ -111,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     get.set_defaults(handler=cmd_get)
 
     authoring.add_commands(commands, _add_server)
+
+    store_key = commands.add_parser("store-key", help="the key that encrypts the store's secrets")
+    store_key_commands = store_key.add_subparsers(
+        dest="store_key_command", required=True, metavar="ACTION"
+    )
+    create_key = store_key_commands.add_parser(
+        "create", help="write a new random key to FILE (mode 0600; never overwrites)"
+    )
+    create_key.add_argument("file", type=Path, metavar="FILE")
+    create_key.set_defaults(handler=cmd_store_key_create)
 
     rollout = commands.add_parser("rollout", help="canary rollouts: status, promote, abort")
     rollout_commands = rollout.add_subparsers(
@@ -171,6 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from controlplane import app
     from controlplane.observability import logging as obs_logging
     from controlplane.rollout.policy import load_policies
+    from controlplane.store import StoreError
 
     obs_logging.configure(args.log_level)
     try:
@@ -183,14 +202,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
             xds_socket=args.xds_socket,
             policies=load_policies(args.rollout_policy) if args.rollout_policy else {},
             admin_token_file=args.admin_token_file,
+            store_key_file=args.store_key_file,
             **({"warming_timeout": args.warming_timeout} if args.warming_timeout else {}),
         )
     except ValueError as error:
         raise CommandError(str(error)) from None
     try:
         asyncio.run(app.run(config))
-    except app.BindError as error:
+    except (app.BindError, StoreError) as error:
         raise CommandError(str(error)) from None
+    return EXIT_OK
+
+
+def cmd_store_key_create(args: argparse.Namespace) -> int:
+    from controlplane.store import StoreError
+    from controlplane.store.sealing import create_key_file
+
+    try:
+        create_key_file(args.file)
+    except StoreError as error:
+        raise CommandError(str(error)) from None
+    print(
+        f"wrote a new store key to {args.file} (mode 0600): keep it apart from the store, "
+        "and keep a copy: without it the store does not open",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
