@@ -25,6 +25,7 @@ from controlplane.observability.metrics import CONTENT_TYPE, Metrics
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.policy import RolloutPolicy
 from controlplane.rollout.probe import XdsEndpoint
+from controlplane.store.sealing import Sealer
 from controlplane.store.sqlite import SQLiteStore
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet
@@ -79,6 +80,7 @@ class Config:
     policies: dict[str, RolloutPolicy] = field(default_factory=dict)
     admin_token_file: Path | None = None  # write role; default: admin-token beside the store
     admin_read_token_file: Path | None = None  # default: admin-read-token beside the store
+    store_key_file: Path | None = None  # seal the store's secrets with this key
     # TLS on the xDS and admin ports (one certificate); a client CA makes a port mTLS.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -145,7 +147,10 @@ class ControlPlane:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = SQLiteStore(config.store_path)
+        key_file = config.store_key_file
+        self.store = SQLiteStore(
+            config.store_path, sealer=Sealer.from_key_file(key_file) if key_file else None
+        )
         self.assignments = Assignments()
         self.fleet = Fleet()
         self.assignments.subscribe(self.fleet.wake_all)

@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--store", type=Path, default=None, help="SQLite file (default .xdscp/xdscp.db)"
     )
+    serve.add_argument(
+        "--store-key-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="encrypt the secrets in the store with this key: 32 bytes, raw or base64, "
+        "owner-only (make one with `xdsctl store-key create FILE`)",
+    )
     serve.add_argument("--rollout-policy", type=Path, default=None, help="canary policy YAML")
     serve.add_argument(
         "--admin-token-file",
@@ -179,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     certgen.add_argument("--days", type=int, default=365)
     certgen.set_defaults(handler=cmd_certgen)
 
+    store_key = commands.add_parser("store-key", help="the key that encrypts the store's secrets")
+    store_key_commands = store_key.add_subparsers(
+        dest="store_key_command", required=True, metavar="ACTION"
+    )
+    create_key = store_key_commands.add_parser(
+        "create", help="write a new random key to FILE (mode 0600; never overwrites)"
+    )
+    create_key.add_argument("file", type=Path, metavar="FILE")
+    create_key.set_defaults(handler=cmd_store_key_create)
+
     rollout = commands.add_parser("rollout", help="canary rollouts: status, promote, abort")
     rollout_commands = rollout.add_subparsers(
         dest="rollout_command", required=True, metavar="ACTION"
@@ -255,6 +273,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from controlplane.admin.auth import TokenError
     from controlplane.observability import grpc_core_log
     from controlplane.observability import logging as obs_logging
+    from controlplane.store import StoreError
 
     grpc_core_log.install()  # before logging: log lines go to the real stderr
     obs_logging.configure(args.log_level)
@@ -264,7 +283,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     try:
         asyncio.run(app.run(config))
-    except (app.BindError, tls.TlsError, TokenError) as error:
+    except (app.BindError, tls.TlsError, TokenError, StoreError) as error:
         raise CommandError(str(error)) from None
     return EXIT_OK
 
@@ -291,6 +310,7 @@ def serve_config(args: argparse.Namespace) -> app.Config:
         admin_client_ca=args.admin_client_ca,
         trust_domain=args.trust_domain,
         allow_plaintext=args.allow_plaintext,
+        store_key_file=args.store_key_file,
         **({"warming_timeout": args.warming_timeout} if args.warming_timeout else {}),
     )
 
@@ -319,6 +339,22 @@ def _node_spec(text: str) -> tuple[str, str]:
     if not sep or not group or not node_id or "/" in node_id:
         raise CommandError(f"{text!r} is not GROUP/ID")
     return group, node_id
+
+
+def cmd_store_key_create(args: argparse.Namespace) -> int:
+    from controlplane.store import StoreError
+    from controlplane.store.sealing import create_key_file
+
+    try:
+        create_key_file(args.file)
+    except StoreError as error:
+        raise CommandError(str(error)) from None
+    print(
+        f"wrote a new store key to {args.file} (mode 0600): keep it apart from the store, "
+        "and keep a copy: without it the store does not open",
+        file=sys.stderr,
+    )
+    return EXIT_OK
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -2,6 +2,11 @@
 
 Resource bodies are stored once by content hash, so a long history of small changes does not
 copy the whole config each time. Reads verify that the bytes still hash to the version.
+
+Its files are owner-only (see files.py). Given a key (see sealing.py), it seals the bodies of
+Secret resources and keeps everything else plain; a store once opened with a key opens only
+with that key. Secrets stored before the key was first given stay readable, unencrypted.
+The schema version is SQLite's user_version; older stores are upgraded at open.
 """
 
 from __future__ import annotations
@@ -15,14 +20,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from controlplane.snapshot import Snapshot
-from controlplane.store import KEEP, STABLE, HistoryEntry, PublishResult, StoreError, _Keep
+import structlog
 
-_SCHEMA_VERSION = 2
+from controlplane.resources import SECRET
+from controlplane.snapshot import Resource, Snapshot
+from controlplane.store import KEEP, STABLE, HistoryEntry, PublishResult, StoreError, _Keep, files
+from controlplane.store.sealing import Sealer, SealError
+
+log = structlog.get_logger("store")
+
+_SCHEMA_VERSION = 3
+# A plain blob is kept under the sha256 of its body; a sealed one (sealed = 1) under the
+# HMAC of its plaintext, as nonce + ciphertext + tag (see sealing.py).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
     hash TEXT PRIMARY KEY,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    sealed INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     version TEXT PRIMARY KEY,
@@ -58,24 +72,38 @@ CREATE TABLE IF NOT EXISTS pointers (
     version TEXT NOT NULL REFERENCES snapshots(version),
     PRIMARY KEY (grp, name)
 );
+CREATE TABLE IF NOT EXISTS store_key (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    check_value BLOB NOT NULL
+);
 """
+# What brings a store of schema version N to N + 1, before _SCHEMA adds any new tables.
+_UPGRADES = {
+    1: "",  # 2 adds the rollouts table
+    2: "ALTER TABLE blobs ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0",  # 3 adds store_key
+}
 
 
 class SQLiteStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, sealer: Sealer | None = None) -> None:
+        """`sealer`: seal secrets with this key (`serve --store-key-file`)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._sealer = sealer
+        files.prepare(self.path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        found = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if found not in (0, 1, _SCHEMA_VERSION):  # 1 -> 2 only adds the rollouts table
-            raise StoreError(f"{self.path}: schema version {found}, expected {_SCHEMA_VERSION}")
-        self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            with self._transaction():
+                self._upgrade_schema()
+                self._check_key()
+            self._report_plain_secrets()
+        except BaseException:
+            self._db.close()
+            raise
 
     def publish(self, group: str, snapshot: Snapshot, *, message: str, actor: str) -> PublishResult:
         with self._lock, self._transaction():
@@ -125,7 +153,7 @@ class SQLiteStore:
     def get(self, version: str) -> Snapshot | None:
         with self._lock:
             rows = self._db.execute(
-                "SELECT r.type_url, r.name, b.body FROM snapshot_resources r "
+                "SELECT r.type_url, r.name, b.hash, b.body, b.sealed FROM snapshot_resources r "
                 "JOIN blobs b ON b.hash = r.blob_hash WHERE r.version = ?",
                 (version,),
             ).fetchall()
@@ -134,7 +162,9 @@ class SQLiteStore:
             ).fetchone()
         if known is None:
             return None
-        snapshot = Snapshot.from_serialized((t, n, bytes(b)) for t, n, b in rows)
+        snapshot = Snapshot.from_serialized(
+            (t, n, self._plaintext(h, bytes(b), sealed)) for t, n, h, b, sealed in rows
+        )
         if snapshot.version != version:
             raise StoreError(f"{self.path}: snapshot {version} reads back as {snapshot.version}")
         return snapshot
@@ -167,6 +197,73 @@ class SQLiteStore:
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+    def _upgrade_schema(self) -> None:
+        found = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if found > _SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {found} is newer than this xdscp's "
+                f"({_SCHEMA_VERSION}); run a newer xdscp"
+            )
+        for old in range(found or _SCHEMA_VERSION, _SCHEMA_VERSION):  # 0: a new store
+            if _UPGRADES[old]:
+                self._db.execute(_UPGRADES[old])
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+        self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    def _check_key(self) -> None:
+        """A keyed store opens only with its key; the first key given to a store is its key."""
+        row = self._db.execute("SELECT check_value FROM store_key").fetchone()
+        if row is None:
+            if self._sealer is not None:
+                self._db.execute(
+                    "INSERT INTO store_key (id, check_value) VALUES (1, ?)",
+                    (self._sealer.check_value(),),
+                )
+        elif self._sealer is None:
+            raise StoreError(
+                f"{self.path} keeps its secrets encrypted: start xdsctl serve with "
+                "--store-key-file FILE, the key it was first opened with"
+            )
+        elif not self._sealer.matches(bytes(row[0])):
+            raise StoreError(
+                f"--store-key-file {self._sealer.source} is not the key of {self.path}: "
+                "its secrets were encrypted with another key"
+            )
+
+    def _report_plain_secrets(self) -> None:
+        if self._sealer is None:
+            return
+        (plain,) = self._db.execute(
+            "SELECT COUNT(DISTINCT b.hash) FROM snapshot_resources r "
+            "JOIN blobs b ON b.hash = r.blob_hash WHERE r.type_url = ? AND b.sealed = 0",
+            (SECRET,),
+        ).fetchone()
+        if plain:
+            log.warning(
+                "store holds secrets written before it had a key; they stay unencrypted",
+                store=str(self.path),
+                plaintext_secrets=plain,
+            )
+
+    def _blob(self, resource: Resource) -> tuple[str, bytes, bool]:
+        """(id, stored bytes, sealed?) of a resource's body: a secret is sealed if we can."""
+        if self._sealer is not None and resource.type_url == SECRET:
+            blob_id, sealed = self._sealer.seal(resource.body)
+            return blob_id, sealed, True
+        return hashlib.sha256(resource.body).hexdigest(), resource.body, False
+
+    def _plaintext(self, blob_id: str, body: bytes, sealed: bool) -> bytes:
+        if not sealed:
+            return body
+        if self._sealer is None:  # only rows copied in from a keyed store: see _check_key
+            raise StoreError(f"{self.path}: blob {blob_id} is sealed and the store has no key")
+        try:
+            return self._sealer.open(blob_id, body)
+        except SealError as error:
+            raise StoreError(f"{self.path}: {error}") from None
 
     def _pointer(self, group: str, name: str) -> str | None:
         row = self._db.execute(
@@ -226,9 +323,10 @@ class SQLiteStore:
             (snapshot.version, time.time(), snapshot.size_bytes),
         )
         for resource in snapshot.all_resources():
-            blob_hash = hashlib.sha256(resource.body).hexdigest()
+            blob_hash, stored, sealed = self._blob(resource)
             self._db.execute(
-                "INSERT OR IGNORE INTO blobs (hash, body) VALUES (?, ?)", (blob_hash, resource.body)
+                "INSERT OR IGNORE INTO blobs (hash, body, sealed) VALUES (?, ?, ?)",
+                (blob_hash, stored, sealed),
             )
             self._db.execute(
                 "INSERT INTO snapshot_resources (version, type_url, name, blob_hash) "
