@@ -172,3 +172,19 @@ def write_clusters(directory: Path, clusters: list[dict[str, Any]]) -> Path:
         yaml.safe_dump({"resources": clusters}, sort_keys=False)
     )
     return directory
+
+
+def sds_tls_cluster(name: str, secret_name: str) -> dict[str, Any]:
+    """A STATIC cluster whose upstream TLS certificate is the secret `secret_name` over ADS:
+    a resource that references the secret, so xdscp serves it to the group (as_served)."""
+    cluster = static_cluster(name)
+    cluster["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {
+                "tls_certificate_sds_secret_configs": [{"name": secret_name, "sds_config": ADS}]
+            },
+        },
+    }
+    return cluster

@@ -205,8 +205,12 @@ def test_compose_layout_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         envoy = Envoy(tmp_path, node["id"], config=config)
         envoy.start()  # until /ready is LIVE: it has clusters and listeners from xdscp
 
+        # As the compose header says: the read token, from the store's volume.
+        read_token = token.with_name("admin-read-token")
+
         def synced() -> dict[str, Any] | None:
-            nodes = json.loads(xdsctl("status", "--json").stdout).get("nodes", [])
+            listed = xdsctl("status", "--json", "--token-file", str(read_token)).stdout
+            nodes = json.loads(listed).get("nodes", [])
             for status in nodes:
                 types = {t["type_url"].rsplit(".", 1)[-1]: t["state"] for t in status["types"]}
                 if status["node_id"] == node["id"] and types.get("Cluster") == "SYNCED":
@@ -219,7 +223,9 @@ def test_compose_layout_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert int(stats["cluster.xdscp.ssl.handshake"]) >= 1  # TLS to xdscp, not plaintext
         assert stats["control_plane.connected_state"] == "1"
         assert "sample" in envoy.cluster_names()
-        assert "envoy-canary" in xdsctl("status").stdout  # the table, as an operator reads it
+        assert (
+            "envoy-canary" in xdsctl("status", "--token-file", str(read_token)).stdout
+        )  # the table, as an operator reads it
     finally:
         if envoy is not None:
             envoy.stop()

@@ -243,18 +243,7 @@ def _tls_config(directory: Path, pki: Pki, group: str, secrets: dict[str, bool])
             }
         )
         if used:
-            cluster = edge_config.static_cluster(f"{group}-{name}-upstream")
-            cluster["transport_socket"] = {
-                "name": "envoy.transport_sockets.tls",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                    "common_tls_context": {
-                        "tls_certificate_sds_secret_configs": [
-                            {"name": name, "sds_config": edge_config.ADS}
-                        ]
-                    },
-                },
-            }
+            cluster = edge_config.sds_tls_cluster(f"{group}-{name}-upstream", name)
             clusters.append(cluster)
     (directory / "clusters.yaml").write_text(yaml.safe_dump({"resources": clusters}))
     (directory / "secrets.yaml").write_text(yaml.safe_dump({"resources": resources}))

@@ -86,6 +86,7 @@ def write_config(directory: Path, material: tls_material.TlsMaterial) -> Path:
         listener_port=free_port(),
         backends={"a": free_port()},
         routes=[edge_config.route_to("a")],
+        extra_clusters=[edge_config.sds_tls_cluster("tls-upstream", "edge-cert")],
     )
     secrets = {"resources": [tls_material.secret_yaml("edge-cert", material)]}
     (directory / "secrets.yaml").write_text(yaml.safe_dump(secrets, sort_keys=False))
@@ -110,7 +111,9 @@ def test_secrets_are_sealed_at_rest_and_served_as_they_are(tmp_path) -> None:
         version = plane.xdsctl("publish", str(config)).stdout.strip()
         assert version == snapshot_of(load_config(config).resources).version
 
-        got = yaml.safe_load(plane.xdsctl("get", version, "--type", "secret").stdout)
+        got = yaml.safe_load(
+            plane.xdsctl("get", version, "--type", "secret", "--show-secrets").stdout
+        )
         [secret] = got["resources"]
         assert secret["tls_certificate"]["private_key"]["inline_string"] == material.key_pem
         served = secret_over_ads(plane.xds_port, "edge-cert")
@@ -150,7 +153,9 @@ def test_secrets_are_sealed_at_rest_and_served_as_they_are(tmp_path) -> None:
 
     try:
         plane.start()  # with the right key again: the same version, the same secret
-        again_got = yaml.safe_load(plane.xdsctl("get", version, "--type", "secret").stdout)
+        again_got = yaml.safe_load(
+            plane.xdsctl("get", version, "--type", "secret", "--show-secrets").stdout
+        )
         assert again_got == got
     finally:
         plane.stop()
