@@ -241,7 +241,7 @@ def publish_preview(new: Snapshot, group: str, args: argparse.Namespace) -> str:
 
     Publishing needs the write token, which reads the stable with its secrets, so a changed
     secret shows: as a changed fingerprint mark (never its value) unless --show-secrets.
-    Raises CommandError (from controlplane.cli.main) if the server cannot be asked.
+    Raises CommandError (from controlplane.cli.client) if the server cannot be asked.
     """
     header = f"+++ version {new.version}\n"
     old, old_label = _stable(args, group, include_secrets=True)
@@ -253,7 +253,7 @@ def publish_preview(new: Snapshot, group: str, args: argparse.Namespace) -> str:
 
 
 def _resolve(spec: str, args: argparse.Namespace) -> tuple[Snapshot, str]:
-    from controlplane.cli.main import CommandError
+    from controlplane.cli.client import CommandError
 
     path = Path(spec)
     if path.is_dir():
@@ -266,7 +266,7 @@ def _resolve(spec: str, args: argparse.Namespace) -> tuple[Snapshot, str]:
 
 
 def _from_directory(directory: Path, env: str | None) -> tuple[Snapshot, str]:
-    from controlplane.cli.main import CommandError
+    from controlplane.cli.client import CommandError
 
     try:
         snapshot = snapshot_of(load_config(directory, env).resources)
@@ -279,7 +279,7 @@ def _from_directory(directory: Path, env: str | None) -> tuple[Snapshot, str]:
 
 
 def _stored(args: argparse.Namespace, version: str, include_secrets: bool) -> Snapshot:
-    from controlplane.cli.main import fetch_snapshot
+    from controlplane.cli.client import fetch_snapshot
 
     response = fetch_snapshot(args, version, include_secrets=include_secrets)
     resources.load_all_descriptors()
@@ -294,10 +294,10 @@ def _stable(
 ) -> tuple[Snapshot | None, str]:
     """The group's stable snapshot, or None when the group has none yet."""
     from controlplane.admin.v1 import admin_pb2
-    from controlplane.cli.main import _call
+    from controlplane.cli.client import call
 
     request = admin_pb2.ListSnapshotsRequest(group=group, limit=1)
-    response = _call(
+    response = call(
         args, lambda stub, md: stub.ListSnapshots(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md)
     )
     pointers = response.groups[group].pointers if group in response.groups else {}

@@ -11,6 +11,7 @@ import pytest
 from controlplane.admin import limits
 from controlplane.admin.service import AdminService
 from controlplane.admin.v1 import admin_pb2
+from controlplane.cli import client
 from controlplane.cli import main as cli
 from controlplane.snapshot import Snapshot
 from tests import factories
@@ -74,7 +75,7 @@ def test_publish_over_the_message_limit_is_refused_naming_the_limit(
 ) -> None:
     monkeypatch.setattr(limits, "MAX_MESSAGE_BYTES", 1000)
     # The server address is never dialled: the request is refused before the preview.
-    assert cli.main(["publish", str(EXAMPLES), "--server", "127.0.0.1:1"]) == cli.EXIT_FAILED
+    assert cli.main(["publish", str(EXAMPLES), "--server", "127.0.0.1:1"]) == client.EXIT_FAILED
     error = capsys.readouterr().err
     assert "the publish request is " in error
     assert "over the admin API's message limit of 1,000 bytes" in error

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from controlplane import app
-from controlplane.cli import main
+from controlplane.cli import serving
 from controlplane.config import load_directory
 from controlplane.observability.metrics import Metrics
 from controlplane.rollout.policy import load_policies
@@ -48,7 +48,7 @@ def serve_config(argv: list[str], policy_file: Path | None = None) -> app.Config
         assert policy_file is not None, f"{argv} names a policy: say where it comes from"
         args.rollout_policy = policy_file
     try:
-        return main.serve_config(args)
+        return serving.serve_config(args)
     except ValueError as error:
         pytest.fail(f"xdsctl serve would refuse {argv}: {error}")
 

@@ -1,0 +1,113 @@
+"""xdsctl commands of the canary gate and recovery: `rollout status|promote|abort`, `rollback`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from controlplane.cli import render
+from controlplane.cli.client import (
+    EXIT_OK,
+    RPC_TIMEOUT_SECONDS,
+    CommandError,
+    actor,
+    add_server,
+    as_json,
+    call,
+)
+
+
+def add_commands(commands: Any) -> None:
+    rollout = commands.add_parser("rollout", help="canary rollouts: status, promote, abort")
+    rollout_commands = rollout.add_subparsers(
+        dest="rollout_command", required=True, metavar="ACTION"
+    )
+    rollout_status = rollout_commands.add_parser("status", help="current or last rollout per group")
+    rollout_status.add_argument("--group", default="")
+    rollout_status.add_argument("--json", action="store_true")
+    add_server(rollout_status)
+    rollout_status.set_defaults(handler=cmd_rollout_status)
+    for action, handler, help_text in (
+        ("promote", cmd_rollout_promote, "promote a candidate that passed its canaries"),
+        ("abort", cmd_rollout_abort, "abort: canaries back to stable, candidate rejected"),
+    ):
+        command = rollout_commands.add_parser(action, help=help_text)
+        command.add_argument("--group", default="default")
+        command.add_argument("--reason", default="")
+        add_server(command)
+        command.set_defaults(handler=handler)
+
+    rollback = commands.add_parser(
+        "rollback", help="put last_good (or --to VERSION) on every node now, and wait for ACKs"
+    )
+    rollback.add_argument("--group", default="default")
+    rollback.add_argument("--to", dest="to_version", default="", metavar="VERSION")
+    rollback.add_argument("--reason", default="")
+    rollback.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for ACKs")
+    add_server(rollback)
+    rollback.set_defaults(handler=cmd_rollback)
+
+
+def cmd_rollout_status(args: argparse.Namespace) -> int:
+    from controlplane.admin.v1 import admin_pb2
+
+    request = admin_pb2.ListRolloutsRequest(group=args.group)
+    response = call(
+        args, lambda stub, md: stub.ListRollouts(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md)
+    )
+    print(as_json(response) if args.json else render.rollouts(response))
+    return EXIT_OK
+
+
+def cmd_rollout_promote(args: argparse.Namespace) -> int:
+    return _rollout_command(args, "Promote")
+
+
+def cmd_rollout_abort(args: argparse.Namespace) -> int:
+    return _rollout_command(args, "Abort")
+
+
+def _rollout_command(args: argparse.Namespace, method: str) -> int:
+    from controlplane.admin.v1 import admin_pb2
+
+    request = admin_pb2.RolloutCommand(group=args.group, actor=actor(), reason=args.reason)
+    status = call(
+        args,
+        lambda stub, md: getattr(stub, method)(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md),
+    )
+    print(render.rollout(status))
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from controlplane.admin.v1 import admin_pb2
+
+    request = admin_pb2.RollbackRequest(
+        group=args.group, to_version=args.to_version, actor=actor(), reason=args.reason
+    )
+    done = call(
+        args, lambda stub, md: stub.Rollback(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md)
+    )
+    aborted = " (aborted the rollout in progress)" if done.aborted_rollout else ""
+    print(
+        f"rolled back group {args.group} to {done.version} from "
+        f"{done.previous_version or '-'}{aborted}; waiting up to {args.timeout:g}s for ACKs",
+        file=sys.stderr,
+    )
+    wait = admin_pb2.WaitForConvergenceRequest(
+        group=args.group, version=done.version, since=done.started_at, timeout_seconds=args.timeout
+    )
+    converged = call(
+        args,
+        lambda stub, md: stub.WaitForConvergence(wait, timeout=args.timeout + 30, metadata=md),
+    )
+    print(
+        f"{converged.acked_nodes}/{converged.total_nodes} nodes ACKed {done.version} "
+        f"in {converged.seconds:.2f}s"
+    )
+    if converged.lagging:
+        for node in converged.lagging:
+            print(f"not ACKed: {node.node_id}: {node.state}", file=sys.stderr)
+        raise CommandError(f"{len(converged.lagging)} node(s) did not ACK within {args.timeout:g}s")
+    return EXIT_OK
