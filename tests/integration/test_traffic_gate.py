@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -28,6 +29,7 @@ from tests.integration.harness import (
     free_port,
     wait_for,
 )
+from tests.integration.test_observability import samples, scrape, tool, value
 
 CANARY = {"canary": "true"}
 MIN_PASSES = 2
@@ -180,6 +182,19 @@ def test_a_candidate_that_envoy_accepts_but_that_fails_traffic_is_aborted_on_its
     assert 503 in fleet.traffic.statuses
     table = fleet.plane.xdsctl("rollout", "status").stdout
     assert "ABORTED" in table and "canary-5xx: FAIL" in table and "failures 1" in table
+    text = scrape(fleet.plane)
+    promtool = subprocess.run(
+        [tool("promtool"), "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert promtool.returncode == 0, promtool.stdout + promtool.stderr
+    labels = {"group": "edge", "check": "canary-5xx"}
+    metrics = samples(text)
+    assert value(metrics, "xdscp_traffic_check_evaluations_total", **labels, result="fail") == 1
+    assert value(metrics, "xdscp_rollouts_total", group="edge", outcome="aborted") == 1
 
 
 def test_a_healthy_candidate_with_the_same_policy_promotes_after_the_required_passes(
