@@ -8,11 +8,13 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from controlplane.rollout.traffic import MAX_ANSWER_BYTES, PrometheusClient, TrafficError
+from controlplane.rollout.traffic import MAX_ANSWER_BYTES, PrometheusClient, TrafficError, render
 from tests.integration.harness import Prometheus
+from tests.unit.test_traffic_gate import example_traffic
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,17 @@ def test_real_prometheus_answers_that_are_not_one_number_are_errors(
     with pytest.raises(TrafficError) as caught:
         PrometheusClient(prometheus.url, 5).query(query)
     assert message in str(caught.value)
+
+
+def test_the_example_policy_queries_are_valid_promql(
+    prometheus: Prometheus, tmp_path: Path
+) -> None:
+    traffic = example_traffic(tmp_path)
+    assert traffic is not None
+    client = PrometheusClient(prometheus.url, 5)
+    for check in traffic.checks:
+        query = render(check.query, canaries=["edge-1.a"], group="edge", window_seconds=10)
+        assert client.query(query) is None, query  # parsed and run; nothing scraped yet
 
 
 Handler = Callable[[http.server.BaseHTTPRequestHandler], None]

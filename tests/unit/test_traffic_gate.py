@@ -229,3 +229,24 @@ def test_a_bad_traffic_section_names_the_file_group_and_key(
         load_policies(path)
     assert str(caught.value).startswith(f"{path}: groups.edge.")
     assert message in str(caught.value)
+
+
+def example_traffic(tmp_path: Path) -> TrafficPolicy | None:
+    """The commented `traffic:` section of the shipped example policy, uncommented."""
+    repo = Path(__file__).resolve().parents[2]
+    lines = (repo / "examples/rollout-policy.yaml").read_text().splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("    # traffic:")))
+    end = start
+    while end < len(lines) and lines[end].startswith("    #"):
+        end += 1
+    uncommented = [line[:4] + line[6:] for line in lines[start:end]]
+    path = tmp_path / "policy.yaml"
+    path.write_text("\n".join([*lines[:start], *uncommented, *lines[end:]]))
+    return load_policies(path)["default"].traffic
+
+
+def test_the_shipped_commented_traffic_example_loads_once_uncommented(tmp_path: Path) -> None:
+    traffic = example_traffic(tmp_path)
+    assert traffic is not None
+    assert [c.name for c in traffic.checks] == ["canary-5xx", "canary-connect-failures"]
+    assert all("{{ canaries }}" in c.query for c in traffic.checks)
