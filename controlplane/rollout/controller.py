@@ -494,45 +494,47 @@ class RolloutController:
         client = PrometheusClient(policy.traffic.prometheus, policy.traffic.timeout_seconds)
         while rollout.phase.active:
             await asyncio.sleep(TICK_SECONDS)
-            async with self._lock:
-                now = self._clock()
-                if self._rollouts.get(group) is not rollout or not rollout.traffic_due(policy, now):
-                    continue
-                assert rollout.evidence_complete_at is not None
-                window = now - rollout.evidence_complete_at
-                canaries = sorted(
-                    {
-                        n.node_id
-                        for n in self._observe(group)
-                        if n.canary and not n.probe and n.version == rollout.candidate
-                    }
-                )
-            results = await asyncio.to_thread(
-                evaluate,
-                policy.traffic,
-                client,
-                canaries=canaries,
-                group=group,
-                window_seconds=window,
+            try:
+                await self._traffic_round(group, rollout, policy, client)
+            except Exception:  # one bad round must not stop the checks (the deadline bounds all)
+                log.exception("traffic checks failed", group=group, version=rollout.candidate)
+
+    async def _traffic_round(
+        self, group: str, rollout: Rollout, policy: RolloutPolicy, client: PrometheusClient
+    ) -> None:
+        assert policy.traffic is not None
+        async with self._lock:
+            now = self._clock()
+            if self._rollouts.get(group) is not rollout or not rollout.traffic_due(policy, now):
+                return
+            assert rollout.evidence_complete_at is not None
+            window = now - rollout.evidence_complete_at
+            canaries = sorted(
+                {
+                    n.node_id
+                    for n in self._observe(group)
+                    if n.canary and not n.probe and n.version == rollout.candidate
+                }
             )
-            async with self._lock:
-                if self._rollouts.get(group) is not rollout or not rollout.phase.active:
-                    return
-                rollout.traffic_results(policy, self._clock(), results)
-            for result in results:
-                self._metrics.traffic_evaluations.labels(
-                    group, result.name, result.outcome.value
-                ).inc()
-                log.info(
-                    "traffic check",
-                    group=group,
-                    version=rollout.candidate,
-                    check=result.name,
-                    result=result.outcome.value,
-                    value=result.value,
-                    detail=result.detail,
-                    query=result.query,
-                )
+        results = await asyncio.to_thread(
+            evaluate, policy.traffic, client, canaries=canaries, group=group, window_seconds=window
+        )
+        async with self._lock:
+            if self._rollouts.get(group) is not rollout or not rollout.phase.active:
+                return
+            rollout.traffic_results(policy, self._clock(), results)
+        for result in results:
+            self._metrics.traffic_evaluations.labels(group, result.name, result.outcome.value).inc()
+            log.info(
+                "traffic check",
+                group=group,
+                version=rollout.candidate,
+                check=result.name,
+                result=result.outcome.value,
+                value=result.value,
+                detail=result.detail,
+                query=result.query,
+            )
 
     def _previous_good(self, group: str) -> str | None:
         """The newest version that was last_good and is not what the group holds now: when

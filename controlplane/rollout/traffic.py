@@ -14,6 +14,7 @@ the whole exchange, no redirects and no proxies (HTTP goes only to the configure
 from __future__ import annotations
 
 import enum
+import http.client
 import json
 import math
 import re
@@ -221,8 +222,8 @@ class PrometheusClient:
             except TrafficError as detail:
                 raise TrafficError(f"HTTP {error.code} from {self._url}: {detail}") from None
             raise TrafficError(f"HTTP {error.code} from {self._url}") from None
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+            reason = getattr(error, "reason", None) or repr(error)
             raise TrafficError(f"cannot reach {self._url}: {reason}") from None
 
 
