@@ -157,6 +157,7 @@ class Walkthrough:
         clone = (workdir / "clone").resolve()
         head = _git(repo, "rev-parse", "HEAD").strip()
         _git(workdir, "clone", "--quiet", "--no-checkout", str(repo), str(clone))
+        _git(clone, "fetch", "--quiet", str(repo), "HEAD")  # HEAD may be on no branch
         _git(clone, "checkout", "--quiet", "--detach", head)
         (clone / ".tools").symlink_to((repo / ".tools").resolve())
         _overlay_venv(clone)
