@@ -4,13 +4,18 @@ protocol in and out, and per-route rate limits."""
 from __future__ import annotations
 
 import http.client
+import http.server
 import re
 import shutil
 import socket
 import struct
 import threading
 import time
+from concurrent import futures
 from pathlib import Path
+
+import grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from tests.integration.harness import REPO, free_port, http_get, wait_for
 
@@ -157,3 +162,102 @@ def test_a_drained_route_answers_429_while_other_routes_keep_their_own_buckets(
     assert int(stats["web_read.http_local_rate_limit.rate_limited"]) == 0
     # The global limit asked the (absent) rate-limit service and let the requests through.
     assert int(stats["cluster.api.ratelimit.failure_mode_allowed"]) >= 1
+
+
+class RecordingRateLimitService(rls_pb2_grpc.RateLimitServiceServicer):
+    """A rate-limit service on a free loopback port: records each request's domain and
+    descriptors, and answers OVER_LIMIT for the routes in `over_limit`."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, list[dict[str, str]]]] = []
+        self.over_limit: set[str] = set()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def ShouldRateLimit(self, request, context):
+        descriptors = [{e.key: e.value for e in d.entries} for d in request.descriptors]
+        self.requests.append((request.domain, descriptors))
+        routes = {d.get("route") for d in descriptors}
+        code = rls_pb2.RateLimitResponse.OK
+        if routes & self.over_limit:
+            code = rls_pb2.RateLimitResponse.OVER_LIMIT
+        return rls_pb2.RateLimitResponse(overall_code=code)
+
+    def stop(self) -> None:
+        self.server.stop(grace=None).wait(timeout=5)
+
+
+class ForwardedFor(http.server.ThreadingHTTPServer):
+    """A loopback HTTP backend that records the X-Forwarded-For of each request."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        seen = self.seen
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                seen.append(self.headers.get("X-Forwarded-For", ""))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def raw_get(port: int, host: str, proxy_line: bytes = b"") -> bytes:
+    """The status line of a GET sent on a new connection, after `proxy_line` if any."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(proxy_line + f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        return client.makefile("rb").readline().rstrip()
+
+
+def test_http_takes_the_client_address_from_a_proxy_header_into_the_global_limit(
+    control_plane, upstream, start_envoy, tmp_path
+) -> None:
+    web, static, api = upstream("web"), upstream("static"), ForwardedFor()
+    limiter = RecordingRateLimitService()
+    try:
+        http_port = free_port()
+        ports = example_ports(http_port, web=web.port, api=api.port, static=static.port)
+        ports[8089] = limiter.port
+        config = copy_with_ports(tmp_path / "config", ports)
+        control_plane.xdsctl("publish", str(config), "--message", "examples")
+        start_envoy("edge-1", "edge", control_plane.xds_port)
+        header = b"PROXY TCP4 %s 127.0.0.1 %d %d\r\n" % (
+            CLIENT_BEHIND_BALANCER[0].encode(),
+            CLIENT_BEHIND_BALANCER[1],
+            http_port,
+        )
+
+        wait_for(lambda: raw_get(http_port, "api.example.com", header).endswith(b" 200 OK"))
+        assert api.seen[-1] == CLIENT_BEHIND_BALANCER[0]
+        assert limiter.requests[-1] == (
+            "edge",
+            [{"route": "api_read", "remote_address": CLIENT_BEHIND_BALANCER[0]}],
+        )
+        # Without a PROXY header the connection's own peer counts (in X-Forwarded-For, Envoy
+        # puts the host's address for a loopback peer).
+        assert raw_get(http_port, "api.example.com").endswith(b" 200 OK")
+        assert api.seen[-1] not in ("", CLIENT_BEHIND_BALANCER[0])
+        assert limiter.requests[-1][1] == [{"route": "api_read", "remote_address": "127.0.0.1"}]
+
+        limiter.over_limit.add("api_read")
+        assert raw_get(http_port, "api.example.com", header).endswith(b" 429 Too Many Requests")
+        assert raw_get(http_port, "www.example.com", header).endswith(b" 200 OK")
+        assert limiter.requests[-1][1] == [
+            {"route": "web_read", "remote_address": CLIENT_BEHIND_BALANCER[0]}
+        ]
+    finally:
+        limiter.stop()
+        api.stop()
