@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import signal
 import threading
 import time
@@ -90,7 +91,12 @@ class Config:
     allow_plaintext: bool = False  # plaintext on a non-loopback address (warned at start)
 
     def __post_init__(self) -> None:
-        """Refuse combinations that would serve less securely than they read."""
+        """Make the store and socket paths absolute, once (the probe's Envoy runs in a
+        directory of its own); refuse combinations that would serve less securely than
+        they read."""
+        object.__setattr__(self, "store_path", Path(os.path.abspath(self.store_path)))
+        if self.xds_socket is not None:
+            object.__setattr__(self, "xds_socket", Path(os.path.abspath(self.xds_socket)))
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_cert is None and (self.xds_client_ca or self.admin_client_ca):
