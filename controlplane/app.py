@@ -26,6 +26,7 @@ from controlplane.observability.metrics import CONTENT_TYPE, Metrics
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.policy import RolloutPolicy
 from controlplane.rollout.probe import XdsEndpoint
+from controlplane.store.lock import StoreLock
 from controlplane.store.sealing import Sealer
 from controlplane.store.sqlite import SQLiteStore
 from controlplane.xds.assignments import Assignments
@@ -154,9 +155,14 @@ class ControlPlane:
     def __init__(self, config: Config) -> None:
         self.config = config
         key_file = config.store_key_file
-        self.store = SQLiteStore(
-            config.store_path, sealer=Sealer.from_key_file(key_file) if key_file else None
-        )
+        self.store_lock = StoreLock.acquire(config.store_path)  # one server per store
+        try:
+            self.store = SQLiteStore(
+                config.store_path, sealer=Sealer.from_key_file(key_file) if key_file else None
+            )
+        except BaseException:
+            self.store_lock.release()
+            raise
         self.assignments = Assignments()
         self.fleet = Fleet()
         self.assignments.subscribe(self.fleet.wake_all)
@@ -324,6 +330,7 @@ class ControlPlane:
         )
         await self._http.stop()
         self.store.close()
+        self.store_lock.release()
         log.info("stopped")
 
 
