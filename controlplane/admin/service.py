@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from controlplane import resources
 from controlplane.admin import limits
 from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
+from controlplane.config.lint import LintRefusal
 from controlplane.publish import build_snapshot
 from controlplane.redaction import redact_pem_keys, redact_resource
 from controlplane.resources import UnknownTypeError
@@ -31,7 +32,7 @@ from controlplane.xds.fleet import Fleet, NodeStatus
 
 log = structlog.get_logger("admin")
 
-_INVALID = (UnknownTypeError, DecodeError, ConsistencyError, DuplicateResourceError)
+_INVALID = (UnknownTypeError, DecodeError, ConsistencyError, DuplicateResourceError, LintRefusal)
 
 # Calls that change what the fleet gets: they need the write role.
 MUTATING_METHODS = {

@@ -43,6 +43,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from controlplane.config import ConfigError, snapshot_of
     from controlplane.config.environments import load_config
     from controlplane.config.field_rules import check_field_rules
+    from controlplane.config.lint import refusals
 
     try:
         config = load_config(args.directory, args.env)
@@ -56,6 +57,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
         raise CommandError(
             f"{args.directory}: {len(error.problems)} error(s); nothing published"
         ) from None
+    # Error-level lint findings: what Envoy would NACK or what breaks traffic (the server
+    # refuses them too, by the same rule).
+    if found := refusals(config.resources, config.sources):
+        for finding in found:
+            print(authoring.lint_problem(finding).text(), file=sys.stderr)
+        raise CommandError(
+            f"{args.directory}: {len(found)} lint error(s), as `xdsctl validate` shows; "
+            "nothing published"
+        )
     request = admin_pb2.PublishRequest(
         group=args.group,
         message=args.message,
