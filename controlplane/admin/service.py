@@ -59,6 +59,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.PublishRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.PublishResponse:
         group = request.group or DEFAULT_GROUP
+        if not request.create_group and (unknown := self._unknown_group(group)):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, unknown)
         try:
             snapshot = await build_snapshot(request.resources)
             outcome = await self._controller.publish(
@@ -85,6 +87,21 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             parent_version=outcome.parent_version or "",
             counts=snapshot.counts(),
             outcome=outcome.outcome,
+        )
+
+    def _unknown_group(self, group: str) -> str | None:
+        """Why a publish may not create `group` unasked, or None: a group is known once it
+        has a snapshot (or history), when a rollout policy names it, or if it is "default"
+        (every node falls back on it, so it is never a typo for another group)."""
+        if group == DEFAULT_GROUP or self._controller.policy(group) is not None:
+            return None
+        groups = self._store.pointers()
+        if group in groups or self._store.history(group, 1):
+            return None
+        known = ", ".join(sorted(groups)) or "none yet"
+        return (
+            f"group {group!r} has no snapshot yet (known groups: {known}); to create it, "
+            "publish again with --create-group (create_group in the admin API)"
         )
 
     async def ListRollouts(

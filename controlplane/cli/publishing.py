@@ -1,5 +1,8 @@
 """`xdsctl publish`: check a config directory here, show its diff, and send it.
 
+A group other than default that has no snapshot yet needs --create-group: without it the
+server refuses the publish and names the groups it knows, so a typo creates nothing.
+
 Exit status: 0 published, staged or unchanged; 1 refused or not sent; 3 sent but cut off
 before the answer came, so the snapshot may have been stored (the message says how to check;
 publishing again is a no-op if it was).
@@ -67,9 +70,16 @@ def add_commands(commands: Any) -> None:
         "publish",
         help="publish a directory of Envoy config",
         description=__doc__.split("\n\n", 1)[1].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     publish.add_argument("directory", type=Path)
     publish.add_argument("--group", default="default", help="node group (node.cluster)")
+    publish.add_argument(
+        "--create-group",
+        action="store_true",
+        help="allow the first publish to a group that has no snapshot yet (without it, that "
+        "is refused as a likely typo; default needs no flag)",
+    )
     publish.add_argument("--env", default=None, help="apply DIR/environments/ENV.yaml")
     publish.add_argument("--message", "-m", default="", help="why: kept in the history")
     publish.add_argument(
@@ -116,6 +126,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         group=args.group,
         message=args.message,
         actor=actor(),
+        create_group=args.create_group,
         resources=[
             any_pb2.Any(type_url=r.type_url, value=resources.serialize(r.message))
             for r in config.resources

@@ -153,3 +153,37 @@ def test_a_suppression_needs_its_reason_in_publish_too(
     reasoned = write(tmp_path / "reasoned", [edge_config.nacked_regex_route("a")])
     published = control_plane.xdsctl("publish", str(reasoned))
     assert published.stdout.strip() == snapshot_of(load_config(reasoned).resources).version
+
+
+# --- The first publish to a group ----------------------------------------------------------
+
+
+def test_a_first_publish_to_an_unknown_group_needs_create_group(
+    control_plane: XdsControlPlane, tmp_path: Path
+) -> None:
+    directory = write(tmp_path / "c", [edge_config.route_to("a")])
+    plane = control_plane
+
+    def publish(group: str, *flags: str) -> Any:
+        args = ("publish", str(directory), "--group", group, *flags)
+        return plane.xdsctl(*args, create_group=False, check=False)
+
+    before = store_contents(plane.store)
+    typo = publish("edeg")
+    assert typo.returncode == 1 and typo.stdout == ""
+    assert typo.stderr.splitlines()[-1] == (
+        "xdsctl: failed_precondition: group 'edeg' has no snapshot yet (known groups: "
+        "none yet); to create it, publish again with --create-group (create_group in the "
+        "admin API)"
+    )
+    assert store_contents(plane.store) == before
+
+    # default needs no flag: a new store's first publish (README's quick start) just works.
+    assert publish("default").returncode == 0
+    assert publish("edge", "--create-group").returncode == 0
+    typo = publish("edeg")
+    assert typo.returncode == 1
+    assert "group 'edeg' has no snapshot yet (known groups: default, edge)" in typo.stderr
+    # Once it exists, a group needs no flag.
+    again = publish("edge")
+    assert again.returncode == 0 and "unchanged: group edge already holds" in again.stderr
