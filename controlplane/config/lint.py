@@ -15,6 +15,7 @@ config that Envoy serves: validate prints it and exits 0. The rules, in `RULES`:
     XDS006 duplicate-name      unique resources, virtual hosts, domains, filter chains, addresses
     XDS007 unused-cluster      every cluster is used by a route, listener or other cluster
     XDS008 unknown-cluster     routes and tcp proxies send traffic only to known clusters
+                               (and cluster specifier plugins their route config defines)
 
 Errors: XDS004 (the route's traffic goes elsewhere), XDS005 and XDS006 (Envoy NACKs them),
 XDS008 (Envoy answers 503, or NACKs a listener whose inline routes name it). Warnings:
@@ -512,6 +513,25 @@ def _unknown_cluster(context: Context) -> Iterator[Hit]:
             yield Hit(
                 resource, steps, f'sends traffic to cluster "{name}", which is not in the config'
             )
+    # A route may leave the choice to a plugin its route configuration defines (Envoy NACKs
+    # a name it does not define).
+    for resource, base, table in context.route_tables:
+        plugins = {p.extension.name for p in table.cluster_specifier_plugins}  # type: ignore[attr-defined]
+        for v, host in enumerate(table.virtual_hosts):  # type: ignore[attr-defined]
+            for r, route in enumerate(host.routes):
+                name = route.route.cluster_specifier_plugin
+                if name and name not in plugins:
+                    at = (
+                        *base,
+                        "virtual_hosts",
+                        v,
+                        "routes",
+                        r,
+                        "route",
+                        "cluster_specifier_plugin",
+                    )
+                    text = f'names cluster specifier plugin "{name}", which its route configuration does not define'
+                    yield Hit(resource, at, text)
 
 
 # --- Registry and running ------------------------------------------------------------------

@@ -141,6 +141,17 @@ def test_envoy_answers_503_for_a_route_to_an_unknown_cluster_so_publish_refuses_
     assert status == 503
 
 
+def test_an_unknown_cluster_specifier_plugin_that_envoy_nacks_is_refused_by_publish(
+    control_plane: XdsControlPlane, tmp_path: Path
+) -> None:
+    route = {"match": {"prefix": "/"}, "route": {"cluster_specifier_plugin": "pick"}}
+    directory = write(tmp_path / "plugin", [route])
+    verdict = validate_with_envoy(snapshot_of(load_config(directory).resources), ENVOY_BINARY)
+    assert not verdict.ok
+    assert "Unknown cluster specifier plugin name: pick" in verdict.message
+    assert_refused(control_plane, directory, "error[XDS008 unknown-cluster]")
+
+
 def test_a_suppression_needs_its_reason_in_publish_too(
     control_plane: XdsControlPlane, tmp_path: Path
 ) -> None:

@@ -158,3 +158,30 @@ def test_the_server_refuses_by_the_same_rule(tmp_path: Path) -> None:
     suppress(hosts(config)[0]["routes"][0], "unknown-cluster", "cluster x comes next week")
     snapshot = asyncio.run(build_snapshot(packed(tmp_path, config)))
     assert "routes" in snapshot.resources(ROUTE)
+
+
+def test_a_route_naming_a_cluster_specifier_plugin_its_config_lacks_is_refused(
+    tmp_path: Path,
+) -> None:
+    config = clean()
+    hosts(config)[0]["routes"].insert(
+        0, {"match": {"path": "/p"}, "route": {"cluster_specifier_plugin": "pick"}}
+    )
+    assert refused(tmp_path, config) == [
+        'unknown-cluster: names cluster specifier plugin "pick", which its route configuration '
+        "does not define"
+    ]
+    find(config, ROUTE, "routes")["cluster_specifier_plugins"] = [
+        {
+            "extension": {
+                "name": "pick",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.router.cluster_specifiers"
+                    ".lua.v3.LuaConfig",
+                    "source_code": {"inline_string": "function envoy_on_route(h) return 'web' end"},
+                    "default_cluster": "web",
+                },
+            }
+        }
+    ]
+    assert refused(tmp_path, config) == []
