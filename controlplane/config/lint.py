@@ -60,6 +60,15 @@ RE2_PROGRAM_SIZE_LIMIT = 100  # Envoy's default re2.max_program_size.error_level
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 _ANY = "google.protobuf.Any"
+# Well-known types no rule looks into (walking them is most of the cost on large configs).
+_LEAVES = frozenset(
+    "google.protobuf." + name
+    for name in (
+        *("Duration", "Timestamp", "Struct", "Value", "ListValue", "Empty", "FieldMask"),
+        *("BoolValue", "UInt32Value", "UInt64Value", "Int32Value", "Int64Value"),
+        *("DoubleValue", "FloatValue", "StringValue", "BytesValue"),
+    )
+)
 _HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _TCP_PROXY = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 # Every regex Envoy compiles from xDS: Envoy's own matchers and the xds.type generic ones.
@@ -150,7 +159,7 @@ def _walk(message: Message, steps: Steps) -> Iterator[tuple[Message, Steps]]:
             return
     yield message, steps
     for fd, value in message.ListFields():
-        if fd.message_type is None:
+        if fd.message_type is None or fd.message_type.full_name in _LEAVES:
             continue
         if fd.message_type.GetOptions().map_entry:
             if fd.message_type.fields_by_name["value"].message_type is not None:
