@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from controlplane import resources
 from controlplane.admin import limits
 from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
+from controlplane.config.lint import LintRefusal
 from controlplane.publish import build_snapshot
 from controlplane.redaction import redact_pem_keys, redact_resource
 from controlplane.resources import UnknownTypeError
@@ -32,7 +33,7 @@ from controlplane.xds.fleet import Fleet, NodeStatus
 
 log = structlog.get_logger("admin")
 
-_INVALID = (UnknownTypeError, DecodeError, ConsistencyError, DuplicateResourceError)
+_INVALID = (UnknownTypeError, DecodeError, ConsistencyError, DuplicateResourceError, LintRefusal)
 
 # Calls that change what the fleet gets: they need the write role.
 MUTATING_METHODS = {
@@ -59,6 +60,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.PublishRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.PublishResponse:
         group = request.group or DEFAULT_GROUP
+        if not request.create_group and (unknown := self._unknown_group(group)):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, unknown)
         try:
             snapshot = await build_snapshot(request.resources)
             outcome = await self._controller.publish(
@@ -85,6 +88,21 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             parent_version=outcome.parent_version or "",
             counts=snapshot.counts(),
             outcome=outcome.outcome,
+        )
+
+    def _unknown_group(self, group: str) -> str | None:
+        """Why a publish may not create `group` unasked, or None: a group is known once it
+        has a snapshot (or history), when a rollout policy names it, or if it is "default"
+        (every node falls back on it, so it is never a typo for another group)."""
+        if group == DEFAULT_GROUP or self._controller.policy(group) is not None:
+            return None
+        groups = self._store.pointers()
+        if group in groups or self._store.history(group, 1):
+            return None
+        known = ", ".join(sorted(groups)) or "none yet"
+        return (
+            f"group {group!r} has no snapshot yet (known groups: {known}); to create it, "
+            "publish again with --create-group (create_group in the admin API)"
         )
 
     async def ListRollouts(

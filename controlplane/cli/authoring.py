@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controlplane import resources
 from controlplane.config.environments import (
@@ -37,6 +37,9 @@ from controlplane.config.loader import ConfigError, ConfigProblem, snapshot_of
 from controlplane.diff import diff_snapshots, render_diff
 from controlplane.redaction import fingerprint_mask, redact_snapshot
 from controlplane.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from controlplane.config.lint import Finding
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ENVOY_ENV = "XDSCTL_ENVOY"
@@ -143,20 +146,7 @@ def validate_directory(
     snapshot = _snapshot(loaded, report)
     rule_problems = check_field_rules(loaded.resources, loaded.sources)
     report.problems += [_problem(p, "field-rules") for p in rule_problems]
-    for finding in lint(loaded.resources, loaded.sources):
-        report.problems.append(
-            Problem(
-                severity=finding.severity,
-                stage="lint",
-                message=finding.message,
-                file=finding.location.file,
-                line=finding.location.line,
-                field_path=finding.field_path,
-                rule=f"{finding.rule_id} {finding.rule_name}",
-                resource=f"{finding.resource_type} {finding.resource_name}",
-                hint=finding.hint,
-            )
-        )
+    report.problems += [lint_problem(f) for f in lint(loaded.resources, loaded.sources)]
     if envoy is not None and snapshot is not None:
         try:
             verdict = envoy_validate.validate_with_envoy(snapshot, envoy, group=group)
@@ -176,6 +166,21 @@ def _snapshot(loaded: LoadedConfig, report: Report) -> Snapshot | None:
         return None
     report.version = snapshot.version
     return snapshot
+
+
+def lint_problem(finding: Finding) -> Problem:
+    """A lint finding as validate reports it (publish prints its refusals alike)."""
+    return Problem(
+        severity=finding.severity,
+        stage="lint",
+        message=finding.message,
+        file=finding.location.file,
+        line=finding.location.line,
+        field_path=finding.field_path,
+        rule=f"{finding.rule_id} {finding.rule_name}",
+        resource=f"{finding.resource_type} {finding.resource_name}",
+        hint=finding.hint,
+    )
 
 
 def _problem(problem: ConfigProblem, stage: str) -> Problem:

@@ -164,6 +164,9 @@ class RolloutController:
             if stable == snapshot.version:
                 return PublishOutcome(snapshot.version, stable, "unchanged")
             active = self._active(group)
+            if active is not None and active.candidate == snapshot.version:
+                # The same publish again (e.g. after a cut-off answer): nothing changes.
+                return PublishOutcome(snapshot.version, stable, "staged")
             if active is not None:
                 raise RolloutError(
                     f"group {group} is already rolling out {active.candidate} ({active.phase.value}); "

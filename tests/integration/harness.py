@@ -169,11 +169,18 @@ class XdsControlPlane:
         return [json.loads(line) for line in lines if line.startswith("{")]
 
     def xdsctl(
-        self, *args: str, check: bool = True, token_file: Path | None = None
+        self,
+        *args: str,
+        check: bool = True,
+        token_file: Path | None = None,
+        create_group: bool = True,
     ) -> subprocess.CompletedProcess[str]:
-        """xdsctl against this server, with its write token unless told another."""
+        """xdsctl against this server, with its write token unless told another. A publish
+        passes --create-group (tests publish to fresh groups) unless `create_group` is False."""
+        creates = ("--create-group",) if create_group and args[:1] == ("publish",) else ()
         return xdsctl(
             *args,
+            *creates,
             "--server",
             self.admin_address,
             "--token-file",

@@ -66,7 +66,7 @@ def test_metrics_count_one_acked_and_one_nacked_publish_and_pass_promtool(
         ),
         what="routes ACKed",
     )
-    bad = {"match": {"safe_regex": {"regex": "(("}}, "route": {"cluster": "a"}}
+    bad = edge_config.nacked_regex_route("a")
     edge_config.write(tmp_path / "bad", listener_port=port, backends={"a": a.port}, routes=[bad])
     bad_version = control_plane.xdsctl(
         "publish", str(tmp_path / "bad"), "--group", "edge"
@@ -120,7 +120,7 @@ def test_a_nack_is_logged_as_one_json_line_with_its_context(
 ) -> None:
     a = upstream("a")
     port = free_port()
-    bad = {"match": {"safe_regex": {"regex": "(("}}, "route": {"cluster": "a"}}
+    bad = edge_config.nacked_regex_route("a")
     edge_config.write(
         tmp_path / "c",
         listener_port=port,

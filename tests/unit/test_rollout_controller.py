@@ -204,6 +204,15 @@ async def test_publishing_during_a_rollout_is_refused(plane) -> None:
     assert plane.store.pointers()["edge"][CANDIDATE] == V2.version
 
 
+async def test_publishing_the_candidate_again_during_its_rollout_changes_nothing(plane) -> None:
+    SimEnvoy(plane, "canary-1", canary=True)
+    assert await plane.publish(V2) == "staged"
+    history = plane.store.history("edge", 100)
+    assert await plane.publish(V2) == "staged"  # a re-run, e.g. after a cut-off answer
+    assert plane.store.history("edge", 100) == history
+    assert plane.controller.rollout("edge").candidate == V2.version
+
+
 async def test_restart_mid_rollout_aborts_and_never_promotes(plane, tmp_path) -> None:
     canary = SimEnvoy(plane, "canary-1", canary=True)
     await plane.publish(V2)

@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PublishRequest(_message.Message):
-    __slots__ = ("group", "message", "actor", "resources")
+    __slots__ = ("group", "message", "actor", "resources", "create_group")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    CREATE_GROUP_FIELD_NUMBER: _ClassVar[int]
     group: str
     message: str
     actor: str
     resources: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
-    def __init__(self, group: _Optional[str] = ..., message: _Optional[str] = ..., actor: _Optional[str] = ..., resources: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
+    create_group: bool
+    def __init__(self, group: _Optional[str] = ..., message: _Optional[str] = ..., actor: _Optional[str] = ..., resources: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ..., create_group: _Optional[bool] = ...) -> None: ...
 
 class PublishResponse(_message.Message):
     __slots__ = ("version", "changed", "parent_version", "counts", "outcome")
