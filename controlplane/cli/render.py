@@ -103,6 +103,15 @@ def rollouts(response: admin_pb2.ListRolloutsResponse) -> str:
     return "\n\n".join(rollout(r) for r in response.rollouts)
 
 
+def bake_line(status: admin_pb2.RolloutStatus) -> str:
+    """The bake as an operator follows it, or "" before it starts and after the rollout."""
+    if status.phase != "canary" or not status.bake_started_at:
+        return ""
+    if status.bake_seconds_left > 0:
+        return f"bake: {status.bake_seconds_left:.0f}s of {status.bake_seconds:g}s left"
+    return f"bake: {status.bake_seconds:g}s passed"
+
+
 def rollout(status: admin_pb2.RolloutStatus) -> str:
     lines = [
         f"group {status.group}: {status.phase.upper()} candidate {status.candidate} "
@@ -116,6 +125,11 @@ def rollout(status: admin_pb2.RolloutStatus) -> str:
         f"  fresh probe: {status.probe_state}"
         + (f" ({status.probe_reason})" if status.probe_reason else ""),
     ]
+    if bake := bake_line(status):
+        lines.append(f"  {bake}")
+    if status.pending:
+        lines.append("  waiting for:")
+        lines.extend(f"    {node.detail}" for node in status.pending)
     if status.reason:
         ended = f" {ago(status.ended_at)}" if status.ended_at else ""
         lines.append(f"  outcome{ended}: {status.reason}")
