@@ -216,7 +216,13 @@ class Rollout:
         if self.probe_state is ProbeState.FAILED:
             return f"fresh probe failed: {self.probe_reason}"
         if self.phase is Phase.CANARY and now - self.staged_at > policy.deadline_seconds:
-            return f"deadline of {policy.deadline_seconds:g}s passed ({self.progress(policy)})"
+            waiting = "".join(
+                f"; waiting for {p.describe(self.candidate, now)}" for p in self.pending
+            )
+            return (
+                f"deadline of {policy.deadline_seconds:g}s passed "
+                f"({self.progress(policy)}{waiting})"
+            )
         return None
 
     def _track_canaries(

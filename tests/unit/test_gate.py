@@ -206,6 +206,18 @@ def test_deadline_aborts_with_the_progress_so_far() -> None:
     assert r.reason == "deadline of 300s passed (existing 1/1, fresh 0/1)"
 
 
+def test_deadline_names_the_canaries_still_pending() -> None:
+    r = rollout()
+    stuck = existing(synced=False, owed=("CLUSTER",))
+    slow = replace(POLICY, ack_timeout_seconds=1000)
+    assert r.observe(slow, STAGED_AT + 5, [stuck]) is None
+    assert r.observe(slow, STAGED_AT + 301, [stuck]) is Decision.ABORT
+    assert r.reason == (
+        "deadline of 300s passed (existing 0/1, fresh 0/1; "
+        f"waiting for canary-old: ACK of CLUSTER for {CANDIDATE})"
+    )
+
+
 def test_manual_promotion_waits_for_a_human() -> None:
     policy = replace(POLICY, auto_promote=False)
     r = rollout()
