@@ -114,6 +114,17 @@ def test_publish_wait_exits_1_when_a_canary_nacks_the_candidate(group, tmp_path)
         last = err.rstrip().splitlines()[-1]
         assert last.startswith(f"aborted {out.strip()}: canary edge-canary-1 NACKed the candidate")
         assert "Address already in use" in last
+
+        # --json without --wait: one object; rollback --json: JSON lines, ending in its result.
+        staged = edge.plane.xdsctl(
+            "publish", str(edge.write("v3", "b")), "--group", "edge", "--json"
+        )
+        assert json.loads(staged.stdout)["outcome"] == "staged"
+        rolled = edge.plane.xdsctl("rollback", "--group", "edge", "--to", edge.v1, "--json")
+        events = json_lines(rolled.stdout)
+        assert events[0]["event"] == "rollback" and events[0]["version"] == edge.v1
+        assert events[-2]["event"] == "convergence" and events[-2]["acked_nodes"] == 1
+        assert events[-1]["event"] == "end" and events[-1]["exit_code"] == 0
     finally:
         taken.close()
         canary.stop()
@@ -157,5 +168,7 @@ def test_publish_wait_exits_2_on_its_timeout_and_waits_for_acks_without_a_policy
         refused = edge.plane.xdsctl("rollout", "promote", "--group", "edge", check=False)
         assert refused.returncode == 1
         assert re.search(r"is baking: \d+s of the 300s bake left", refused.stderr), refused.stderr
+        aborted = edge.plane.xdsctl("rollout", "abort", "--group", "edge", "--json")
+        assert json.loads(aborted.stdout)["phase"] == "aborted"
     finally:
         canary.stop()
