@@ -2,9 +2,9 @@
 `rollout status --watch` and the progress `rollback` prints.
 
 A rollout is polled once a second (ListRollouts) over one channel; a line is printed when
-what an operator acts on changes (phase, evidence, probe, pending canaries), and while the
-bake runs, every BAKE_STEP_SECONDS. Convergence is waited for in short WaitForConvergence
-steps, printing N/M when it moves. With --json each event is one JSON object on its own
+what an operator acts on changes (phase, evidence, probe, pending canaries, traffic checks),
+and while the bake runs, every BAKE_STEP_SECONDS. Convergence is waited for in short
+WaitForConvergence steps, printing N/M when it moves. With --json each event is one JSON object on its own
 line (JSON lines), and the last one says how it ended.
 
 Exit status (for CI): 0 promoted (or converged), 1 aborted, 2 timed out.
@@ -173,6 +173,12 @@ def progress_line(status: admin_pb2.RolloutStatus) -> str:
         parts.append(f"probe {status.probe_state}")
     if bake := render.bake_line(status):
         parts.append(bake)
+    if status.traffic_checks:
+        checks = ", ".join(
+            f"{c.name} {c.state} {c.passes}/{status.traffic_min_passes}"
+            for c in status.traffic_checks
+        )
+        parts.append(f"traffic {checks}")
     if status.pending:
         parts.append("waiting for " + "; ".join(p.detail for p in status.pending))
     if status.phase == "awaiting_promotion":
@@ -189,6 +195,7 @@ def _key(status: admin_pb2.RolloutStatus) -> tuple[Any, ...]:
         status.probe_state,
         bool(status.bake_started_at),
         tuple((p.node_id, p.waiting_for, tuple(p.types)) for p in status.pending),
+        tuple((c.name, c.state, c.passes, c.failures) for c in status.traffic_checks),
     )
 
 
