@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ from controlplane.observability.metrics import CONTENT_TYPE, Metrics
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.policy import RolloutPolicy
 from controlplane.rollout.probe import XdsEndpoint
+from controlplane.store.lock import StoreLock
 from controlplane.store.sealing import Sealer
 from controlplane.store.sqlite import SQLiteStore
 from controlplane.xds.assignments import Assignments
@@ -90,7 +92,12 @@ class Config:
     allow_plaintext: bool = False  # plaintext on a non-loopback address (warned at start)
 
     def __post_init__(self) -> None:
-        """Refuse combinations that would serve less securely than they read."""
+        """Make the store and socket paths absolute, once (the probe's Envoy runs in a
+        directory of its own); refuse combinations that would serve less securely than
+        they read."""
+        object.__setattr__(self, "store_path", Path(os.path.abspath(self.store_path)))
+        if self.xds_socket is not None:
+            object.__setattr__(self, "xds_socket", Path(os.path.abspath(self.xds_socket)))
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_cert is None and (self.xds_client_ca or self.admin_client_ca):
@@ -148,9 +155,14 @@ class ControlPlane:
     def __init__(self, config: Config) -> None:
         self.config = config
         key_file = config.store_key_file
-        self.store = SQLiteStore(
-            config.store_path, sealer=Sealer.from_key_file(key_file) if key_file else None
-        )
+        self.store_lock = StoreLock.acquire(config.store_path)  # one server per store
+        try:
+            self.store = SQLiteStore(
+                config.store_path, sealer=Sealer.from_key_file(key_file) if key_file else None
+            )
+        except BaseException:
+            self.store_lock.release()
+            raise
         self.assignments = Assignments()
         self.fleet = Fleet()
         self.assignments.subscribe(self.fleet.wake_all)
@@ -318,6 +330,7 @@ class ControlPlane:
         )
         await self._http.stop()
         self.store.close()
+        self.store_lock.release()
         log.info("stopped")
 
 

@@ -113,6 +113,7 @@ def bake_line(status: admin_pb2.RolloutStatus) -> str:
 
 
 def rollout(status: admin_pb2.RolloutStatus) -> str:
+    probe_reason = status.probe_reason.splitlines()  # a failed probe's: then Envoy's log
     lines = [
         f"group {status.group}: {status.phase.upper()} candidate {status.candidate} "
         f"(stable was {status.previous_stable or '-'})",
@@ -122,8 +123,8 @@ def rollout(status: admin_pb2.RolloutStatus) -> str:
         f"{', '.join(status.existing_acked) or '-'}",
         f"  fresh ACKed {len(status.fresh_acked)}/{status.min_fresh}: "
         f"{', '.join(status.fresh_acked) or '-'}",
-        f"  fresh probe: {status.probe_state}"
-        + (f" ({status.probe_reason})" if status.probe_reason else ""),
+        f"  fresh probe: {status.probe_state}" + (f" ({probe_reason[0]})" if probe_reason else ""),
+        *(f"    {line}" for line in probe_reason[1:]),
     ]
     if bake := bake_line(status):
         lines.append(f"  {bake}")

@@ -33,7 +33,12 @@ def add_commands(commands: Any) -> None:
         help="encrypt the secrets in the store with this key: 32 bytes, raw or base64, "
         "owner-only (make one with `xdsctl store-key create FILE`)",
     )
-    serve.add_argument("--rollout-policy", type=Path, default=None, help="canary policy YAML")
+    serve.add_argument(
+        "--rollout-policy",
+        type=Path,
+        default=None,
+        help="canary policy YAML; relative paths in it are relative to its directory",
+    )
     serve.add_argument(
         "--admin-token-file",
         type=Path,
@@ -135,8 +140,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     grpc_core_log.install()  # before logging: log lines go to the real stderr
     obs_logging.configure(args.log_level)
+    from controlplane.rollout.policy import check_probe_binaries
+
     try:
         config = serve_config(args)
+        check_probe_binaries(args.rollout_policy, config.policies)  # runs `envoy --version`
     except ValueError as error:
         raise CommandError(str(error)) from None
     try:

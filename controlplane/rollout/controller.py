@@ -469,12 +469,14 @@ class RolloutController:
             is_synced=self._node_synced,
             metadata={PROBE_METADATA_KEY: "true"},
         )
-        log.info(
+        (log.info if result.ok else log.warning)(
             "fresh probe finished",
             group=group,
             version=candidate.version,
             ok=result.ok,
             reason=result.reason,
+            seconds=result.seconds,
+            **({} if result.ok else {"envoy_log_tail": result.log_tail}),
         )
         async with self._lock:
             rollout = self._rollouts.get(group)
@@ -483,7 +485,7 @@ class RolloutController:
                 and rollout.candidate == candidate.version
                 and rollout.phase.active
             ):
-                rollout.probe_finished(result.ok, result.reason, result.node_id)
+                rollout.probe_finished(result.ok, result.report(), result.node_id)
 
     async def _run_traffic(self, group: str, rollout: Rollout, policy: RolloutPolicy) -> None:
         """Evaluate the traffic checks whenever the gate says they are due, until the rollout

@@ -57,6 +57,7 @@ class ProbeState(enum.Enum):
     RUNNING = "running"
     PASSED = "passed"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # the rollout ended while it ran; its Envoy is torn down
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ class Rollout:
     def promote(self, now: float, reason: str) -> Decision:
         self.phase, self.reason, self.ended_at = Phase.PROMOTED, reason, now
         self.pending = []
+        self._cancel_probe()
         return Decision.PROMOTE
 
     def bake_ends_at(self, policy: RolloutPolicy) -> float | None:
@@ -281,7 +283,14 @@ class Rollout:
     def _abort(self, now: float, reason: str) -> Decision:
         self.phase, self.reason, self.ended_at = Phase.ABORTED, reason, now
         self.pending = []
+        self._cancel_probe()
         return Decision.ABORT
+
+    def _cancel_probe(self) -> None:
+        """A rollout that ends stops its probe: it never shows `running` after the end."""
+        if self.probe_state is ProbeState.RUNNING:
+            self.probe_state = ProbeState.CANCELLED
+            self.probe_reason = f"cancelled: the rollout {self.phase.value}"
 
     def _failure(
         self, policy: RolloutPolicy, now: float, nodes: list[NodeObservation]
@@ -306,7 +315,8 @@ class Rollout:
             pending.append(Pending(node.node_id, "ack", first_seen, node.owed))
         self.pending = sorted(pending, key=lambda p: p.node_id)
         if self.probe_state is ProbeState.FAILED:
-            return f"fresh probe failed: {self.probe_reason}"
+            first_line = self.probe_reason.split("\n", 1)[0]  # the rest is Envoy's log
+            return f"fresh probe failed: {first_line}"
         if (traffic := self._traffic_failure(policy)) is not None:
             return traffic
         if self.phase is Phase.CANARY and now - self.staged_at > policy.deadline_seconds:

@@ -15,7 +15,7 @@ Loaded from a YAML file the server is given (`xdsctl serve --rollout-policy FILE
         deadline_seconds: 600        # the whole rollout must pass within this
         auto_promote: true           # false: wait for `xdsctl rollout promote`
         fresh_probe:                 # optional: start a throwaway Envoy on the candidate
-          envoy_binary: /usr/local/bin/envoy
+          envoy_binary: /usr/local/bin/envoy   # relative: to this file's directory
           ready_timeout_seconds: 30
           isolate_network: false     # own network namespace (needs root / CAP_SYS_ADMIN)
           check: {listener: edge_http, path: /, host: example.com, expect_status: 200}
@@ -30,6 +30,12 @@ Loaded from a YAML file the server is given (`xdsctl serve --rollout-policy FILE
             - {name: canary-5xx, query: 'sum(rate(...{node=~"{{ canaries }}"}[{{ window }}]))', max: 0.05}
 
 A group without a policy publishes straight to `stable`.
+
+Every file path in a policy is made absolute when it is read: a relative one is taken
+relative to the policy file's own directory (never the server's working directory), so the
+same file works wherever `serve` is started from. `check_probe_binaries` runs each probe's
+Envoy with `--version` at start-up, so a wrong path stops `serve` at once, not the first
+rollout.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +51,7 @@ from typing import Any
 
 import yaml
 
-from controlplane.rollout.probe import HttpCheck, ProbeConfig
+from controlplane.rollout.probe import HttpCheck, ProbeConfig, envoy_binary_problem
 from controlplane.rollout.traffic import (
     CHECK_NAME,
     MAX_CHECKS,
@@ -121,7 +128,7 @@ def load_policies(path: str | Path) -> dict[str, RolloutPolicy]:
         document = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise PolicyError(f"{path}: {error}") from None
-    reader = _Reader(str(path))
+    reader = _Reader(str(path), base=path.parent)
     groups = reader.mapping(document, "", keys={"groups"}).get("groups", {})
     return {
         str(group): _policy(reader, spec, f"groups.{group}")
@@ -187,8 +194,7 @@ def _probe(reader: _Reader, spec: Any, where: str) -> ProbeConfig:
     spec = reader.mapping(
         spec, where, keys={"envoy_binary", "ready_timeout_seconds", "isolate_network", "check"}
     )
-    binary = spec.get("envoy_binary")
-    if not isinstance(binary, str) or not binary:
+    if not isinstance(spec.get("envoy_binary"), str) or not spec["envoy_binary"]:
         raise reader.error(f"{where}.envoy_binary", "needs the path of an Envoy binary")
     check = None
     if "check" in spec:
@@ -204,7 +210,7 @@ def _probe(reader: _Reader, spec: Any, where: str) -> ProbeConfig:
             expect_status=reader.count(check_spec, "expect_status", f"{where}.check", 200),
         )
     return ProbeConfig(
-        envoy_binary=Path(binary),
+        envoy_binary=reader.path(spec, "envoy_binary"),
         ready_timeout_seconds=reader.seconds(spec, "ready_timeout_seconds", where, 30.0),
         isolate_network=reader.boolean(spec, "isolate_network", where, False),
         check=check,
@@ -275,11 +281,25 @@ def _check(reader: _Reader, spec: Any, where: str) -> TrafficCheck:
     return TrafficCheck(name=name, query=query, max=bounds["max"], min=bounds["min"])
 
 
+def check_probe_binaries(policy_file: str | Path, policies: Mapping[str, RolloutPolicy]) -> None:
+    """Raise PolicyError unless every fresh probe's Envoy binary runs `--version`; the error
+    names the policy file, the group, the key and the resolved path."""
+    for group, policy in policies.items():
+        if policy.fresh_probe is None:
+            continue
+        binary = policy.fresh_probe.envoy_binary
+        problem = envoy_binary_problem(binary)
+        if problem is not None:
+            where = f"groups.{group}.fresh_probe.envoy_binary"
+            raise PolicyError(f"{policy_file}: {where}: {binary}: {problem}")
+
+
 class _Reader:
     """Typed field access that names the file and the field path in every error."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, base: Path = Path()) -> None:
         self.source = source
+        self.base = base  # relative paths in the file are relative to this directory
 
     def error(self, where: str, message: str) -> PolicyError:
         return PolicyError(f"{self.source}: {where or 'top level'}: {message}")
@@ -307,6 +327,10 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise self.error(f"{where}.{key}", f"expected seconds >= 0, got {value!r}")
         return float(value)
+
+    def path(self, spec: dict[str, Any], key: str) -> Path:
+        """`spec[key]` (a non-empty string) as an absolute path: relative to `base`."""
+        return Path(os.path.abspath(self.base / spec[key]))
 
     def boolean(self, spec: dict[str, Any], key: str, where: str, default: bool) -> bool:
         value = spec.get(key, default)

@@ -81,7 +81,7 @@ def test_errors_exit_1_with_file_line_and_rule(tmp_path: Path) -> None:
         "request fails with a reset"
     )
     assert lines[1].startswith("    hint: set common_http_protocol_options.idle_timeout below")
-    assert lines[2].startswith(f"warning[XDS003 idempotent-retry]: {routes}:19: ")
+    assert lines[2].startswith(f"warning[XDS003 idempotent-retry]: {routes}:25: ")
     assert (
         lines[-1] == f"{config}: 1 error(s), 1 warning(s), version " + lines[-1].rsplit(" ", 1)[1]
     )
@@ -236,7 +236,7 @@ def test_diff_against_stored_versions_and_the_publish_preview(
     nothing = authoring("diff", str(EXAMPLES), *server)
     assert nothing.returncode == 0, nothing.stderr
     assert nothing.stdout.startswith("--- group default: no stable version\n")
-    assert nothing.stdout.endswith("\n12 added, 0 removed, 0 changed\n")
+    assert nothing.stdout.endswith("\n14 added, 0 removed, 0 changed\n")
 
     first = control_plane.xdsctl("publish", str(EXAMPLES)).stdout.strip()
     against_stable = authoring("diff", str(config), *server)

@@ -308,3 +308,28 @@ def test_percent_selector_is_stable_and_roughly_proportional() -> None:
     assert chosen == [
         n for n in range(2000) if selector.matches(NodeInfo(f"node-{n}", "edge", "", "", {}))
     ]
+
+
+def test_a_failed_probe_aborts_with_its_reason_and_keeps_envoys_log_in_its_own_field() -> None:
+    policy = replace(POLICY, min_fresh=0, fresh_probe=object())  # type: ignore[arg-type]
+    r = rollout(probe_state=ProbeState.RUNNING)
+    report = "envoy exited with 1: bad listener\nenvoy log (last lines):\nline 1\nbad listener"
+    r.probe_finished(False, report, "xdscp-probe-1")
+    assert r.observe(policy, STAGED_AT + 1, [existing()]) is Decision.ABORT
+    assert r.reason == "fresh probe failed: envoy exited with 1: bad listener"
+    assert r.probe_state is ProbeState.FAILED and r.probe_reason == report
+
+
+@pytest.mark.parametrize("end", ["abort", "deadline", "promote"])
+def test_a_rollout_that_ends_while_its_probe_runs_shows_the_probe_cancelled(end: str) -> None:
+    policy = replace(POLICY, min_fresh=0, fresh_probe=object())  # type: ignore[arg-type]
+    r = rollout(probe_state=ProbeState.RUNNING)
+    if end == "abort":
+        r.abort(STAGED_AT + 1, "by hand")
+    elif end == "deadline":
+        assert r.observe(policy, STAGED_AT + 301, []) is Decision.ABORT
+    else:
+        r.promote(STAGED_AT + 1, "by hand")
+    assert r.probe_state is ProbeState.CANCELLED
+    assert r.probe_reason.startswith("cancelled: the rollout ")
+    assert Rollout.from_record(r.to_record()).probe_state is ProbeState.CANCELLED

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.rollout.policy import PolicyError, load_policies
+from controlplane.rollout.policy import PolicyError, check_probe_binaries, load_policies
 
 GOOD = """
 groups:
@@ -91,3 +91,65 @@ def test_an_isolated_probe_gets_a_unix_socket_beside_the_store(tmp_path) -> None
     config = Config(store_path=tmp_path / "db" / "xdscp.db", policies=policies)
     assert config.unix_socket == tmp_path / "db" / "xds.sock"
     assert Config(store_path=tmp_path / "xdscp.db").unix_socket is None
+
+
+RELATIVE = """
+groups:
+  edge:
+    canary: {node_id: "edge-canary-*"}
+    fresh_probe: {envoy_binary: ../bin/envoy}
+"""
+
+
+def fake_envoy(path: Path, script: str, mode: int = 0o755) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(mode)
+    return path
+
+
+def test_a_relative_binary_is_relative_to_the_policy_files_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "etc").mkdir()
+    policy_file = write(tmp_path / "etc", RELATIVE)
+    monkeypatch.chdir(tmp_path / "etc")  # not where the policy is read from, below
+    policies = load_policies(Path("..") / "etc" / policy_file.name)
+    assert policies["edge"].fresh_probe is not None
+    assert policies["edge"].fresh_probe.envoy_binary == tmp_path / "bin" / "envoy"
+
+
+def test_the_shipped_example_policy_names_the_repos_envoy() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    probe = load_policies(repo / "examples/rollout-policy.yaml")["default"].fresh_probe
+    assert probe is not None
+    assert probe.envoy_binary == repo / ".tools/envoy/envoy/_bin/envoy"
+
+
+@pytest.mark.parametrize(
+    ("script", "mode", "problem"),
+    [
+        (None, 0o755, "no such file"),
+        ("exit 0", 0o644, "not executable"),
+        ("echo 'cannot load' >&2; exit 3", 0o755, "`--version` exited with 3: cannot load"),
+    ],
+)
+def test_a_probe_binary_that_does_not_run_is_refused_naming_file_group_key_and_path(
+    tmp_path: Path, script: str | None, mode: int, problem: str
+) -> None:
+    binary = tmp_path / "bin" / "envoy"
+    if script is not None:
+        fake_envoy(binary, script, mode)
+    (tmp_path / "etc").mkdir()
+    policy_file = write(tmp_path / "etc", RELATIVE)
+    with pytest.raises(PolicyError) as caught:
+        check_probe_binaries(policy_file, load_policies(policy_file))
+    expected = f"{policy_file}: groups.edge.fresh_probe.envoy_binary: {binary}: {problem}"
+    assert str(caught.value) == expected
+
+
+def test_a_probe_binary_whose_version_runs_passes(tmp_path: Path) -> None:
+    fake_envoy(tmp_path / "bin" / "envoy", 'test "$1" = --version')
+    (tmp_path / "etc").mkdir()
+    policy_file = write(tmp_path / "etc", RELATIVE)
+    assert check_probe_binaries(policy_file, load_policies(policy_file)) is None
