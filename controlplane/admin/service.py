@@ -244,6 +244,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     def _rollout_status(self, rollout: Rollout) -> admin_pb2.RolloutStatus:
         policy = self._controller.policy(rollout.group)
+        now = time.time()
         status = admin_pb2.RolloutStatus(
             group=rollout.group,
             phase=rollout.phase.value,
@@ -258,8 +259,22 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             fresh_acked=rollout.fresh_acked,
             probe_state=rollout.probe_state.value,
             probe_reason=redact_pem_keys(rollout.probe_reason),
+            pending=[
+                admin_pb2.RolloutPendingNode(
+                    node_id=p.node_id,
+                    waiting_for=p.waiting_for,
+                    types=p.types,
+                    since=p.since,
+                    detail=p.describe(rollout.candidate, now),
+                )
+                for p in rollout.pending
+            ],
+            bake_started_at=rollout.evidence_complete_at or 0.0,
+            observed_at=now,
         )
         if policy is not None:
+            status.bake_ends_at = rollout.bake_ends_at(policy) or 0.0
+            status.bake_seconds_left = rollout.bake_left(policy, now) or 0.0
             status.min_existing = policy.min_existing
             status.min_fresh = policy.min_fresh
             status.canary_selector = policy.canary.describe()

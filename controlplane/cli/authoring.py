@@ -34,7 +34,7 @@ from controlplane.config.environments import (
     load_config,
 )
 from controlplane.config.loader import ConfigError, ConfigProblem, snapshot_of
-from controlplane.diff import diff_snapshots, render_diff
+from controlplane.diff import UNSET, ResourceDiff, diff_snapshots, render_diff
 from controlplane.redaction import fingerprint_mask, redact_snapshot
 from controlplane.snapshot import Snapshot
 
@@ -66,6 +66,9 @@ def add_commands(subparsers: Any, add_server: Callable[[argparse.ArgumentParser]
     )
     validate.add_argument("--group", default="default", help="node.cluster Envoy validates as")
     validate.add_argument("--format", choices=("text", "json"), default="text")
+    validate.add_argument(
+        "--json", dest="format", action="store_const", const="json", help="--format json"
+    )
     validate.set_defaults(handler=cmd_validate)
 
     diff = subparsers.add_parser(
@@ -81,6 +84,7 @@ def add_commands(subparsers: Any, add_server: Callable[[argparse.ArgumentParser]
         help="compare and print secret values; needs the write token (without it they are "
         "redacted on both sides, so a change to a secret alone does not show)",
     )
+    diff.add_argument("--json", action="store_true", help="the diff as one JSON object")
     add_server(diff)
     diff.set_defaults(handler=cmd_diff)
 
@@ -236,9 +240,36 @@ def cmd_diff(args: argparse.Namespace) -> int:
     else:
         old, old_label = _resolve(args.a, args)
         new, new_label = _resolve(args.b, args)
+    diffs = diff_snapshots(old, new)
+    if args.json:
+        print(diff_json(old_label, new_label, diffs))
+        return EXIT_OK
     print(f"--- {old_label}\n+++ {new_label}")
-    print(render_diff(diff_snapshots(old, new)), end="")
+    print(render_diff(diffs), end="")
     return EXIT_OK
+
+
+def diff_json(old_label: str, new_label: str, diffs: list[ResourceDiff]) -> str:
+    """A field absent on one side has no "old" (or "new") key."""
+    body = {
+        "old": old_label,
+        "new": new_label,
+        "resources": [
+            {
+                "type": d.short_type,
+                "name": d.name,
+                "kind": d.kind,
+                "changes": [
+                    {"path": c.path}
+                    | ({} if c.old is UNSET else {"old": c.old})
+                    | ({} if c.new is UNSET else {"new": c.new})
+                    for c in d.changes
+                ],
+            }
+            for d in diffs
+        ],
+    }
+    return json.dumps(body, indent=2)
 
 
 def publish_preview(new: Snapshot, group: str, args: argparse.Namespace) -> str:

@@ -19,12 +19,14 @@ import grpc
 from google.protobuf import any_pb2
 
 from controlplane.admin import limits
+from controlplane.cli import follow
 from controlplane.cli.client import (
     EXIT_OK,
     RPC_TIMEOUT_SECONDS,
     CommandError,
     actor,
     add_server,
+    as_json,
     call,
 )
 
@@ -88,6 +90,14 @@ def add_commands(commands: Any) -> None:
         help="show secret values in the diff printed first (by default a changed private key "
         "or password shows as a changed [redacted ...] mark)",
     )
+    publish.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the rollout (or, without a policy, the group's ACKs) to its end: "
+        "exit 0 promoted, 1 aborted, 2 timeout",
+    )
+    follow.add_timeout_flag(publish, "--wait")
+    publish.add_argument("--json", action="store_true", help="JSON (JSON lines with --wait)")
     add_server(publish)
     publish.set_defaults(handler=cmd_publish)
 
@@ -148,5 +158,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         "unchanged": f"unchanged: group {args.group} already holds {response.version}",
     }[response.outcome]
     print(f"{outcome} ({counts})", file=sys.stderr)
-    print(response.version)
+    if args.wait:
+        return follow.after_publish(args, response)
+    print(as_json(response) if args.json else response.version)
     return EXIT_OK

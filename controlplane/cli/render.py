@@ -103,6 +103,15 @@ def rollouts(response: admin_pb2.ListRolloutsResponse) -> str:
     return "\n\n".join(rollout(r) for r in response.rollouts)
 
 
+def bake_line(status: admin_pb2.RolloutStatus) -> str:
+    """The bake as an operator follows it, or "" before it starts and after the rollout."""
+    if status.phase != "canary" or not status.bake_started_at:
+        return ""
+    if status.bake_seconds_left > 0:
+        return f"bake: {status.bake_seconds_left:.0f}s of {status.bake_seconds:g}s left"
+    return f"bake: {status.bake_seconds:g}s passed"
+
+
 def rollout(status: admin_pb2.RolloutStatus) -> str:
     probe_reason = status.probe_reason.splitlines()  # a failed probe's: then Envoy's log
     lines = [
@@ -117,6 +126,11 @@ def rollout(status: admin_pb2.RolloutStatus) -> str:
         f"  fresh probe: {status.probe_state}" + (f" ({probe_reason[0]})" if probe_reason else ""),
         *(f"    {line}" for line in probe_reason[1:]),
     ]
+    if bake := bake_line(status):
+        lines.append(f"  {bake}")
+    if status.pending:
+        lines.append("  waiting for:")
+        lines.extend(f"    {node.detail}" for node in status.pending)
     if status.traffic_prometheus:
         lines.append(
             f"  traffic checks ({status.traffic_prometheus}, every "

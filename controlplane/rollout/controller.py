@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from controlplane import resources
 from controlplane.observability.metrics import Metrics
 from controlplane.rollout.gate import (
     Decision,
@@ -217,11 +218,7 @@ class RolloutController:
         async with self._lock:
             rollout = self._require_active(group)
             if rollout.phase is not Phase.AWAITING_PROMOTION:
-                policy = self._policies[group]
-                raise RolloutError(
-                    f"the candidate {rollout.candidate} has not passed its canaries yet "
-                    f"({rollout.progress(policy)}); wait, or abort it"
-                )
+                raise RolloutError(_not_ready(rollout, self._policies[group], self._clock()))
             rollout.promote(self._clock(), reason or f"promoted by {actor}")
             await self._apply(group, rollout, Decision.PROMOTE, actor)
             return rollout
@@ -397,6 +394,7 @@ class RolloutController:
                     synced=stream.synced(),
                     rejection=stream.rejection(),
                     probe=node.metadata.get(PROBE_METADATA_KEY) == "true",
+                    owed=_owed(stream),
                 )
             )
         return observations
@@ -562,6 +560,36 @@ class RolloutController:
         if rollout is None:
             raise RolloutError(f"group {group} has no rollout in progress")
         return rollout
+
+
+def _not_ready(rollout: Rollout, policy: RolloutPolicy, now: float) -> str:
+    """Why `promote` is refused while the gate still works on the candidate."""
+    bake_left = rollout.bake_left(policy, now)
+    if rollout.pending:
+        waiting = "; ".join(p.describe(rollout.candidate, now) for p in rollout.pending)
+        return f"the candidate {rollout.candidate} waits for canaries: {waiting}; wait, or abort it"
+    if bake_left:
+        return (
+            f"the candidate {rollout.candidate} passed its canaries and is baking: "
+            f"{bake_left:.0f}s of the {policy.bake_seconds:g}s bake left; wait, or abort it"
+        )
+    return (
+        f"the candidate {rollout.candidate} has not passed its canaries yet "
+        f"({rollout.progress(policy)}); wait, or abort it"
+    )
+
+
+def _owed(stream: XdsStream) -> tuple[str, ...]:
+    """The types (CLUSTER, ...) a stream has not ACKed at the snapshot it is assigned."""
+    if stream.snapshot is None:
+        return ()
+    return tuple(
+        resources.BY_URL[url].short_name.upper()
+        for url, state in stream.types.items()
+        if state.subscribed
+        and url in resources.BY_URL
+        and (state.awaiting_ack or state.acked_version != stream.snapshot.of_type(url).version)
+    )
 
 
 def _holds(stream: XdsStream, version: str) -> bool:

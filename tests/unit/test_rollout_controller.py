@@ -185,15 +185,34 @@ async def test_nack_from_a_canary_aborts_and_returns_it_to_stable(plane) -> None
     assert (entry.version, entry.message, entry.actor) == (V2.version, rollout.reason, "xdscp-gate")
 
 
-async def test_canary_disconnecting_during_the_bake_aborts(plane) -> None:
+async def test_canary_disconnecting_is_pending_and_aborts_if_it_never_returns(plane) -> None:
     canary = SimEnvoy(plane, "canary-1", canary=True)
     await plane.publish(V2)
     await plane.advance(1)
     canary.close()
     await plane.advance(1)
-    assert (
-        plane.controller.rollout("edge").reason == "canary canary-1 disconnected during the rollout"
+    rollout = plane.controller.rollout("edge")
+    assert [(p.node_id, p.waiting_for) for p in rollout.pending] == [("canary-1", "reconnect")]
+    await plane.advance(POLICY.ack_timeout_seconds + 1)
+    assert rollout.reason == (
+        "canary canary-1 disconnected during the rollout and did not reconnect within 30s"
     )
+
+
+async def test_a_canary_restarted_mid_rollout_counts_as_fresh_and_promotes(plane) -> None:
+    canary = SimEnvoy(plane, "canary-1", canary=True)
+    await plane.advance(1)  # connected before staging
+    await plane.publish(V2)
+    await plane.advance(1)
+    canary.close()
+    await plane.advance(1)
+    restarted = SimEnvoy(plane, "canary-1", canary=True)  # a new process: holds nothing
+    await plane.advance(1)
+    rollout = plane.controller.rollout("edge")
+    assert rollout.existing_acked == ["canary-1"] and rollout.fresh_acked == ["canary-1"]
+    await plane.advance(POLICY.bake_seconds)
+    assert rollout.phase is Phase.PROMOTED
+    assert restarted.version == V2.version
 
 
 async def test_publishing_during_a_rollout_is_refused(plane) -> None:

@@ -161,7 +161,7 @@ class ListRolloutsRequest(_message.Message):
     def __init__(self, group: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("group", "phase", "candidate", "previous_stable", "staged_at", "ended_at", "reason", "actor", "message", "existing_acked", "fresh_acked", "min_existing", "min_fresh", "probe_state", "probe_reason", "canary_selector", "auto_promote", "bake_seconds", "deadline_seconds", "traffic_checks", "traffic_prometheus", "traffic_min_passes", "traffic_interval_seconds")
+    __slots__ = ("group", "phase", "candidate", "previous_stable", "staged_at", "ended_at", "reason", "actor", "message", "existing_acked", "fresh_acked", "min_existing", "min_fresh", "probe_state", "probe_reason", "canary_selector", "auto_promote", "bake_seconds", "deadline_seconds", "pending", "bake_started_at", "bake_ends_at", "bake_seconds_left", "observed_at", "traffic_checks", "traffic_prometheus", "traffic_min_passes", "traffic_interval_seconds")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,11 @@ class RolloutStatus(_message.Message):
     AUTO_PROMOTE_FIELD_NUMBER: _ClassVar[int]
     BAKE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    BAKE_STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    BAKE_ENDS_AT_FIELD_NUMBER: _ClassVar[int]
+    BAKE_SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_AT_FIELD_NUMBER: _ClassVar[int]
     TRAFFIC_CHECKS_FIELD_NUMBER: _ClassVar[int]
     TRAFFIC_PROMETHEUS_FIELD_NUMBER: _ClassVar[int]
     TRAFFIC_MIN_PASSES_FIELD_NUMBER: _ClassVar[int]
@@ -204,11 +209,30 @@ class RolloutStatus(_message.Message):
     auto_promote: bool
     bake_seconds: float
     deadline_seconds: float
+    pending: _containers.RepeatedCompositeFieldContainer[RolloutPendingNode]
+    bake_started_at: float
+    bake_ends_at: float
+    bake_seconds_left: float
+    observed_at: float
     traffic_checks: _containers.RepeatedCompositeFieldContainer[TrafficCheckStatus]
     traffic_prometheus: str
     traffic_min_passes: int
     traffic_interval_seconds: float
-    def __init__(self, group: _Optional[str] = ..., phase: _Optional[str] = ..., candidate: _Optional[str] = ..., previous_stable: _Optional[str] = ..., staged_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., message: _Optional[str] = ..., existing_acked: _Optional[_Iterable[str]] = ..., fresh_acked: _Optional[_Iterable[str]] = ..., min_existing: _Optional[int] = ..., min_fresh: _Optional[int] = ..., probe_state: _Optional[str] = ..., probe_reason: _Optional[str] = ..., canary_selector: _Optional[str] = ..., auto_promote: _Optional[bool] = ..., bake_seconds: _Optional[float] = ..., deadline_seconds: _Optional[float] = ..., traffic_checks: _Optional[_Iterable[_Union[TrafficCheckStatus, _Mapping]]] = ..., traffic_prometheus: _Optional[str] = ..., traffic_min_passes: _Optional[int] = ..., traffic_interval_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, group: _Optional[str] = ..., phase: _Optional[str] = ..., candidate: _Optional[str] = ..., previous_stable: _Optional[str] = ..., staged_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., message: _Optional[str] = ..., existing_acked: _Optional[_Iterable[str]] = ..., fresh_acked: _Optional[_Iterable[str]] = ..., min_existing: _Optional[int] = ..., min_fresh: _Optional[int] = ..., probe_state: _Optional[str] = ..., probe_reason: _Optional[str] = ..., canary_selector: _Optional[str] = ..., auto_promote: _Optional[bool] = ..., bake_seconds: _Optional[float] = ..., deadline_seconds: _Optional[float] = ..., pending: _Optional[_Iterable[_Union[RolloutPendingNode, _Mapping]]] = ..., bake_started_at: _Optional[float] = ..., bake_ends_at: _Optional[float] = ..., bake_seconds_left: _Optional[float] = ..., observed_at: _Optional[float] = ..., traffic_checks: _Optional[_Iterable[_Union[TrafficCheckStatus, _Mapping]]] = ..., traffic_prometheus: _Optional[str] = ..., traffic_min_passes: _Optional[int] = ..., traffic_interval_seconds: _Optional[float] = ...) -> None: ...
+
+class RolloutPendingNode(_message.Message):
+    __slots__ = ("node_id", "waiting_for", "types", "since", "detail")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    TYPES_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    waiting_for: str
+    types: _containers.RepeatedScalarFieldContainer[str]
+    since: float
+    detail: str
+    def __init__(self, node_id: _Optional[str] = ..., waiting_for: _Optional[str] = ..., types: _Optional[_Iterable[str]] = ..., since: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class TrafficCheckStatus(_message.Message):
     __slots__ = ("name", "state", "value", "query", "detail", "passes", "failures", "evaluated_at", "max", "min")
