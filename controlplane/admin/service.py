@@ -243,7 +243,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if policy is not None:
             status.min_existing = policy.min_existing
             status.min_fresh = policy.min_fresh
-            status.canary_selector = policy.canary.describe()
+            status.canary_selector = policy.canary.describe() if policy.canary else ""
             status.auto_promote = policy.auto_promote
             status.bake_seconds = policy.bake_seconds
             status.deadline_seconds = policy.deadline_seconds

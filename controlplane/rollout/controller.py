@@ -3,10 +3,13 @@ last_good) while the server runs.
 
 It performs what the gate decides: each step is committed to the store first, then applied
 to the assignments (which pushes it to the fleet). It also runs the fresh probe, records
-last_good once a promoted version is ACKed fleet-wide, and performs rollbacks.
+last_good once a promoted version is ACKed fleet-wide, performs rollbacks, and runs the
+guard (guard.py) after a promotion, rolling the group back when it trips.
 
 Invariants:
-- A group without a policy publishes straight to stable.
+- A group without a policy, or with a guard-only policy, publishes straight to stable.
+- last_good does not move while a guard watches the group; a guard lives in memory, so a
+  restart ends it.
 - At most one rollout per group; publishing while one is active is refused.
 - A rollout found active at start-up (the server restarted mid-rollout) is aborted: its
   evidence lived in memory, so it can never be promoted by accident.
@@ -23,6 +26,7 @@ import structlog
 
 from controlplane.observability.metrics import Metrics
 from controlplane.rollout.gate import Decision, NodeObservation, Phase, ProbeState, Rollout
+from controlplane.rollout.guard import Guard, GuardedNode, GuardPhase
 from controlplane.rollout.policy import PROBE_METADATA_KEY, RolloutPolicy
 from controlplane.rollout.probe import ProbeResult, XdsEndpoint, run_probe
 from controlplane.snapshot import Snapshot
@@ -35,6 +39,7 @@ log = structlog.get_logger("rollout")
 
 TICK_SECONDS = 0.2
 GATE_ACTOR = "xdscp-gate"
+GUARD_ACTOR = "xdscp-guard"
 
 
 class RolloutError(Exception):
@@ -93,8 +98,9 @@ class RolloutController:
         self._lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
         self._metrics = metrics or Metrics()
-        # group -> (version, command time): rollbacks whose fleet-wide ACK is not seen yet
-        self._rollbacks: dict[str, tuple[str, float]] = {}
+        # group -> (version, command time, actor): rollbacks whose fleet-wide ACK is not seen
+        self._rollbacks: dict[str, tuple[str, float, str]] = {}
+        self._guards: dict[str, Guard] = {}  # watching only
         self._seen_generation = -1
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -140,11 +146,13 @@ class RolloutController:
         async with self._lock:
             stable = self._store.pointer(group, STABLE)
             policy = self._policies.get(group)
-            if policy is None:
+            if policy is None or policy.canary is None:
                 result = await asyncio.to_thread(
                     self._store.publish, group, snapshot, message=message, actor=actor
                 )
                 self._assignments.set_stable(group, snapshot)
+                if result.changed:
+                    self._start_guard(group, snapshot.version)
                 outcome = "promoted" if result.changed else "unchanged"
                 return PublishOutcome(snapshot.version, result.entry.parent_version, outcome)
             if stable == snapshot.version:
@@ -155,6 +163,7 @@ class RolloutController:
                     f"group {group} is already rolling out {active.candidate} ({active.phase.value}); "
                     "promote or abort it first"
                 )
+            assert policy.canary is not None
             rollout = Rollout(
                 group=group,
                 candidate=snapshot.version,
@@ -213,47 +222,52 @@ class RolloutController:
         self, group: str, *, to_version: str | None, actor: str, reason: str
     ) -> RollbackOutcome:
         async with self._lock:
-            # Mid-rollout, last_good is usually stable itself: aborting is the rollback.
-            target = to_version or (
-                self._store.pointer(group, LAST_GOOD)
-                if self._active(group)
-                else self._previous_good(group)
+            return await self._rollback(group, to_version=to_version, actor=actor, reason=reason)
+
+    async def _rollback(
+        self, group: str, *, to_version: str | None, actor: str, reason: str
+    ) -> RollbackOutcome:
+        # Mid-rollout, last_good is usually stable itself: aborting is the rollback.
+        target = to_version or (
+            self._store.pointer(group, LAST_GOOD)
+            if self._active(group)
+            else self._previous_good(group)
+        )
+        if target is None:
+            raise RolloutError(
+                f"group {group} has no last_good version to go back to; name one with --to VERSION"
             )
-            if target is None:
-                raise RolloutError(
-                    f"group {group} has no last_good version to go back to; "
-                    "name one with --to VERSION"
-                )
-            snapshot = await asyncio.to_thread(self._store.get, target)
-            if snapshot is None:
-                raise NotFoundError(f"version {target} is not in the store; nothing changed")
-            started_at = self._clock()
-            rollout = self._active(group)
-            if rollout is not None:
-                rollout.abort(started_at, f"rollback by {actor}: {reason}".rstrip(": "))
-                await self._apply(group, rollout, Decision.ABORT, actor)
-            previous = self._store.pointer(group, STABLE)
-            await asyncio.to_thread(
-                self._store.transition,
-                group,
-                action="rollback",
-                version=target,
-                actor=actor,
-                message=reason,
-                pointers={STABLE: target},
-            )
-            self._assignments.set_stable(group, snapshot)
-            self._rollbacks[group] = (target, started_at)
-            self._metrics.rollouts.labels(group, "rolled_back").inc()
-            log.warning(
-                "rollback",
-                group=group,
-                version=target,
-                previous_version=previous,
-                actor=actor,
-                reason=reason,
-            )
-            return RollbackOutcome(target, previous, rollout is not None, started_at)
+        snapshot = await asyncio.to_thread(self._store.get, target)
+        if snapshot is None:
+            raise NotFoundError(f"version {target} is not in the store; nothing changed")
+        started_at = self._clock()
+        rollout = self._active(group)
+        if rollout is not None:
+            rollout.abort(started_at, f"rollback by {actor}: {reason}".rstrip(": "))
+            await self._apply(group, rollout, Decision.ABORT, actor)
+        previous = self._store.pointer(group, STABLE)
+        await asyncio.to_thread(
+            self._store.transition,
+            group,
+            action="rollback",
+            version=target,
+            actor=actor,
+            message=reason,
+            pointers={STABLE: target},
+        )
+        self._assignments.set_stable(group, snapshot)
+        self._rollbacks[group] = (target, started_at, actor)
+        self._guards.pop(group, None)  # what it watched is gone
+        self._metrics.rollouts.labels(group, "rolled_back").inc()
+        log.warning(
+            "rollback",
+            group=group,
+            version=target,
+            previous_version=previous,
+            actor=actor,
+            reason=reason,
+        )
+        return RollbackOutcome(target, previous, rollout is not None, started_at)
 
     async def wait_for_convergence(
         self, group: str, version: str, *, since: float, timeout: float
@@ -314,6 +328,14 @@ class RolloutController:
     def policy(self, group: str) -> RolloutPolicy | None:
         return self._policies.get(group)
 
+    def guards(self) -> dict[str, Guard]:
+        """The guards watching now, by group."""
+        return dict(self._guards)
+
+    def guarded_groups(self) -> set[str]:
+        """Groups whose policy has a guard."""
+        return {group for group, policy in self._policies.items() if policy.guard is not None}
+
     # -- the gate's loop ------------------------------------------------------------------
 
     async def _tick_forever(self) -> None:
@@ -336,12 +358,13 @@ class RolloutController:
                 decision = rollout.observe(self._policies[group], now, self._observe(group))
                 if decision is not None:
                     await self._apply(group, rollout, decision, GATE_ACTOR)
+            await self._watch_guards(now)
             if fleet_moved:  # both walk the fleet: only worth it when something happened
                 await self._record_last_good()
                 self._record_rollback_durations()
 
     def _record_rollback_durations(self) -> None:
-        for group, (version, started_at) in list(self._rollbacks.items()):
+        for group, (version, started_at, actor) in list(self._rollbacks.items()):
             convergence = self.convergence(group, version, started_at)
             if convergence.lagging:
                 continue
@@ -352,9 +375,75 @@ class RolloutController:
                 "rollback converged",
                 group=group,
                 version=version,
+                actor=actor,
                 nodes=convergence.total,
+                acked=f"{convergence.acked}/{convergence.total}",
                 seconds=seconds,
             )
+
+    # -- the guard ------------------------------------------------------------------------
+
+    def _start_guard(self, group: str, version: str) -> None:
+        """Watch `group` on its new stable `version`, if its policy has a guard."""
+        policy = self._policies.get(group)
+        if policy is None or policy.guard is None:
+            return
+        self._guards.pop(group, None)
+        last_good = self._store.pointer(group, LAST_GOOD)
+        if last_good is None or last_good == version:
+            log.warning(
+                "guard not started: no last_good to roll back to",
+                group=group,
+                version=version,
+            )
+            return
+        self._guards[group] = Guard(group, version, last_good, self._clock(), policy.guard)
+        log.info(
+            "guard watching",
+            group=group,
+            version=version,
+            rollback_to=last_good,
+            seconds=policy.guard.seconds,
+            first_sync_seconds=policy.guard.first_sync_seconds,
+        )
+
+    async def _watch_guards(self, now: float) -> None:
+        for group, guard in list(self._guards.items()):
+            phase = guard.observe(now, self._guarded_nodes(group))
+            if phase is None:
+                continue
+            del self._guards[group]
+            if phase is GuardPhase.PASSED:
+                log.info("guard passed", group=group, version=guard.version, reason=guard.reason)
+                self._seen_generation = -1  # last_good may move now, fleet quiet or not
+                continue
+            self._metrics.guard_trips.labels(group).inc()
+            log.error(
+                "guard tripped: rolling back",
+                group=group,
+                version=guard.version,
+                rollback_to=guard.rollback_to,
+                reason=guard.reason,
+            )
+            await self._rollback(
+                group, to_version=guard.rollback_to, actor=GUARD_ACTOR, reason=guard.reason
+            )
+
+    def _guarded_nodes(self, group: str) -> list[GuardedNode]:
+        return [
+            GuardedNode(
+                stream_id=stream.stream_id,
+                node_id=stream.node.id,
+                version=stream.snapshot.version if stream.snapshot else None,
+                connected_at=stream.started_at,
+                started_empty=stream.started_empty,
+                first_synced=stream.first_synced_at is not None,
+                missing=stream.first_sync_missing(),
+                rejection=stream.rejection(),
+            )
+            for stream in self._group_streams(group)
+            if stream.node is not None
+        ]
 
     def _observe(self, group: str) -> list[NodeObservation]:
         observations = []
@@ -386,6 +475,7 @@ class RolloutController:
             )
             self._assignments.set_stable(group, candidate)
             self._assignments.end_rollout(group)
+            self._start_guard(group, rollout.candidate)
             self._metrics.rollouts.labels(group, "promoted").inc()
             log.info(
                 "rollout promoted", group=group, version=rollout.candidate, reason=rollout.reason
@@ -423,7 +513,12 @@ class RolloutController:
         pointers = self._store.pointers()
         for group in self._assignments.groups():
             stable = pointers.get(group, {}).get(STABLE)
-            if stable is None or pointers[group].get(LAST_GOOD) == stable or self._active(group):
+            if (
+                stable is None
+                or pointers[group].get(LAST_GOOD) == stable
+                or self._active(group)
+                or group in self._guards  # a guard may still roll it back
+            ):
                 continue
             convergence = self.convergence(group, stable, self._clock())
             if convergence.total and not convergence.lagging:

@@ -19,8 +19,15 @@ Loaded from a YAML file the server is given (`xdsctl serve --rollout-policy FILE
           ready_timeout_seconds: 30
           isolate_network: false     # own network namespace (needs root / CAP_SYS_ADMIN)
           check: {listener: edge_http, path: /, host: example.com, expect_status: 200}
+        guard:                       # optional: keep watching the group after a promotion
+          seconds: 300               #   how long; last_good stays put meanwhile
+          first_sync_seconds: 30     #   a node starting on it must ACK every type within this
+      web:
+        guard: {seconds: 300}        # guard only: publish straight to stable, then guard
 
-A group without a policy publishes straight to `stable`.
+A group without a policy publishes straight to `stable`; so does a group with only a
+`guard`. While a guard watches, a NACK of the new stable or a node that starts on it and does
+not finish its first sync in time rolls the group back to last_good (guard.py).
 """
 
 from __future__ import annotations
@@ -84,8 +91,14 @@ def _bucket(node_id: str) -> float:
 
 
 @dataclass(frozen=True)
+class GuardPolicy:
+    seconds: float = 300.0
+    first_sync_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class RolloutPolicy:
-    canary: CanarySelector
+    canary: CanarySelector | None  # None: no canary stage (a guard-only policy)
     min_existing: int = 1
     min_fresh: int = 0
     bake_seconds: float = 30.0
@@ -93,6 +106,12 @@ class RolloutPolicy:
     deadline_seconds: float = 600.0
     auto_promote: bool = True
     fresh_probe: ProbeConfig | None = None
+    guard: GuardPolicy | None = None
+
+    @property
+    def stages(self) -> bool:
+        """A publish goes to canaries first (else straight to stable)."""
+        return self.canary is not None
 
 
 def load_policies(path: str | Path) -> dict[str, RolloutPolicy]:
@@ -115,11 +134,17 @@ def _policy(reader: _Reader, spec: Any, where: str) -> RolloutPolicy:
         where,
         keys={
             "canary", "min_existing", "min_fresh", "bake_seconds", "ack_timeout_seconds",
-            "deadline_seconds", "auto_promote", "fresh_probe",
+            "deadline_seconds", "auto_promote", "fresh_probe", "guard",
         },
     )  # fmt: skip
+    guard = _guard(reader, spec["guard"], f"{where}.guard") if "guard" in spec else None
     if "canary" not in spec:
-        raise reader.error(where, "needs a `canary` selector")
+        if guard is None:
+            raise reader.error(where, "needs a `canary` selector, a `guard`, or both")
+        if set(spec) != {"guard"}:
+            staged = ", ".join(sorted(set(spec) - {"guard"}))
+            raise reader.error(where, f"{staged} need(s) a `canary` selector")
+        return RolloutPolicy(canary=None, guard=guard)
     defaults = RolloutPolicy(canary=CanarySelector())
     policy = RolloutPolicy(
         canary=_selector(reader, spec["canary"], f"{where}.canary"),
@@ -134,10 +159,25 @@ def _policy(reader: _Reader, spec: Any, where: str) -> RolloutPolicy:
         fresh_probe=_probe(reader, spec["fresh_probe"], f"{where}.fresh_probe")
         if "fresh_probe" in spec
         else None,
+        guard=guard,
     )
     if policy.min_existing == 0 and policy.min_fresh == 0 and policy.fresh_probe is None:
         raise reader.error(where, "proves nothing: set min_existing, min_fresh or fresh_probe")
     return policy
+
+
+def _guard(reader: _Reader, spec: Any, where: str) -> GuardPolicy:
+    spec = reader.mapping(spec, where, keys={"seconds", "first_sync_seconds"})
+    defaults = GuardPolicy()
+    guard = GuardPolicy(
+        seconds=reader.seconds(spec, "seconds", where, defaults.seconds),
+        first_sync_seconds=reader.seconds(
+            spec, "first_sync_seconds", where, defaults.first_sync_seconds
+        ),
+    )
+    if guard.seconds == 0:
+        raise reader.error(f"{where}.seconds", "a guard of 0 seconds watches nothing")
+    return guard
 
 
 def _selector(reader: _Reader, spec: Any, where: str) -> CanarySelector:

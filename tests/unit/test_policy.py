@@ -64,6 +64,18 @@ def test_loads_a_full_policy(tmp_path) -> None:
             "groups: {edge: {canary: {percent: 5}, fresh_probe: {}}}",
             "groups.edge.fresh_probe.envoy_binary: needs the path of an Envoy binary",
         ),
+        (
+            "groups: {edge: {guard: {seconds: 0}}}",
+            "groups.edge.guard.seconds: a guard of 0 seconds watches nothing",
+        ),
+        (
+            "groups: {edge: {guard: {seconds: 60, first_sync: 3}}}",
+            "groups.edge.guard: unknown field(s) first_sync; valid: first_sync_seconds, seconds",
+        ),
+        (
+            "groups: {edge: {guard: {seconds: 60}, bake_seconds: 5}}",
+            "groups.edge: bake_seconds need(s) a `canary` selector",
+        ),
         ("groups: [1, 2]", "groups: expected a mapping, got list"),
         ("groups: {edge: {canary: [", "policy.yaml"),
     ],
@@ -91,3 +103,22 @@ def test_an_isolated_probe_gets_a_unix_socket_beside_the_store(tmp_path) -> None
     config = Config(store_path=tmp_path / "db" / "xdscp.db", policies=policies)
     assert config.unix_socket == tmp_path / "db" / "xds.sock"
     assert Config(store_path=tmp_path / "xdscp.db").unix_socket is None
+
+
+def test_a_guard_goes_with_a_canary_stage_or_alone(tmp_path) -> None:
+    text = """
+groups:
+  edge:
+    canary: {percent: 10}
+    guard: {seconds: 300, first_sync_seconds: 30}
+  web:
+    guard: {seconds: 120}
+"""
+    policies = load_policies(write(tmp_path, text))
+    edge, web = policies["edge"], policies["web"]
+    assert edge.stages and edge.guard is not None
+    assert (edge.guard.seconds, edge.guard.first_sync_seconds) == (300.0, 30.0)
+    assert not web.stages and web.canary is None  # publishes straight to stable
+    assert web.guard is not None
+    assert (web.guard.seconds, web.guard.first_sync_seconds) == (120.0, 30.0)  # default
+    assert load_policies(write(tmp_path, GOOD))["edge"].guard is None
