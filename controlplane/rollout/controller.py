@@ -8,8 +8,8 @@ guard (guard.py) after a promotion, rolling the group back when it trips.
 
 Invariants:
 - A group without a policy, or with a guard-only policy, publishes straight to stable.
-- last_good does not move while a guard watches the group; a guard lives in memory, so a
-  restart ends it.
+- last_good does not move while a guard watches the group. A guard lives in memory: at
+  start-up, a stable that is not last_good is guarded again, for a whole window.
 - At most one rollout per group; publishing while one is active is refused.
 - A rollout found active at start-up (the server restarted mid-rollout) is aborted: its
   evidence lived in memory, so it can never be promoted by accident.
@@ -111,6 +111,8 @@ class RolloutController:
         for group, named in pointers.items():
             if STABLE in named and (snapshot := self._store.get(named[STABLE])) is not None:
                 self._assignments.set_stable(group, snapshot)
+                if named.get(LAST_GOOD) not in (None, named[STABLE]):
+                    self._start_guard(group, named[STABLE])  # its window restarts
         for group, record in self._store.rollouts().items():
             rollout = Rollout.from_record(record)
             if rollout.phase.active:

@@ -241,3 +241,14 @@ async def test_a_manual_rollback_ends_the_guard(tmp_path) -> None:
     outcome = await plane.controller.rollback("edge", to_version=None, actor="ops", reason="")
     assert outcome.version == V1.version
     assert plane.controller.guards() == {}
+
+
+async def test_a_restart_guards_a_stable_that_is_not_last_good_again(tmp_path) -> None:
+    plane, _ = await guarded_plane(tmp_path)
+    await plane.publish(V2)
+    restarted = Plane(tmp_path, policies={"edge": GUARD_ONLY})
+    [guard] = restarted.controller.guards().values()
+    assert (guard.version, guard.rollback_to) == (V2.version, V1.version)
+    assert guard.started_at == restarted.clock.now
+    unguarded = Plane(tmp_path, policies={})
+    assert unguarded.controller.guards() == {}
