@@ -1,9 +1,12 @@
 """Guarding the fleet after a promotion, with real Envoys (issue 13, must-have 11).
 
 The outage's kind of config: running Envoys accept it, and an Envoy starting on it never
-finishes initializing. Here that is a cluster whose endpoints come from a source that never
-answers (edge_config.never_warming_cluster): a running Envoy keeps serving and only holds its
-CDS ACK (WARMING); a new Envoy ACKs CDS, never asks for LDS and stays PRE_INITIALIZING.
+finishes initializing. Here that is a cluster that never finishes initializing, of two kinds:
+an EDS cluster whose endpoints come from a source that never answers
+(edge_config.never_warming_cluster), and a STATIC cluster with an active HTTP health check of
+a host that accepts the connection and never answers (Envoy waits for the first round of
+health checks before a cluster is initialized). A running Envoy keeps serving and only holds
+its CDS ACK (WARMING); a new Envoy ACKs CDS, never asks for LDS and stays PRE_INITIALIZING.
 
 The group has a guard-only policy, so the publish goes straight to stable and the guard
 watches. A new Envoy then starts: its own stream shows it STUCK within --first-sync-timeout,
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -37,7 +42,33 @@ GUARD_FIRST_SYNC_SECONDS = 8  # the guard's bound: the rollback comes after STUC
 
 
 @pytest.fixture
-def guarded_plane(tmp_path: Path) -> XdsControlPlane:
+def silent_host() -> Iterator[int]:
+    """A port that accepts TCP connections (the kernel's backlog) and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield listener.getsockname()[1]
+
+
+def health_checked_cluster(name: str, port: int) -> dict[str, Any]:
+    """A STATIC cluster whose one host is health checked over HTTP, the first check waiting
+    an hour for its answer: the cluster does not finish initializing before that."""
+    return {
+        **edge_config.static_cluster(name, port=port),
+        "health_checks": [
+            {
+                "timeout": "3600s",
+                "interval": "3600s",
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": "/healthz"},
+            }
+        ],
+    }
+
+
+@pytest.fixture
+def guarded_plane(tmp_path: Path) -> Iterator[XdsControlPlane]:
     policy = tmp_path / "rollout-policy.yaml"
     policy.write_text(
         yaml.safe_dump(
@@ -67,7 +98,19 @@ def stuck_rows(plane: XdsControlPlane, node_id: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(node_id) and " STUCK " in line]
 
 
+@pytest.mark.parametrize(
+    ("api_type", "never_initializes"),
+    [
+        ("GRPC", "eds_source_never_answers"),
+        ("DELTA_GRPC", "eds_source_never_answers"),
+        ("GRPC", "health_check_never_answers"),
+    ],
+    ids=["sotw-eds-source", "delta-eds-source", "sotw-health-check"],
+)
 def test_a_new_envoy_stuck_on_the_new_stable_shows_stuck_and_the_guard_rolls_back_so_it_starts(
+    api_type: str,
+    never_initializes: str,
+    silent_host: int,
     guarded_plane: XdsControlPlane,
     tmp_path: Path,
     upstream: Callable[[str], HttpUpstream],
@@ -77,15 +120,18 @@ def test_a_new_envoy_stuck_on_the_new_stable_shows_stuck_and_the_guard_rolls_bac
     edge = Edge(plane, tmp_path)
     a = upstream("a")
     v1, _ = edge.publish({"a": a.port}, [edge_config.route_to("a")])
-    running = start_envoy("edge-1", "edge", plane.xds_port)  # waits for /ready LIVE
+    running = start_envoy("edge-1", "edge", plane.xds_port, api_type=api_type)  # /ready LIVE
     bounded(lambda: synced_on(plane, "edge-1", v1), "edge-1 SYNCED on v1", plane, running)
     bounded(lambda: pointers(plane).get("last_good") == v1, "v1 is last_good", plane, running)
 
     # Straight to stable (no canary stage), and the guard starts watching.
+    stuck_cluster = (
+        edge_config.never_warming_cluster(STUCK, free_port())
+        if never_initializes == "eds_source_never_answers"
+        else health_checked_cluster(STUCK, silent_host)
+    )
     v2, stderr = edge.publish(
-        {"a": a.port},
-        [edge_config.route_to("a")],
-        extra_clusters=[edge_config.never_warming_cluster(STUCK, free_port())],
+        {"a": a.port}, [edge_config.route_to("a")], extra_clusters=[stuck_cluster]
     )
     assert f"published {v2} to group edge" in stderr
     assert pointers(plane) == {"stable": v2, "last_good": v1}
@@ -99,7 +145,8 @@ def test_a_new_envoy_stuck_on_the_new_stable_shows_stuck_and_the_guard_rolls_bac
     assert running.stats()["cluster_manager.cds.update_rejected"] == "0"
     assert serving(edge.url(), "backend=a")
 
-    fresh = Envoy(tmp_path, "edge-fresh", "edge", plane.xds_port).start(ready=False)
+    fresh = Envoy(tmp_path, "edge-fresh", "edge", plane.xds_port, api_type=api_type)
+    fresh.start(ready=False)
     try:
         # Its own stream shows it stuck, on v2, before the guard acts.
         [row] = bounded(
