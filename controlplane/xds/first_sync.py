@@ -13,9 +13,12 @@ Rule (pure; the stream calls it with its own state and the time):
   any of them.
 - Its first sync is complete once it ACKed each expected type at least once (any version:
   a push during start-up does not make a started Envoy stuck).
-- A node that started empty (held nothing when it connected) and has not completed its
-  first sync `first_sync_timeout` seconds after connecting is STUCK from that moment, with
-  what it is missing. A node that reconnected with config is never stuck: it is serving.
+- A node that has not completed its first sync `first_sync_timeout` seconds after it
+  connected (or after it was first given a snapshot) is STUCK from that moment, with what it
+  is missing, if it started empty (held nothing when it connected), or if it never asked
+  for a type it must sync: an Envoy that reconnects still stuck in initialization (xdscp
+  restarted) reports the clusters it holds, and still never asks for listeners. A node that
+  reconnected serving, with a cluster still warming (its CDS ACK held), is not stuck.
 """
 
 from __future__ import annotations
@@ -96,3 +99,13 @@ def missing(types: Mapping[str, TypeProgress], expected: Iterable[str]) -> tuple
         else:
             gaps.append(f"{name} not ACKed")
     return tuple(gaps)
+
+
+def stuck(started_empty: bool, types: Mapping[str, TypeProgress], expected: Iterable[str]) -> bool:
+    """Judged once, when the first-sync timeout passes without the first sync complete."""
+    expected = tuple(expected)
+    if started_empty:
+        return bool(missing(types, expected))
+    return any(
+        (state := types.get(type_url)) is None or not state.subscribed for type_url in expected
+    )

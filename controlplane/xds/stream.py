@@ -25,8 +25,8 @@ Rules kept here and nowhere else:
   changes: never in a loop.
 - An unknown type URL on ADS is ignored (reported to the shell), not a reason to end the
   stream; on a per-type service, another type is a protocol error.
-- A node that started empty and has not completed its first sync within the first-sync
-  timeout is stuck from then on, until it completes it (the rule is first_sync.py's).
+- A node that has not completed its first sync within the first-sync timeout is judged
+  then, once: stuck (until it completes it) or not, by first_sync.py's rule.
 
 State of the world (SotwStream):
 - The first request for a wildcard-capable type with no names is the legacy wildcard. It
@@ -275,9 +275,10 @@ class XdsStream:
         self.started_at = clock()
         # Fresh: the client held nothing when it connected (a new Envoy, not a reconnect).
         self.started_empty = True
-        self._started_tick = monotonic()
         self.first_synced_at: float | None = None  # when it ACKed every type it is served
         self.stuck_since: float | None = None  # when its first sync ran out of time
+        # When (monotonic) the first sync is judged; None once judged, or once complete.
+        self._first_sync_due: float | None = monotonic() + first_sync_timeout
         self._nonce_counter = 0
 
     def receive(self, request: Request) -> tuple[RequestKind, TypeState, list[Send]]:
@@ -404,42 +405,50 @@ class XdsStream:
             for state in self.types.values()
             if state.subscribed and (deadline := self._held_until(state, now)) is not None
         ]
-        if self._first_sync_pending() and self.stuck_since is None:
-            deadlines.append(self._started_tick + self._first_sync_timeout)
+        if self._first_sync_due is not None:
+            deadlines.append(self._first_sync_due)
         return min(deadlines, default=None)
 
     @property
     def stuck(self) -> bool:
-        """Started empty and ran out of time to complete its first sync (first_sync.py)."""
+        """Did not complete its first sync in time (first_sync.py), and has not since."""
         return self.stuck_since is not None and self.first_synced_at is None
 
     def first_sync_missing(self) -> tuple[str, ...]:
         """What its first sync still lacks, e.g. "never asked for LDS"; empty once done."""
-        if not self._first_sync_pending() or self.snapshot is None:
+        if self.first_synced_at is not None or self.snapshot is None:
             return ()
-        expected = first_sync.expected_types(
+        return first_sync.missing(self.types, self._first_sync_expected(self.snapshot))
+
+    def _first_sync_expected(self, snapshot: Snapshot) -> tuple[str, ...]:
+        return first_sync.expected_types(
             (url for url, s in self.types.items() if s.subscribed),
-            self.snapshot,
+            snapshot,
             envoy_on_ads=self._ads and self.node is not None and self.node.user_agent == "envoy",
         )
-        return first_sync.missing(self.types, expected)
-
-    def _first_sync_pending(self) -> bool:
-        return self.started_empty and self.first_synced_at is None
 
     def _check_first_sync(self) -> None:
-        if not self._first_sync_pending() or self.snapshot is None:
-            return  # done, a reconnect, or nothing to sync yet
-        if not self.first_sync_missing():
+        if self.first_synced_at is not None:
+            return
+        due = self._first_sync_due is not None and self._monotonic() >= self._first_sync_due
+        if self.snapshot is None:
+            if due:
+                self._first_sync_due = None  # nothing to sync: judged once a snapshot comes
+            return
+        expected = self._first_sync_expected(self.snapshot)
+        if not first_sync.missing(self.types, expected):
             self.first_synced_at = self._clock()
-        elif (
-            self.stuck_since is None
-            and self._monotonic() >= self._started_tick + self._first_sync_timeout
-        ):
-            self.stuck_since = self._clock()
+            self._first_sync_due = None
+        elif due:
+            self._first_sync_due = None
+            if first_sync.stuck(self.started_empty, self.types, expected):
+                self.stuck_since = self._clock()
 
     def _assign(self, snapshot: Snapshot | None) -> None:
         if snapshot != self.snapshot:
+            if self.snapshot is None and self.first_synced_at is None and self.node is not None:
+                # Nothing was there to sync: the first sync's time starts now.
+                self._first_sync_due = self._monotonic() + self._first_sync_timeout
             self.snapshot = snapshot
             self.assigned_at = self._clock()
 

@@ -55,10 +55,12 @@ class FreshEnvoy:
         self._take(self.stream.receive(req)[2])
 
     def wait(self, seconds: float) -> None:
-        self.clock.now += seconds
-        deadline = self.stream.next_deadline()
-        if deadline is not None and deadline <= self.clock.now:
+        """Let time pass, ticking the stream at each deadline it asks for, as the shell does."""
+        until = self.clock.now + seconds
+        while (deadline := self.stream.next_deadline()) is not None and deadline <= until:
+            self.clock.now = deadline
             self._take(self.stream.on_tick())
+        self.clock.now = until
 
     def clusters_ready(self) -> None:
         """Ask for and ACK CDS and its endpoints, as an Envoy whose clusters initialize."""
@@ -136,14 +138,64 @@ def test_a_stuck_envoy_that_finishes_later_is_no_longer_stuck() -> None:
     assert envoy.stream.first_sync_missing() == ()
 
 
-def test_an_envoy_reconnecting_with_config_is_never_stuck() -> None:
+def test_an_envoy_reconnecting_with_config_is_not_stuck() -> None:
     snapshot = factories.edge_snapshot()
     envoy = FreshEnvoy(snapshot)
     envoy.ask(CLUSTER, version=snapshot.of_type(CLUSTER).version)  # it holds clusters
+    envoy.ask(LISTENER, version=snapshot.of_type(LISTENER).version)
+    assert envoy.stream.first_synced_at == START
     envoy.wait(TIMEOUT * 2)
     assert not envoy.stream.started_empty
     assert not envoy.stream.stuck
-    assert envoy.stream.first_sync_missing() == ()
+
+
+def test_an_envoy_reconnecting_with_a_cluster_still_warming_is_not_stuck() -> None:
+    """It holds old clusters and listeners and serves; its CDS ACK waits for the warming."""
+    envoy = FreshEnvoy(factories.edge_snapshot())
+    envoy.ask(CLUSTER, version="older")
+    envoy.ask(LISTENER, version="older")
+    envoy.wait(10)  # listeners wait for the CDS ACK, for at most the warming timeout
+    envoy.ack(LISTENER)
+    envoy.wait(TIMEOUT - 10)
+    assert envoy.stream.first_sync_missing() == ("CDS sent, not ACKed",)
+    assert not envoy.stream.stuck
+    assert envoy.stream.next_deadline() is None  # judged once: not timed again
+
+
+def test_an_envoy_reconnecting_still_stuck_in_initialization_is_stuck() -> None:
+    """xdscp restarted while the Envoy was stuck: it reports the clusters it ACKed, and
+    still never asks for listeners."""
+    snapshot = factories.edge_snapshot()
+    envoy = FreshEnvoy(snapshot)
+    envoy.ask(CLUSTER, version=snapshot.of_type(CLUSTER).version)
+    envoy.wait(TIMEOUT)
+    assert not envoy.stream.started_empty
+    assert envoy.stream.stuck
+    assert envoy.stream.first_sync_missing() == ("never asked for LDS",)
+
+
+def test_a_node_of_a_group_without_config_is_timed_from_its_first_snapshot() -> None:
+    assignments = Assignments()
+    clock = Clock()
+    stream = SotwStream(
+        1, assignments.resolve, clock=clock, monotonic=clock, first_sync_timeout=TIMEOUT
+    )
+    req = request(CLUSTER)
+    req.node.CopyFrom(ENVOY)
+    assert stream.receive(req)[2] == []  # nothing to send: no config for group edge
+    clock.now += TIMEOUT
+    assert stream.on_tick() == []
+    assert not stream.stuck
+    assert stream.next_deadline() is None  # no deadline in the past: the shell would spin
+
+    clock.now += 100
+    assignments.set_stable("edge", factories.edge_snapshot())
+    stream.on_snapshot(assignments.resolve(stream.node))  # type: ignore[arg-type]
+    assert stream.next_deadline() == clock.now + TIMEOUT
+    clock.now += TIMEOUT
+    stream.on_tick()
+    assert stream.stuck
+    assert stream.first_sync_missing() == ("CDS sent, not ACKed", "never asked for LDS")
 
 
 def test_a_client_that_is_not_envoy_is_held_only_to_the_types_it_asks_for() -> None:
