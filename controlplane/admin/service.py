@@ -308,6 +308,7 @@ def _node_status(node: NodeStatus) -> admin_pb2.NodeStatus:
             )
             for t in node.types
         ],
+        started_empty=node.started_empty,
         stuck=node.stuck,
         stuck_since=node.stuck_since or 0.0,
         missing=node.missing,

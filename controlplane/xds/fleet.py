@@ -67,6 +67,7 @@ class NodeStatus:
     types: tuple[TypeStatus, ...]
     # Started empty and did not ACK every type it is served within the first-sync timeout
     # (xds/first_sync.py): since when, and what it still lacks.
+    started_empty: bool = False  # held nothing when it connected
     stuck: bool = False
     stuck_since: float | None = None
     missing: tuple[str, ...] = ()
@@ -175,6 +176,7 @@ class Fleet:
                         for t in ADS_ORDER
                         if t.type_url in stream.types and stream.types[t.type_url].subscribed
                     ),
+                    started_empty=stream.started_empty,
                     stuck=stream.stuck,
                     stuck_since=stream.stuck_since if stream.stuck else None,
                     missing=stream.first_sync_missing() if stream.stuck else (),

@@ -210,3 +210,46 @@ def test_a_new_envoy_stuck_on_the_new_stable_shows_stuck_and_the_guard_rolls_bac
         assert re.search(r'^xdscp_nodes_stuck\{group="edge"\} 0\.0$', metrics, re.M)
     finally:
         fresh.stop()
+
+
+def test_an_envoy_stuck_in_initialization_shows_stuck_also_after_it_reconnects(
+    tmp_path: Path, upstream: Callable[[str], HttpUpstream]
+) -> None:
+    """No guard here: the stream rule alone. An Envoy starting on config it cannot finish
+    initializing on is STUCK; after xdscp restarts it reconnects reporting the clusters it
+    ACKed (not empty), still never asks for listeners, and is STUCK again; a publish without
+    the cluster lets it start, and it is STUCK no more."""
+    plane = XdsControlPlane(tmp_path, "--first-sync-timeout", str(FIRST_SYNC_TIMEOUT)).start()
+    edge = Edge(plane, tmp_path)
+    a = upstream("a")
+    stuck_cluster = edge_config.never_warming_cluster(STUCK, free_port())
+    edge.publish({"a": a.port}, [edge_config.route_to("a")], extra_clusters=[stuck_cluster])
+    envoy = Envoy(tmp_path, "edge-new", "edge", plane.xds_port)
+    try:
+        envoy.start(ready=False)
+        [row] = bounded(lambda: stuck_rows(plane, "edge-new"), "edge-new STUCK", plane, envoy)
+        assert "never asked for LDS" in row, row
+        [node] = [n for n in plane.status() if n["node_id"] == "edge-new"]
+        assert node["started_empty"] and node["stuck"], node
+        assert node["missing"] == ["never asked for LDS"], node
+        _, metrics = http_get(f"http://127.0.0.1:{plane.http_port}/metrics")
+        assert re.search(r'^xdscp_nodes_stuck\{group="edge"\} 1\.0$', metrics, re.M)
+
+        plane.stop()
+        plane.start()
+        bounded(lambda: plane.status(), "edge-new reconnected", plane, envoy)
+        [row] = bounded(lambda: stuck_rows(plane, "edge-new"), "edge-new STUCK again", plane, envoy)
+        assert "never asked for LDS" in row, row
+        [node] = [n for n in plane.status() if n["node_id"] == "edge-new"]
+        assert not node.get("started_empty"), node  # it reported the clusters it holds
+        assert envoy.admin("/ready")[0] == 503
+
+        v2, _ = edge.publish({"a": a.port}, [edge_config.route_to("a")])
+        bounded(
+            lambda: envoy.admin("/ready") == (200, "LIVE\n"), "edge-new /ready LIVE", plane, envoy
+        )
+        bounded(lambda: synced_on(plane, "edge-new", v2), "edge-new SYNCED", plane, envoy)
+        assert not stuck_rows(plane, "edge-new")
+    finally:
+        envoy.stop()
+        plane.stop()
