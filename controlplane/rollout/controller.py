@@ -427,9 +427,12 @@ class RolloutController:
                 rollback_to=guard.rollback_to,
                 reason=guard.reason,
             )
-            await self._rollback(
-                group, to_version=guard.rollback_to, actor=GUARD_ACTOR, reason=guard.reason
-            )
+            try:
+                await self._rollback(
+                    group, to_version=guard.rollback_to, actor=GUARD_ACTOR, reason=guard.reason
+                )
+            except RolloutError as error:  # e.g. last_good gone from the store
+                log.error("guard could not roll back", group=group, error=str(error))
 
     def _guarded_nodes(self, group: str) -> list[GuardedNode]:
         return [
