@@ -25,6 +25,7 @@ from controlplane.redaction import redact_pem_keys, redact_resource
 from controlplane.resources import UnknownTypeError
 from controlplane.rollout.controller import NotFoundError, RolloutController, RolloutError
 from controlplane.rollout.gate import Rollout
+from controlplane.rollout.traffic import TrafficPolicy
 from controlplane.snapshot import ConsistencyError, DuplicateResourceError, Resource, Snapshot
 from controlplane.store import DEFAULT_GROUP, HistoryEntry, SnapshotStore
 from controlplane.xds.fleet import Fleet, NodeStatus
@@ -247,6 +248,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             status.auto_promote = policy.auto_promote
             status.bake_seconds = policy.bake_seconds
             status.deadline_seconds = policy.deadline_seconds
+            if policy.traffic is not None:
+                _traffic_status(status, rollout, policy.traffic)
         return status
 
     async def ListSnapshots(
@@ -313,3 +316,24 @@ def _node_status(node: NodeStatus) -> admin_pb2.NodeStatus:
         stuck_since=node.stuck_since or 0.0,
         missing=node.missing,
     )
+
+
+def _traffic_status(
+    status: admin_pb2.RolloutStatus, rollout: Rollout, traffic: TrafficPolicy
+) -> None:
+    status.traffic_prometheus = traffic.prometheus
+    status.traffic_min_passes = traffic.min_passes
+    status.traffic_interval_seconds = traffic.interval_seconds
+    states = {s.name: s for s in rollout.traffic}
+    for check in traffic.checks:
+        state = states.get(check.name)
+        entry = status.traffic_checks.add(
+            name=check.name, query=check.query, state="pending", max=check.max, min=check.min
+        )
+        if state is not None:
+            entry.state, entry.detail = state.state, redact_pem_keys(state.detail)
+            entry.query = state.query or check.query
+            entry.passes, entry.failures = state.passes, state.failures
+            entry.evaluated_at = state.evaluated_at or 0.0
+            if state.value is not None:
+                entry.value = state.value

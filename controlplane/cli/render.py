@@ -131,7 +131,29 @@ def rollout(status: admin_pb2.RolloutStatus) -> str:
         f"  fresh probe: {status.probe_state}"
         + (f" ({status.probe_reason})" if status.probe_reason else ""),
     ]
+    if status.traffic_prometheus:
+        lines.append(
+            f"  traffic checks ({status.traffic_prometheus}, every "
+            f"{status.traffic_interval_seconds:g}s, {status.traffic_min_passes} pass(es) each):"
+        )
+        lines.extend(
+            f"    {traffic_check(c, status.traffic_min_passes)}" for c in status.traffic_checks
+        )
     if status.reason:
         ended = f" {ago(status.ended_at)}" if status.ended_at else ""
         lines.append(f"  outcome{ended}: {status.reason}")
     return "\n".join(lines)
+
+
+def traffic_check(check: admin_pb2.TrafficCheckStatus, min_passes: int) -> str:
+    bounds = [f"max {check.max:g}"] if check.HasField("max") else []
+    bounds += [f"min {check.min:g}"] if check.HasField("min") else []
+    value = f"{check.value:g}" if check.HasField("value") else "-"
+    last = f"{check.state.upper().replace('_', ' ')} {ago(check.evaluated_at)}"
+    line = (
+        f"{check.name}: {last}, value {value} ({', '.join(bounds)}), "
+        f"passes {check.passes}/{min_passes}, failures {check.failures}"
+    )
+    if check.state in ("no_data", "error") and check.detail:
+        line += f": {check.detail}"
+    return line

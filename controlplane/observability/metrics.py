@@ -103,6 +103,12 @@ class Metrics:
             ["group", "outcome"],
             registry=self.registry,
         )
+        self.traffic_evaluations = Counter(
+            "xdscp_traffic_check_evaluations",
+            "Evaluations of rollout traffic checks by result (pass, fail, no_data, error)",
+            ["group", "check", "result"],
+            registry=self.registry,
+        )
         self.admin_refused = Counter(
             "xdscp_admin_refused",
             "Admin calls refused, by reason (admin/auth.py REFUSAL_REASONS)",

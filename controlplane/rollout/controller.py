@@ -2,7 +2,8 @@
 last_good) while the server runs.
 
 It performs what the gate decides: each step is committed to the store first, then applied
-to the assignments (which pushes it to the fleet). It also runs the fresh probe, records
+to the assignments (which pushes it to the fleet). It also runs the fresh probe and the
+traffic checks (off the event loop; the gate judges their results), records
 last_good once a promoted version is ACKed fleet-wide, performs rollbacks, and runs the
 guard (guard.py) after a promotion, rolling the group back when it trips.
 
@@ -25,10 +26,18 @@ from dataclasses import dataclass
 import structlog
 
 from controlplane.observability.metrics import Metrics
-from controlplane.rollout.gate import Decision, NodeObservation, Phase, ProbeState, Rollout
+from controlplane.rollout.gate import (
+    Decision,
+    NodeObservation,
+    Phase,
+    ProbeState,
+    Rollout,
+    TrafficCheckState,
+)
 from controlplane.rollout.guard import Guard, GuardedNode, GuardPhase
 from controlplane.rollout.policy import PROBE_METADATA_KEY, RolloutPolicy
 from controlplane.rollout.probe import ProbeResult, XdsEndpoint, run_probe
+from controlplane.rollout.traffic import PrometheusClient, evaluate
 from controlplane.snapshot import Snapshot
 from controlplane.store import CANDIDATE, LAST_GOOD, STABLE, SnapshotStore
 from controlplane.xds.assignments import Assignments
@@ -95,6 +104,7 @@ class RolloutController:
         self._clock = clock
         self._rollouts: dict[str, Rollout] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._traffic: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
         self._metrics = metrics or Metrics()
@@ -135,7 +145,11 @@ class RolloutController:
         self._ticker = asyncio.create_task(self._tick_forever())
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._ticker, *self._probes.values()) if t is not None]
+        tasks = [
+            t
+            for t in (self._ticker, *self._probes.values(), *self._traffic.values())
+            if t is not None
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -176,6 +190,9 @@ class RolloutController:
                 probe_state=ProbeState.NOT_CONFIGURED
                 if policy.fresh_probe is None
                 else ProbeState.RUNNING,
+                traffic=[]
+                if policy.traffic is None
+                else [TrafficCheckState(c.name) for c in policy.traffic.checks],
             )
             await asyncio.to_thread(
                 self._store.transition,
@@ -198,6 +215,10 @@ class RolloutController:
             )
             if policy.fresh_probe is not None:
                 self._probes[group] = asyncio.create_task(self._run_probe(group, snapshot, policy))
+            if policy.traffic is not None:
+                self._traffic[group] = asyncio.create_task(
+                    self._run_traffic(group, rollout, policy)
+                )
             return PublishOutcome(snapshot.version, stable, "staged")
 
     async def promote(self, group: str, *, actor: str, reason: str) -> Rollout:
@@ -495,8 +516,10 @@ class RolloutController:
         else:
             await self._record(rollout, "await_promotion", actor, {})
             log.info("rollout awaiting promotion", group=group, version=rollout.candidate)
-        if not rollout.phase.active and (probe := self._probes.pop(group, None)) is not None:
-            probe.cancel()
+        if not rollout.phase.active:
+            for tasks in (self._probes, self._traffic):
+                if (task := tasks.pop(group, None)) is not None:
+                    task.cancel()
 
     async def _record(
         self, rollout: Rollout, action: str, actor: str, pointers: dict[str, str | None]
@@ -563,6 +586,55 @@ class RolloutController:
                 and rollout.phase.active
             ):
                 rollout.probe_finished(result.ok, result.reason, result.node_id)
+
+    async def _run_traffic(self, group: str, rollout: Rollout, policy: RolloutPolicy) -> None:
+        """Evaluate the traffic checks whenever the gate says they are due, until the rollout
+        ends (its end cancels this task)."""
+        assert policy.traffic is not None
+        client = PrometheusClient(policy.traffic.prometheus, policy.traffic.timeout_seconds)
+        while rollout.phase.active:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                await self._traffic_round(group, rollout, policy, client)
+            except Exception:  # one bad round must not stop the checks (the deadline bounds all)
+                log.exception("traffic checks failed", group=group, version=rollout.candidate)
+
+    async def _traffic_round(
+        self, group: str, rollout: Rollout, policy: RolloutPolicy, client: PrometheusClient
+    ) -> None:
+        assert policy.traffic is not None
+        async with self._lock:
+            now = self._clock()
+            if self._rollouts.get(group) is not rollout or not rollout.traffic_due(policy, now):
+                return
+            assert rollout.evidence_complete_at is not None
+            window = now - rollout.evidence_complete_at
+            canaries = sorted(
+                {
+                    n.node_id
+                    for n in self._observe(group)
+                    if n.canary and not n.probe and n.version == rollout.candidate
+                }
+            )
+        results = await asyncio.to_thread(
+            evaluate, policy.traffic, client, canaries=canaries, group=group, window_seconds=window
+        )
+        async with self._lock:
+            if self._rollouts.get(group) is not rollout or not rollout.phase.active:
+                return
+            rollout.traffic_results(policy, self._clock(), results)
+        for result in results:
+            self._metrics.traffic_evaluations.labels(group, result.name, result.outcome.value).inc()
+            log.info(
+                "traffic check",
+                group=group,
+                version=rollout.candidate,
+                check=result.name,
+                result=result.outcome.value,
+                value=result.value,
+                detail=result.detail,
+                query=result.query,
+            )
 
     def _previous_good(self, group: str) -> str | None:
         """The newest version that was last_good and is not what the group holds now: when

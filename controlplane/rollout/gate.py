@@ -10,7 +10,12 @@ Phases:  canary --(evidence + bake)--> promoted            (auto_promote)
 
 Failure signals, each an abort naming the node: a canary NACKs the candidate; a canary that
 was on the candidate disconnects; a canary does not ACK within ack_timeout; the fresh probe
-fails; the deadline passes (while still in canary).
+fails; a traffic check fails `failure_limit` times (each evaluation an input from the
+controller, see traffic.py); the deadline passes (while still in canary).
+
+With a `traffic` policy, promotion also needs `min_passes` passing evaluations of every
+check. Checks are evaluated from the start of the bake (evidence complete), every
+`interval_seconds` (`traffic_due`), for as long as the rollout is active.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from controlplane.rollout.policy import RolloutPolicy
+from controlplane.rollout.traffic import CheckResult, NoData, Outcome
 
 
 class Phase(enum.Enum):
@@ -56,6 +62,20 @@ class NodeObservation:
     probe: bool = False  # the gate's own fresh probe
 
 
+@dataclass
+class TrafficCheckState:
+    """What the gate knows of one traffic check: its last evaluation and its tallies."""
+
+    name: str
+    state: str = "pending"  # pending, or the last Outcome's value
+    value: float | None = None
+    query: str = ""  # as last sent
+    detail: str = ""
+    passes: int = 0
+    failures: int = 0
+    evaluated_at: float | None = None
+
+
 class Decision(enum.Enum):
     PROMOTE = "promote"
     ABORT = "abort"
@@ -78,6 +98,8 @@ class Rollout:
     probe_state: ProbeState = ProbeState.NOT_CONFIGURED
     probe_reason: str = ""
     evidence_complete_at: float | None = None
+    traffic: list[TrafficCheckState] = field(default_factory=list)
+    traffic_evaluated_at: float | None = None  # when the last round of checks was started
     # stream id -> (node id, when it was first seen on the candidate); never persisted
     _canaries: dict[int, tuple[str, float]] = field(default_factory=dict)
 
@@ -98,6 +120,8 @@ class Rollout:
         if self.evidence_complete_at is None:
             self.evidence_complete_at = now
         if now - self.evidence_complete_at < policy.bake_seconds:
+            return None
+        if not self._traffic_passed(policy):
             return None
         if policy.auto_promote:
             return self.promote(now, "canaries passed")
@@ -120,11 +144,79 @@ class Rollout:
         if passed and node_id not in self.fresh_acked:
             self.fresh_acked.append(node_id)
 
+    def traffic_due(self, policy: RolloutPolicy, now: float) -> bool:
+        """Whether the controller should evaluate the traffic checks now (and it records
+        that it starts a round): once the bake began, every interval_seconds."""
+        if policy.traffic is None or not self.phase.active or self.evidence_complete_at is None:
+            return False
+        last = self.traffic_evaluated_at or self.evidence_complete_at
+        if now - last < policy.traffic.interval_seconds:
+            return False
+        self.traffic_evaluated_at = now
+        return True
+
+    def traffic_results(
+        self, policy: RolloutPolicy, now: float, results: list[CheckResult]
+    ) -> None:
+        """One round of traffic checks; the next observe() judges the tallies."""
+        if policy.traffic is None or not self.phase.active:
+            return
+        no_data_fails = policy.traffic.on_no_data is NoData.ABORT
+        for result in results:
+            state = self._traffic_state(result.name)
+            state.state, state.value, state.query = result.outcome.value, result.value, result.query
+            state.detail, state.evaluated_at = result.detail, now
+            if result.outcome is Outcome.PASS:
+                state.passes += 1
+            elif result.outcome is Outcome.FAIL or no_data_fails:
+                state.failures += 1
+
+    def _traffic_state(self, name: str) -> TrafficCheckState:
+        for state in self.traffic:
+            if state.name == name:
+                return state
+        self.traffic.append(TrafficCheckState(name))
+        return self.traffic[-1]
+
+    def _traffic_passed(self, policy: RolloutPolicy) -> bool:
+        if policy.traffic is None:
+            return True
+        return all(
+            self._traffic_state(c.name).passes >= policy.traffic.min_passes
+            for c in policy.traffic.checks
+        )
+
+    def _traffic_failure(self, policy: RolloutPolicy) -> str | None:
+        if policy.traffic is None:
+            return None
+        for check in policy.traffic.checks:
+            state = self._traffic_state(check.name)
+            if state.failures < policy.traffic.failure_limit:
+                continue
+            times = f" ({state.failures} failing evaluations)" if state.failures > 1 else ""
+            if state.state == Outcome.FAIL.value:
+                return (
+                    f"traffic check {check.name} failed{times}: {state.query} = "
+                    f"{state.value:g}, threshold {check.threshold()}"
+                )
+            return (
+                f"traffic check {check.name} failed{times}: {state.query}: {state.detail} "
+                "(on_no_data: abort)"
+            )
+        return None
+
     def progress(self, policy: RolloutPolicy) -> str:
         probe = "" if policy.fresh_probe is None else f", probe {self.probe_state.value}"
+        traffic = ""
+        if policy.traffic is not None:
+            traffic = "".join(
+                f", traffic {c.name} {self._traffic_state(c.name).passes}/"
+                f"{policy.traffic.min_passes}"
+                for c in policy.traffic.checks
+            )
         return (
             f"existing {len(self.existing_acked)}/{policy.min_existing}, "
-            f"fresh {len(self.fresh_acked)}/{policy.min_fresh}{probe}"
+            f"fresh {len(self.fresh_acked)}/{policy.min_fresh}{probe}{traffic}"
         )
 
     def _abort(self, now: float, reason: str) -> Decision:
@@ -153,6 +245,8 @@ class Rollout:
                 )
         if self.probe_state is ProbeState.FAILED:
             return f"fresh probe failed: {self.probe_reason}"
+        if (traffic := self._traffic_failure(policy)) is not None:
+            return traffic
         if self.phase is Phase.CANARY and now - self.staged_at > policy.deadline_seconds:
             return f"deadline of {policy.deadline_seconds:g}s passed ({self.progress(policy)})"
         return None
@@ -188,4 +282,5 @@ class Rollout:
         fields = dict(record)
         fields["phase"] = Phase(fields["phase"])
         fields["probe_state"] = ProbeState(fields["probe_state"])
+        fields["traffic"] = [TrafficCheckState(**t) for t in fields.get("traffic", [])]
         return cls(**fields)

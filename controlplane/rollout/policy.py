@@ -19,6 +19,15 @@ Loaded from a YAML file the server is given (`xdsctl serve --rollout-policy FILE
           ready_timeout_seconds: 30
           isolate_network: false     # own network namespace (needs root / CAP_SYS_ADMIN)
           check: {listener: edge_http, path: /, host: example.com, expect_status: 200}
+        traffic:                     # optional: Prometheus queries judge the canaries' traffic
+          prometheus: http://127.0.0.1:9090
+          interval_seconds: 10       # between evaluations, from the start of the bake
+          timeout_seconds: 5         # per query, the whole HTTP exchange
+          min_passes: 1              # passing evaluations of each check before promotion
+          failure_limit: 1           # failing evaluations of a check that abort
+          on_no_data: wait           # wait (does not count) | abort (counts as a failure)
+          checks:                    # {{ canaries }} {{ group }} {{ window }}: traffic.py
+            - {name: canary-5xx, query: 'sum(rate(...{node=~"{{ canaries }}"}[{{ window }}]))', max: 0.05}
         guard:                       # optional: keep watching the group after a promotion
           seconds: 300               #   how long; last_good stays put meanwhile
           first_sync_seconds: 30     #   a node starting on it must ACK every type within this
@@ -34,6 +43,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +52,15 @@ from typing import Any
 import yaml
 
 from controlplane.rollout.probe import HttpCheck, ProbeConfig
+from controlplane.rollout.traffic import (
+    CHECK_NAME,
+    MAX_CHECKS,
+    NoData,
+    TrafficCheck,
+    TrafficPolicy,
+    check_query,
+    check_url,
+)
 from controlplane.xds.stream import NodeInfo
 
 PROBE_METADATA_KEY = "xdscp.probe"  # the fresh probe's Envoy carries this; always a canary
@@ -106,6 +125,7 @@ class RolloutPolicy:
     deadline_seconds: float = 600.0
     auto_promote: bool = True
     fresh_probe: ProbeConfig | None = None
+    traffic: TrafficPolicy | None = None
     guard: GuardPolicy | None = None
 
     @property
@@ -134,7 +154,7 @@ def _policy(reader: _Reader, spec: Any, where: str) -> RolloutPolicy:
         where,
         keys={
             "canary", "min_existing", "min_fresh", "bake_seconds", "ack_timeout_seconds",
-            "deadline_seconds", "auto_promote", "fresh_probe", "guard",
+            "deadline_seconds", "auto_promote", "fresh_probe", "traffic", "guard",
         },
     )  # fmt: skip
     guard = _guard(reader, spec["guard"], f"{where}.guard") if "guard" in spec else None
@@ -158,6 +178,9 @@ def _policy(reader: _Reader, spec: Any, where: str) -> RolloutPolicy:
         auto_promote=reader.boolean(spec, "auto_promote", where, defaults.auto_promote),
         fresh_probe=_probe(reader, spec["fresh_probe"], f"{where}.fresh_probe")
         if "fresh_probe" in spec
+        else None,
+        traffic=_traffic(reader, spec["traffic"], f"{where}.traffic")
+        if "traffic" in spec
         else None,
         guard=guard,
     )
@@ -226,6 +249,70 @@ def _probe(reader: _Reader, spec: Any, where: str) -> ProbeConfig:
         isolate_network=reader.boolean(spec, "isolate_network", where, False),
         check=check,
     )
+
+
+def _traffic(reader: _Reader, spec: Any, where: str) -> TrafficPolicy:
+    spec = reader.mapping(
+        spec,
+        where,
+        keys={
+            "prometheus", "interval_seconds", "timeout_seconds", "min_passes", "failure_limit",
+            "on_no_data", "checks",
+        },
+    )  # fmt: skip
+    try:
+        url = check_url(spec.get("prometheus") if isinstance(spec.get("prometheus"), str) else "")
+    except ValueError as error:
+        raise reader.error(f"{where}.prometheus", str(error)) from None
+    defaults = TrafficPolicy(prometheus=url, checks=())
+    on_no_data = spec.get("on_no_data", defaults.on_no_data.value)
+    if on_no_data not in {n.value for n in NoData}:
+        raise reader.error(f"{where}.on_no_data", f"expected wait or abort, got {on_no_data!r}")
+    checks = spec.get("checks")
+    if not isinstance(checks, list) or not 1 <= len(checks) <= MAX_CHECKS:
+        raise reader.error(f"{where}.checks", f"expected a list of 1 to {MAX_CHECKS} checks")
+    policy = TrafficPolicy(
+        prometheus=url,
+        checks=tuple(_check(reader, c, f"{where}.checks[{i}]") for i, c in enumerate(checks)),
+        interval_seconds=reader.seconds(spec, "interval_seconds", where, defaults.interval_seconds),
+        timeout_seconds=reader.seconds(spec, "timeout_seconds", where, defaults.timeout_seconds),
+        min_passes=reader.count(spec, "min_passes", where, defaults.min_passes),
+        failure_limit=reader.count(spec, "failure_limit", where, defaults.failure_limit),
+        on_no_data=NoData(on_no_data),
+    )
+    for key in ("interval_seconds", "timeout_seconds", "min_passes", "failure_limit"):
+        if not getattr(policy, key):
+            raise reader.error(f"{where}.{key}", "must be above 0")
+    names = [c.name for c in policy.checks]
+    if len(set(names)) != len(names):
+        raise reader.error(f"{where}.checks", f"check names must be unique: {', '.join(names)}")
+    return policy
+
+
+def _check(reader: _Reader, spec: Any, where: str) -> TrafficCheck:
+    spec = reader.mapping(spec, where, keys={"name", "query", "max", "min"})
+    name, query = spec.get("name"), spec.get("query")
+    if not isinstance(name, str) or not CHECK_NAME.fullmatch(name):
+        raise reader.error(f"{where}.name", f"expected 1-64 of A-Z a-z 0-9 _ . -, got {name!r}")
+    if not isinstance(query, str):
+        raise reader.error(f"{where}.query", f"expected a PromQL string, got {query!r}")
+    try:
+        check_query(query)
+    except ValueError as error:
+        raise reader.error(f"{where}.query", str(error)) from None
+    bounds = {}
+    for key in ("max", "min"):
+        value = spec.get(key)
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise reader.error(f"{where}.{key}", f"expected a finite number, got {value!r}")
+        bounds[key] = float(value) if value is not None else None
+    if bounds["max"] is None and bounds["min"] is None:
+        raise reader.error(where, "needs a threshold: max, min or both")
+    return TrafficCheck(name=name, query=query, max=bounds["max"], min=bounds["min"])
 
 
 class _Reader:

@@ -167,7 +167,7 @@ class ListRolloutsRequest(_message.Message):
     def __init__(self, group: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("group", "phase", "candidate", "previous_stable", "staged_at", "ended_at", "reason", "actor", "message", "existing_acked", "fresh_acked", "min_existing", "min_fresh", "probe_state", "probe_reason", "canary_selector", "auto_promote", "bake_seconds", "deadline_seconds")
+    __slots__ = ("group", "phase", "candidate", "previous_stable", "staged_at", "ended_at", "reason", "actor", "message", "existing_acked", "fresh_acked", "min_existing", "min_fresh", "probe_state", "probe_reason", "canary_selector", "auto_promote", "bake_seconds", "deadline_seconds", "traffic_checks", "traffic_prometheus", "traffic_min_passes", "traffic_interval_seconds")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +187,10 @@ class RolloutStatus(_message.Message):
     AUTO_PROMOTE_FIELD_NUMBER: _ClassVar[int]
     BAKE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_PROMETHEUS_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_MIN_PASSES_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     group: str
     phase: str
     candidate: str
@@ -206,7 +210,35 @@ class RolloutStatus(_message.Message):
     auto_promote: bool
     bake_seconds: float
     deadline_seconds: float
-    def __init__(self, group: _Optional[str] = ..., phase: _Optional[str] = ..., candidate: _Optional[str] = ..., previous_stable: _Optional[str] = ..., staged_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., message: _Optional[str] = ..., existing_acked: _Optional[_Iterable[str]] = ..., fresh_acked: _Optional[_Iterable[str]] = ..., min_existing: _Optional[int] = ..., min_fresh: _Optional[int] = ..., probe_state: _Optional[str] = ..., probe_reason: _Optional[str] = ..., canary_selector: _Optional[str] = ..., auto_promote: _Optional[bool] = ..., bake_seconds: _Optional[float] = ..., deadline_seconds: _Optional[float] = ...) -> None: ...
+    traffic_checks: _containers.RepeatedCompositeFieldContainer[TrafficCheckStatus]
+    traffic_prometheus: str
+    traffic_min_passes: int
+    traffic_interval_seconds: float
+    def __init__(self, group: _Optional[str] = ..., phase: _Optional[str] = ..., candidate: _Optional[str] = ..., previous_stable: _Optional[str] = ..., staged_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., message: _Optional[str] = ..., existing_acked: _Optional[_Iterable[str]] = ..., fresh_acked: _Optional[_Iterable[str]] = ..., min_existing: _Optional[int] = ..., min_fresh: _Optional[int] = ..., probe_state: _Optional[str] = ..., probe_reason: _Optional[str] = ..., canary_selector: _Optional[str] = ..., auto_promote: _Optional[bool] = ..., bake_seconds: _Optional[float] = ..., deadline_seconds: _Optional[float] = ..., traffic_checks: _Optional[_Iterable[_Union[TrafficCheckStatus, _Mapping]]] = ..., traffic_prometheus: _Optional[str] = ..., traffic_min_passes: _Optional[int] = ..., traffic_interval_seconds: _Optional[float] = ...) -> None: ...
+
+class TrafficCheckStatus(_message.Message):
+    __slots__ = ("name", "state", "value", "query", "detail", "passes", "failures", "evaluated_at", "max", "min")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_AT_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    value: float
+    query: str
+    detail: str
+    passes: int
+    failures: int
+    evaluated_at: float
+    max: float
+    min: float
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., value: _Optional[float] = ..., query: _Optional[str] = ..., detail: _Optional[str] = ..., passes: _Optional[int] = ..., failures: _Optional[int] = ..., evaluated_at: _Optional[float] = ..., max: _Optional[float] = ..., min: _Optional[float] = ...) -> None: ...
 
 class ListRolloutsResponse(_message.Message):
     __slots__ = ("rollouts",)
