@@ -245,52 +245,48 @@ class RolloutController:
         self, group: str, *, to_version: str | None, actor: str, reason: str
     ) -> RollbackOutcome:
         async with self._lock:
-            return await self._rollback(group, to_version=to_version, actor=actor, reason=reason)
-
-    async def _rollback(
-        self, group: str, *, to_version: str | None, actor: str, reason: str
-    ) -> RollbackOutcome:
-        # Mid-rollout, last_good is usually stable itself: aborting is the rollback.
-        target = to_version or (
-            self._store.pointer(group, LAST_GOOD)
-            if self._active(group)
-            else self._previous_good(group)
-        )
-        if target is None:
-            raise RolloutError(
-                f"group {group} has no last_good version to go back to; name one with --to VERSION"
+            # Mid-rollout, last_good is usually stable itself: aborting is the rollback.
+            target = to_version or (
+                self._store.pointer(group, LAST_GOOD)
+                if self._active(group)
+                else self._previous_good(group)
             )
-        snapshot = await asyncio.to_thread(self._store.get, target)
-        if snapshot is None:
-            raise NotFoundError(f"version {target} is not in the store; nothing changed")
-        started_at = self._clock()
-        rollout = self._active(group)
-        if rollout is not None:
-            rollout.abort(started_at, f"rollback by {actor}: {reason}".rstrip(": "))
-            await self._apply(group, rollout, Decision.ABORT, actor)
-        previous = self._store.pointer(group, STABLE)
-        await asyncio.to_thread(
-            self._store.transition,
-            group,
-            action="rollback",
-            version=target,
-            actor=actor,
-            message=reason,
-            pointers={STABLE: target},
-        )
-        self._assignments.set_stable(group, snapshot)
-        self._rollbacks[group] = (target, started_at, actor)
-        self._guards.pop(group, None)  # what it watched is gone
-        self._metrics.rollouts.labels(group, "rolled_back").inc()
-        log.warning(
-            "rollback",
-            group=group,
-            version=target,
-            previous_version=previous,
-            actor=actor,
-            reason=reason,
-        )
-        return RollbackOutcome(target, previous, rollout is not None, started_at)
+            if target is None:
+                raise RolloutError(
+                    f"group {group} has no last_good version to go back to; "
+                    "name one with --to VERSION"
+                )
+            snapshot = await asyncio.to_thread(self._store.get, target)
+            if snapshot is None:
+                raise NotFoundError(f"version {target} is not in the store; nothing changed")
+            started_at = self._clock()
+            rollout = self._active(group)
+            if rollout is not None:
+                rollout.abort(started_at, f"rollback by {actor}: {reason}".rstrip(": "))
+                await self._apply(group, rollout, Decision.ABORT, actor)
+            previous = self._store.pointer(group, STABLE)
+            await asyncio.to_thread(
+                self._store.transition,
+                group,
+                action="rollback",
+                version=target,
+                actor=actor,
+                message=reason,
+                pointers={STABLE: target},
+            )
+            self._assignments.set_stable(group, snapshot)
+            self._rollbacks[group] = (target, started_at, actor)
+            self._guards.pop(group, None)  # what it watched is gone
+            self._metrics.rollouts.labels(group, "rolled_back").inc()
+            log.warning(
+                "rollback",
+                group=group,
+                version=target,
+                previous_version=previous,
+                actor=actor,
+                reason=reason,
+            )
+            return RollbackOutcome(target, previous, rollout is not None, started_at)
 
     async def wait_for_convergence(
         self, group: str, version: str, *, since: float, timeout: float
@@ -353,7 +349,7 @@ class RolloutController:
 
     def guards(self) -> dict[str, Guard]:
         """The guards watching now, by group."""
-        return dict(self._guards)
+        return {g: guard for g, guard in self._guards.items() if guard.phase is GuardPhase.WATCHING}
 
     def guarded_groups(self) -> set[str]:
         """Groups whose policy has a guard."""
@@ -381,10 +377,11 @@ class RolloutController:
                 decision = rollout.observe(self._policies[group], now, self._observe(group))
                 if decision is not None:
                     await self._apply(group, rollout, decision, GATE_ACTOR)
-            await self._watch_guards(now)
+            tripped = self._watch_guards(now)
             if fleet_moved:  # both walk the fleet: only worth it when something happened
                 await self._record_last_good()
                 self._record_rollback_durations()
+        await self._roll_back_tripped(tripped)
 
     def _record_rollback_durations(self) -> None:
         for group, (version, started_at, actor) in list(self._rollbacks.items()):
@@ -430,13 +427,15 @@ class RolloutController:
             first_sync_seconds=policy.guard.first_sync_seconds,
         )
 
-    async def _watch_guards(self, now: float) -> None:
+    def _watch_guards(self, now: float) -> list[Guard]:
+        """Observe every guard; return those that tripped (the caller rolls them back)."""
+        tripped = []
         for group, guard in list(self._guards.items()):
             phase = guard.observe(now, self._guarded_nodes(group))
             if phase is None:
                 continue
-            del self._guards[group]
             if phase is GuardPhase.PASSED:
+                del self._guards[group]
                 log.info("guard passed", group=group, version=guard.version, reason=guard.reason)
                 self._seen_generation = -1  # last_good may move now, fleet quiet or not
                 continue
@@ -448,12 +447,21 @@ class RolloutController:
                 rollback_to=guard.rollback_to,
                 reason=guard.reason,
             )
+            tripped.append(guard)  # kept (holding last_good) until the rollback removes it
+        return tripped
+
+    async def _roll_back_tripped(self, tripped: list[Guard]) -> None:
+        for guard in tripped:
             try:
-                await self._rollback(
-                    group, to_version=guard.rollback_to, actor=GUARD_ACTOR, reason=guard.reason
+                await self.rollback(
+                    guard.group,
+                    to_version=guard.rollback_to,
+                    actor=GUARD_ACTOR,
+                    reason=guard.reason,
                 )
             except RolloutError as error:  # e.g. last_good gone from the store
-                log.error("guard could not roll back", group=group, error=str(error))
+                log.error("guard could not roll back", group=guard.group, error=str(error))
+                self._guards.pop(guard.group, None)
 
     def _guarded_nodes(self, group: str) -> list[GuardedNode]:
         return [
