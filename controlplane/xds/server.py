@@ -336,7 +336,7 @@ class XdsServer:
             )
 
     def _record_stuck(self, bound: BoundLogger, stream: XdsStream) -> None:
-        """A fresh node ran out of time for its first sync, or completed it after all."""
+        """A node ran out of time for its first sync, or completed it after all."""
         if stream.stuck:
             bound.warning(
                 "node stuck starting up",

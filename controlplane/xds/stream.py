@@ -253,10 +253,9 @@ class XdsStream:
     ) -> None:
         """`resolve(node)` gives the snapshot a node should hold; `types` limits the stream
         to those type URLs (a per-type service), default every type (ADS); types wait for a
-        CDS ACK at most `warming_timeout` seconds; a node starting empty that has not
-        completed its first sync `first_sync_timeout` seconds after connecting is stuck.
-        `certificate` is the client's, when it
-        showed one: it decides what the node may claim. `clock` stamps what the status shows;
+        CDS ACK at most `warming_timeout` seconds; the first sync is judged
+        `first_sync_timeout` seconds after it starts (first_sync.py). `certificate` is the
+        client's, when it showed one: it decides what the node may claim. `clock` stamps what the status shows;
         deadlines are kept on `monotonic`, which a wall-clock step cannot move."""
         self.stream_id = stream_id
         self._resolve = resolve
