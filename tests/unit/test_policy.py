@@ -122,3 +122,14 @@ groups:
     assert web.guard is not None
     assert (web.guard.seconds, web.guard.first_sync_seconds) == (120.0, 30.0)  # default
     assert load_policies(write(tmp_path, GOOD))["edge"].guard is None
+
+
+def test_the_example_policys_commented_guard_loads_when_uncommented(tmp_path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "examples/rollout-policy.yaml").read_text()
+    head, guard = text.split("    # guard:", 1)
+    uncommented = "    guard:" + guard.replace("\n    # ", "\n    ")
+    policy = load_policies(write(tmp_path, head + uncommented))["default"]
+    assert policy.guard is not None
+    assert (policy.guard.seconds, policy.guard.first_sync_seconds) == (300.0, 30.0)
+    assert policy.stages
