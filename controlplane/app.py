@@ -30,6 +30,7 @@ from controlplane.store.lock import StoreLock
 from controlplane.store.sealing import Sealer
 from controlplane.store.sqlite import SQLiteStore
 from controlplane.xds.assignments import Assignments
+from controlplane.xds.first_sync import DEFAULT_FIRST_SYNC_TIMEOUT_SECONDS
 from controlplane.xds.fleet import Fleet
 from controlplane.xds.limits import MAX_REQUEST_BYTES
 from controlplane.xds.ordering import DEFAULT_WARMING_TIMEOUT_SECONDS
@@ -77,6 +78,8 @@ class Config:
     drain_seconds: float = 5.0
     # How long listeners and routes wait for Envoy to ACK (warm) the clusters sent before them.
     warming_timeout: float = DEFAULT_WARMING_TIMEOUT_SECONDS
+    # How long a node starting empty may take to ACK every type it is served (first_sync.py).
+    first_sync_timeout: float = DEFAULT_FIRST_SYNC_TIMEOUT_SECONDS
     # xDS on a Unix socket too: reachable from a probe Envoy in its own network namespace.
     xds_socket: Path | None = None
     policies: dict[str, RolloutPolicy] = field(default_factory=dict)
@@ -196,6 +199,7 @@ class ControlPlane:
                 self.fleet,
                 self.metrics,
                 warming_timeout=config.warming_timeout,
+                first_sync_timeout=config.first_sync_timeout,
                 trust_domain=config.trust_domain,
             ).handlers(),
             options=[

@@ -277,7 +277,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             status.bake_seconds_left = rollout.bake_left(policy, now) or 0.0
             status.min_existing = policy.min_existing
             status.min_fresh = policy.min_fresh
-            status.canary_selector = policy.canary.describe()
+            status.canary_selector = policy.canary.describe() if policy.canary else ""
             status.auto_promote = policy.auto_promote
             status.bake_seconds = policy.bake_seconds
             status.deadline_seconds = policy.deadline_seconds
@@ -344,6 +344,10 @@ def _node_status(node: NodeStatus) -> admin_pb2.NodeStatus:
             )
             for t in node.types
         ],
+        started_empty=node.started_empty,
+        stuck=node.stuck,
+        stuck_since=node.stuck_since or 0.0,
+        missing=node.missing,
     )
 
 

@@ -22,7 +22,7 @@ from controlplane.cli.client import (
 
 def add_commands(commands: Any) -> None:
     status = commands.add_parser(
-        "status", help="per node and type: SYNCED, WARMING, STALE, NACKED, NOT_SENT"
+        "status", help="per node and type: SYNCED, WARMING, STALE, NACKED, NOT_SENT; STUCK nodes"
     )
     status.add_argument("--json", action="store_true")
     add_server(status)

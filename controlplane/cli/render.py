@@ -40,6 +40,21 @@ def fleet_status(response: admin_pb2.GetFleetStatusResponse) -> str:
         return "no nodes connected"
     rows = []
     for node in response.nodes:
+        if node.stuck:  # started empty, first sync not done in time: what it lacks, first
+            rows.append(
+                [
+                    node.node_id,
+                    node.group,
+                    node.snapshot_version or "-",
+                    node.protocol,
+                    node.build_version or "-",
+                    "*",
+                    "STUCK",
+                    "-",
+                    "-",
+                    f"since {ago(node.stuck_since)}: {'; '.join(node.missing)}",
+                ]
+            )
         for t in node.types:
             detail = t.nack_error if t.state == "NACKED" else ""
             rows.append(

@@ -86,6 +86,14 @@ def add_commands(commands: Any) -> None:
         help="how long listeners and routes wait for Envoy to warm (ACK) new clusters "
         "before they are sent anyway (default 10)",
     )
+    serve.add_argument(
+        "--first-sync-timeout",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="how long an Envoy starting empty may take to ACK every type it is served "
+        "before it shows as STUCK (default 30)",
+    )
     serve.set_defaults(handler=cmd_serve)
     certgen = commands.add_parser(
         "certgen",
@@ -178,6 +186,7 @@ def serve_config(args: argparse.Namespace) -> app.Config:
         allow_plaintext=args.allow_plaintext,
         store_key_file=args.store_key_file,
         **({"warming_timeout": args.warming_timeout} if args.warming_timeout else {}),
+        **({"first_sync_timeout": args.first_sync_timeout} if args.first_sync_timeout else {}),
     )
 
 

@@ -4,10 +4,13 @@ last_good) while the server runs.
 It performs what the gate decides: each step is committed to the store first, then applied
 to the assignments (which pushes it to the fleet). It also runs the fresh probe and the
 traffic checks (off the event loop; the gate judges their results), records
-last_good once a promoted version is ACKed fleet-wide, and performs rollbacks.
+last_good once a promoted version is ACKed fleet-wide, performs rollbacks, and runs the
+guard (guard.py) after a promotion, rolling the group back when it trips.
 
 Invariants:
-- A group without a policy publishes straight to stable.
+- A group without a policy, or with a guard-only policy, publishes straight to stable.
+- last_good does not move while a guard watches the group. A guard lives in memory: at
+  start-up, a stable that is not last_good is guarded again, for a whole window.
 - At most one rollout per group; publishing while one is active is refused.
 - A rollout found active at start-up (the server restarted mid-rollout) is aborted: its
   evidence lived in memory, so it can never be promoted by accident.
@@ -32,6 +35,7 @@ from controlplane.rollout.gate import (
     Rollout,
     TrafficCheckState,
 )
+from controlplane.rollout.guard import Guard, GuardedNode, GuardPhase
 from controlplane.rollout.policy import PROBE_METADATA_KEY, RolloutPolicy
 from controlplane.rollout.probe import ProbeResult, XdsEndpoint, run_probe
 from controlplane.rollout.traffic import PrometheusClient, evaluate
@@ -45,6 +49,7 @@ log = structlog.get_logger("rollout")
 
 TICK_SECONDS = 0.2
 GATE_ACTOR = "xdscp-gate"
+GUARD_ACTOR = "xdscp-guard"
 
 
 class RolloutError(Exception):
@@ -104,8 +109,9 @@ class RolloutController:
         self._lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
         self._metrics = metrics or Metrics()
-        # group -> (version, command time): rollbacks whose fleet-wide ACK is not seen yet
-        self._rollbacks: dict[str, tuple[str, float]] = {}
+        # group -> (version, command time, actor): rollbacks whose fleet-wide ACK is not seen
+        self._rollbacks: dict[str, tuple[str, float, str]] = {}
+        self._guards: dict[str, Guard] = {}  # watching only
         self._seen_generation = -1
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -116,6 +122,8 @@ class RolloutController:
         for group, named in pointers.items():
             if STABLE in named and (snapshot := self._store.get(named[STABLE])) is not None:
                 self._assignments.set_stable(group, snapshot)
+                if named.get(LAST_GOOD) not in (None, named[STABLE]):
+                    self._start_guard(group, named[STABLE])  # its window restarts
         for group, record in self._store.rollouts().items():
             rollout = Rollout.from_record(record)
             if rollout.phase.active:
@@ -155,11 +163,13 @@ class RolloutController:
         async with self._lock:
             stable = self._store.pointer(group, STABLE)
             policy = self._policies.get(group)
-            if policy is None:
+            if policy is None or policy.canary is None:
                 result = await asyncio.to_thread(
                     self._store.publish, group, snapshot, message=message, actor=actor
                 )
                 self._assignments.set_stable(group, snapshot)
+                if result.changed:
+                    self._start_guard(group, snapshot.version)
                 outcome = "promoted" if result.changed else "unchanged"
                 return PublishOutcome(snapshot.version, result.entry.parent_version, outcome)
             if stable == snapshot.version:
@@ -173,6 +183,7 @@ class RolloutController:
                     f"group {group} is already rolling out {active.candidate} ({active.phase.value}); "
                     "promote or abort it first"
                 )
+            assert policy.canary is not None
             rollout = Rollout(
                 group=group,
                 candidate=snapshot.version,
@@ -264,7 +275,8 @@ class RolloutController:
                 pointers={STABLE: target},
             )
             self._assignments.set_stable(group, snapshot)
-            self._rollbacks[group] = (target, started_at)
+            self._rollbacks[group] = (target, started_at, actor)
+            self._guards.pop(group, None)  # what it watched is gone
             self._metrics.rollouts.labels(group, "rolled_back").inc()
             log.warning(
                 "rollback",
@@ -335,6 +347,14 @@ class RolloutController:
     def policy(self, group: str) -> RolloutPolicy | None:
         return self._policies.get(group)
 
+    def guards(self) -> dict[str, Guard]:
+        """The guards watching now, by group."""
+        return {g: guard for g, guard in self._guards.items() if guard.phase is GuardPhase.WATCHING}
+
+    def guarded_groups(self) -> set[str]:
+        """Groups whose policy has a guard."""
+        return {group for group, policy in self._policies.items() if policy.guard is not None}
+
     # -- the gate's loop ------------------------------------------------------------------
 
     async def _tick_forever(self) -> None:
@@ -357,12 +377,14 @@ class RolloutController:
                 decision = rollout.observe(self._policies[group], now, self._observe(group))
                 if decision is not None:
                     await self._apply(group, rollout, decision, GATE_ACTOR)
+            tripped = self._watch_guards(now)
             if fleet_moved:  # both walk the fleet: only worth it when something happened
                 await self._record_last_good()
                 self._record_rollback_durations()
+        await self._roll_back_tripped(tripped)
 
     def _record_rollback_durations(self) -> None:
-        for group, (version, started_at) in list(self._rollbacks.items()):
+        for group, (version, started_at, actor) in list(self._rollbacks.items()):
             convergence = self.convergence(group, version, started_at)
             if convergence.lagging:
                 continue
@@ -373,9 +395,89 @@ class RolloutController:
                 "rollback converged",
                 group=group,
                 version=version,
+                actor=actor,
                 nodes=convergence.total,
+                acked=f"{convergence.acked}/{convergence.total}",
                 seconds=seconds,
             )
+
+    # -- the guard ------------------------------------------------------------------------
+
+    def _start_guard(self, group: str, version: str) -> None:
+        """Watch `group` on its new stable `version`, if its policy has a guard."""
+        policy = self._policies.get(group)
+        if policy is None or policy.guard is None:
+            return
+        self._guards.pop(group, None)
+        last_good = self._store.pointer(group, LAST_GOOD)
+        if last_good is None or last_good == version:
+            log.warning(
+                "guard not started: no last_good to roll back to",
+                group=group,
+                version=version,
+            )
+            return
+        self._guards[group] = Guard(group, version, last_good, self._clock(), policy.guard)
+        log.info(
+            "guard watching",
+            group=group,
+            version=version,
+            rollback_to=last_good,
+            seconds=policy.guard.seconds,
+            first_sync_seconds=policy.guard.first_sync_seconds,
+        )
+
+    def _watch_guards(self, now: float) -> list[Guard]:
+        """Observe every guard; return those that tripped (the caller rolls them back)."""
+        tripped = []
+        for group, guard in list(self._guards.items()):
+            phase = guard.observe(now, self._guarded_nodes(group))
+            if phase is None:
+                continue
+            if phase is GuardPhase.PASSED:
+                del self._guards[group]
+                log.info("guard passed", group=group, version=guard.version, reason=guard.reason)
+                self._seen_generation = -1  # last_good may move now, fleet quiet or not
+                continue
+            self._metrics.guard_trips.labels(group).inc()
+            log.error(
+                "guard tripped: rolling back",
+                group=group,
+                version=guard.version,
+                rollback_to=guard.rollback_to,
+                reason=guard.reason,
+            )
+            tripped.append(guard)  # kept (holding last_good) until the rollback removes it
+        return tripped
+
+    async def _roll_back_tripped(self, tripped: list[Guard]) -> None:
+        for guard in tripped:
+            try:
+                await self.rollback(
+                    guard.group,
+                    to_version=guard.rollback_to,
+                    actor=GUARD_ACTOR,
+                    reason=guard.reason,
+                )
+            except RolloutError as error:  # e.g. last_good gone from the store
+                log.error("guard could not roll back", group=guard.group, error=str(error))
+                self._guards.pop(guard.group, None)
+
+    def _guarded_nodes(self, group: str) -> list[GuardedNode]:
+        return [
+            GuardedNode(
+                stream_id=stream.stream_id,
+                node_id=stream.node.id,
+                version=stream.snapshot.version if stream.snapshot else None,
+                connected_at=stream.started_at,
+                started_empty=stream.started_empty,
+                first_synced=stream.first_synced_at is not None,
+                missing=stream.first_sync_missing(),
+                rejection=stream.rejection(),
+            )
+            for stream in self._group_streams(group)
+            if stream.node is not None
+        ]
 
     def _observe(self, group: str) -> list[NodeObservation]:
         observations = []
@@ -408,6 +510,7 @@ class RolloutController:
             )
             self._assignments.set_stable(group, candidate)
             self._assignments.end_rollout(group)
+            self._start_guard(group, rollout.candidate)
             self._metrics.rollouts.labels(group, "promoted").inc()
             log.info(
                 "rollout promoted", group=group, version=rollout.candidate, reason=rollout.reason
@@ -447,7 +550,12 @@ class RolloutController:
         pointers = self._store.pointers()
         for group in self._assignments.groups():
             stable = pointers.get(group, {}).get(STABLE)
-            if stable is None or pointers[group].get(LAST_GOOD) == stable or self._active(group):
+            if (
+                stable is None
+                or pointers[group].get(LAST_GOOD) == stable
+                or self._active(group)
+                or group in self._guards  # a guard may still roll it back
+            ):
                 continue
             convergence = self.convergence(group, stable, self._clock())
             if convergence.total and not convergence.lagging:

@@ -28,14 +28,21 @@ Loaded from a YAML file the server is given (`xdsctl serve --rollout-policy FILE
           on_no_data: wait           # wait (does not count) | abort (counts as a failure)
           checks:                    # {{ canaries }} {{ group }} {{ window }}: traffic.py
             - {name: canary-5xx, query: 'sum(rate(...{node=~"{{ canaries }}"}[{{ window }}]))', max: 0.05}
-
-A group without a policy publishes straight to `stable`.
+        guard:                       # optional: keep watching the group after a promotion
+          seconds: 300               #   how long; last_good stays put meanwhile
+          first_sync_seconds: 30     #   a node starting on it must ACK every type within this
+      web:
+        guard: {seconds: 300}        # guard only: publish straight to stable, then guard
 
 Every file path in a policy is made absolute when it is read: a relative one is taken
 relative to the policy file's own directory (never the server's working directory), so the
 same file works wherever `serve` is started from. `check_probe_binaries` runs each probe's
 Envoy with `--version` at start-up, so a wrong path stops `serve` at once, not the first
 rollout.
+
+A group without a policy publishes straight to `stable`; so does a group with only a
+`guard`. While a guard watches, a NACK of the new stable or a node that starts on it and does
+not finish its first sync in time rolls the group back to last_good (guard.py).
 """
 
 from __future__ import annotations
@@ -110,8 +117,14 @@ def _bucket(node_id: str) -> float:
 
 
 @dataclass(frozen=True)
+class GuardPolicy:
+    seconds: float = 300.0
+    first_sync_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class RolloutPolicy:
-    canary: CanarySelector
+    canary: CanarySelector | None  # None: no canary stage (a guard-only policy)
     min_existing: int = 1
     min_fresh: int = 0
     bake_seconds: float = 30.0
@@ -120,6 +133,12 @@ class RolloutPolicy:
     auto_promote: bool = True
     fresh_probe: ProbeConfig | None = None
     traffic: TrafficPolicy | None = None
+    guard: GuardPolicy | None = None
+
+    @property
+    def stages(self) -> bool:
+        """A publish goes to canaries first (else straight to stable)."""
+        return self.canary is not None
 
 
 def load_policies(path: str | Path) -> dict[str, RolloutPolicy]:
@@ -142,11 +161,17 @@ def _policy(reader: _Reader, spec: Any, where: str) -> RolloutPolicy:
         where,
         keys={
             "canary", "min_existing", "min_fresh", "bake_seconds", "ack_timeout_seconds",
-            "deadline_seconds", "auto_promote", "fresh_probe", "traffic",
+            "deadline_seconds", "auto_promote", "fresh_probe", "traffic", "guard",
         },
     )  # fmt: skip
+    guard = _guard(reader, spec["guard"], f"{where}.guard") if "guard" in spec else None
     if "canary" not in spec:
-        raise reader.error(where, "needs a `canary` selector")
+        if guard is None:
+            raise reader.error(where, "needs a `canary` selector, a `guard`, or both")
+        if set(spec) != {"guard"}:
+            staged = ", ".join(sorted(set(spec) - {"guard"}))
+            raise reader.error(where, f"{staged} need(s) a `canary` selector")
+        return RolloutPolicy(canary=None, guard=guard)
     defaults = RolloutPolicy(canary=CanarySelector())
     policy = RolloutPolicy(
         canary=_selector(reader, spec["canary"], f"{where}.canary"),
@@ -164,10 +189,25 @@ def _policy(reader: _Reader, spec: Any, where: str) -> RolloutPolicy:
         traffic=_traffic(reader, spec["traffic"], f"{where}.traffic")
         if "traffic" in spec
         else None,
+        guard=guard,
     )
     if policy.min_existing == 0 and policy.min_fresh == 0 and policy.fresh_probe is None:
         raise reader.error(where, "proves nothing: set min_existing, min_fresh or fresh_probe")
     return policy
+
+
+def _guard(reader: _Reader, spec: Any, where: str) -> GuardPolicy:
+    spec = reader.mapping(spec, where, keys={"seconds", "first_sync_seconds"})
+    defaults = GuardPolicy()
+    guard = GuardPolicy(
+        seconds=reader.seconds(spec, "seconds", where, defaults.seconds),
+        first_sync_seconds=reader.seconds(
+            spec, "first_sync_seconds", where, defaults.first_sync_seconds
+        ),
+    )
+    if guard.seconds == 0:
+        raise reader.error(f"{where}.seconds", "a guard of 0 seconds watches nothing")
+    return guard
 
 
 def _selector(reader: _Reader, spec: Any, where: str) -> CanarySelector:

@@ -330,7 +330,8 @@ class Envoy:
         self.log_path = workdir / f"envoy-{node_id}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Envoy:
+    def start(self, *, ready: bool = True) -> Envoy:
+        """Start Envoy and wait for its admin port, and (`ready`) for /ready to say LIVE."""
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
@@ -352,7 +353,8 @@ class Envoy:
         )
         address = wait_for(self._admin_address, timeout=30, what=f"envoy {self.node_id} admin")
         self.admin_port = int(address.rsplit(":", 1)[1])
-        wait_for(self._live, timeout=30, what=f"envoy {self.node_id} /ready LIVE")
+        if ready:
+            wait_for(self._live, timeout=30, what=f"envoy {self.node_id} /ready LIVE")
         return self
 
     def _admin_address(self) -> str | None:

@@ -64,6 +64,18 @@ def test_loads_a_full_policy(tmp_path) -> None:
             "groups: {edge: {canary: {percent: 5}, fresh_probe: {}}}",
             "groups.edge.fresh_probe.envoy_binary: needs the path of an Envoy binary",
         ),
+        (
+            "groups: {edge: {guard: {seconds: 0}}}",
+            "groups.edge.guard.seconds: a guard of 0 seconds watches nothing",
+        ),
+        (
+            "groups: {edge: {guard: {seconds: 60, first_sync: 3}}}",
+            "groups.edge.guard: unknown field(s) first_sync; valid: first_sync_seconds, seconds",
+        ),
+        (
+            "groups: {edge: {guard: {seconds: 60}, bake_seconds: 5}}",
+            "groups.edge: bake_seconds need(s) a `canary` selector",
+        ),
         ("groups: [1, 2]", "groups: expected a mapping, got list"),
         ("groups: {edge: {canary: [", "policy.yaml"),
     ],
@@ -153,3 +165,33 @@ def test_a_probe_binary_whose_version_runs_passes(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     policy_file = write(tmp_path / "etc", RELATIVE)
     assert check_probe_binaries(policy_file, load_policies(policy_file)) is None
+
+
+def test_a_guard_goes_with_a_canary_stage_or_alone(tmp_path) -> None:
+    text = """
+groups:
+  edge:
+    canary: {percent: 10}
+    guard: {seconds: 300, first_sync_seconds: 30}
+  web:
+    guard: {seconds: 120}
+"""
+    policies = load_policies(write(tmp_path, text))
+    edge, web = policies["edge"], policies["web"]
+    assert edge.stages and edge.guard is not None
+    assert (edge.guard.seconds, edge.guard.first_sync_seconds) == (300.0, 30.0)
+    assert not web.stages and web.canary is None  # publishes straight to stable
+    assert web.guard is not None
+    assert (web.guard.seconds, web.guard.first_sync_seconds) == (120.0, 30.0)  # default
+    assert load_policies(write(tmp_path, GOOD))["edge"].guard is None
+
+
+def test_the_example_policys_commented_guard_loads_when_uncommented(tmp_path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "examples/rollout-policy.yaml").read_text()
+    head, guard = text.split("    # guard:", 1)
+    uncommented = "    guard:" + guard.replace("\n    # ", "\n    ")
+    policy = load_policies(write(tmp_path, head + uncommented))["default"]
+    assert policy.guard is not None
+    assert (policy.guard.seconds, policy.guard.first_sync_seconds) == (300.0, 30.0)
+    assert policy.stages
