@@ -163,7 +163,9 @@ class RolloutController:
         async with self._lock:
             stable = self._store.pointer(group, STABLE)
             policy = self._policies.get(group)
-            if policy is None or policy.canary is None:
+            if policy is None or policy.canary is None or stable is None:
+                # With no stable yet there is nothing to canary against and nothing to go
+                # back to (as Flagger initialises a primary without analysis).
                 result = await asyncio.to_thread(
                     self._store.publish, group, snapshot, message=message, actor=actor
                 )

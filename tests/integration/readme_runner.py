@@ -186,7 +186,7 @@ class Walkthrough:
         """Run the section's commands in order, each for at most `timeout` seconds.
 
         `long_running` maps a command prefix to a readiness command: a command starting with
-        it runs in the background until `close()`, and the walkthrough goes on once the
+        it (the longest such prefix) runs in the background until `close()`, and the walkthrough goes on once the
         readiness command exits 0 (within `timeout`). Commands starting with a prefix in
         `skip` are not run and have no result. A command's failure is its result's exit code,
         not an error: a walkthrough may show a command that fails.
@@ -197,7 +197,8 @@ class Walkthrough:
         for command in section_commands((self.clone / readme).read_text(), heading):
             if command.startswith(skipped):
                 continue
-            ready = next((c for p, c in long_running.items() if command.startswith(p)), None)
+            prefix = max((p for p in long_running if command.startswith(p)), key=len, default=None)
+            ready = None if prefix is None else long_running[prefix]
             if ready is None:
                 results.append(self.run(command, timeout=timeout))
             else:

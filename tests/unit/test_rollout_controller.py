@@ -142,6 +142,16 @@ async def test_group_without_policy_publishes_straight_to_stable_and_records_las
     assert await p.publish(V1) == "unchanged"
 
 
+async def test_the_first_publish_of_a_group_with_a_policy_goes_straight_to_stable(
+    tmp_path,
+) -> None:
+    p = Plane(tmp_path)  # the edge policy, and no stable yet: nothing to canary against
+    assert await p.publish(V1) == "promoted"
+    assert p.controller.rollout("edge") is None
+    assert SimEnvoy(p, "canary-1", canary=True).version == V1.version
+    assert await p.publish(V2) == "staged"  # from now on, through the canaries
+
+
 async def test_canaries_get_the_candidate_others_stay_on_stable_then_all_get_it(plane) -> None:
     canary = SimEnvoy(plane, "canary-1", canary=True)
     web = SimEnvoy(plane, "web-1", canary=False)

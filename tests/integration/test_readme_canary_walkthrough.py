@@ -1,0 +1,65 @@
+"""README.md's canary walkthrough, run verbatim from a fresh clone of HEAD in a network
+namespace of its own, with the shipped example policy: the candidate reaches the canary
+first, is proven by the canary and the fresh probe, is promoted with exit 0 after its bake,
+and `xdsctl rollback` puts the version before it back on both Envoys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.integration.readme_runner import CommandResult, Walkthrough
+
+SECTION = "Canary walkthrough"
+SERVE = "bash scripts/serve-example"
+ENVOY = ".tools/envoy/envoy/_bin/envoy -c deploy/envoy/bootstrap-ads.yaml --use-dynamic-base-id"
+CANARY = ENVOY + " \\\n    --config-yaml"
+SERVED = (
+    "curl -sf http://127.0.0.1:8082/ >/dev/null && "
+    ".venv/bin/xdsctl diff examples/config | tail -n 1 | grep -qx 'no changes'"
+)
+EDGE_ADMIN = "http://127.0.0.1:9901"
+CANARY_ADMIN = "http://127.0.0.1:9902"
+
+
+def api_connect_timeout(walk: Walkthrough, admin: str) -> str:
+    """The api cluster's connect_timeout as this Envoy holds it (its own /config_dump)."""
+    dump = walk.run(f"curl -sf '{admin}/config_dump?resource=dynamic_active_clusters'")
+    assert dump.ok, dump.output
+    for entry in json.loads(dump.stdout)["configs"]:
+        if entry["cluster"]["name"] == "api":
+            return entry["cluster"]["connect_timeout"]
+    raise AssertionError(f"no api cluster in {admin}'s config_dump")
+
+
+def test_readme_canary_walkthrough_promotes_through_the_gate_and_rolls_back(
+    tmp_path: Path,
+) -> None:
+    with Walkthrough.of_head(tmp_path) as walk:
+        results: list[CommandResult] = walk.run_section(
+            SECTION,
+            long_running={
+                SERVE: SERVED,
+                ENVOY: f"curl -sf {EDGE_ADMIN}/ready",
+                CANARY: f"curl -sf {CANARY_ADMIN}/ready",
+            },
+            timeout=240,  # the probe (up to 30 s) and the policy's 30 s bake
+        )
+        serve, edge, canary, publish, status, rollback = results
+        assert serve.long_running and edge.long_running and canary.long_running
+
+        assert publish.exit_code == 0, publish.output
+        assert "staged" in publish.output, publish.output
+        assert "edge-canary-1" in publish.output, publish.output  # the canary's evidence
+        assert "bake" in publish.output, publish.output
+        assert "promoted" in publish.output.splitlines()[-1], publish.output
+
+        assert status.exit_code == 0, status.output
+        assert "promoted" in status.stdout, status.output
+        assert "probe: passed" in status.stdout, status.output
+
+        assert rollback.exit_code == 0, rollback.output
+        assert "2/2 nodes ACKed" in rollback.stdout, rollback.output
+        # Both Envoys hold the version before the candidate again (examples/config: 1 s).
+        assert api_connect_timeout(walk, EDGE_ADMIN) == "1s"
+        assert api_connect_timeout(walk, CANARY_ADMIN) == "1s"
