@@ -69,9 +69,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def routed_backends(config: Path) -> Iterator[tuple[str, str, int]]:
     """(cluster, host, port) of every endpoint of every cluster a route of `config` names."""
     from controlplane import resources
-    from controlplane.config import load_directory
+    from controlplane.config.environments import load_environment
 
-    loaded = load_directory(config)
+    loaded = load_environment(config)
     routed: set[str] = set()
     for resource in loaded:
         if resource.type_url != resources.ROUTE:

@@ -12,7 +12,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from controlplane import resources
-from controlplane.config import load_directory
+from controlplane.config.environments import load_environment
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "config"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -21,7 +21,7 @@ LOCAL_RATELIMIT = "envoy.filters.http.local_ratelimit"
 
 def by_type() -> dict[str, list[str]]:
     names: dict[str, list[str]] = {}
-    for resource in load_directory(EXAMPLES):
+    for resource in load_environment(EXAMPLES):
         names.setdefault(resource.type_url, []).append(resource.name)
     return names
 
@@ -36,7 +36,7 @@ def test_examples_load_with_expected_names() -> None:
 
 
 def test_example_references_resolve_within_the_examples() -> None:
-    loaded = load_directory(EXAMPLES)
+    loaded = load_environment(EXAMPLES)
     present = {(r.type_url, r.name) for r in loaded}
     wanted = {ref for r in loaded for ref in resources.references(r.message)}
     assert wanted
@@ -44,7 +44,7 @@ def test_example_references_resolve_within_the_examples() -> None:
 
 
 def test_http_clusters_idle_out_before_the_backend_keepalive() -> None:
-    clusters = [r.message for r in load_directory(EXAMPLES) if r.type_url == resources.CLUSTER]
+    clusters = [r.message for r in load_environment(EXAMPLES) if r.type_url == resources.CLUSTER]
     http = [
         c
         for c in clusters
@@ -63,7 +63,7 @@ def test_http_clusters_idle_out_before_the_backend_keepalive() -> None:
 
 
 def test_every_example_route_has_a_local_bucket_and_a_global_descriptor() -> None:
-    [routes] = [r.message for r in load_directory(EXAMPLES) if r.type_url == resources.ROUTE]
+    [routes] = [r.message for r in load_environment(EXAMPLES) if r.type_url == resources.ROUTE]
     names: list[str] = []
     for host in routes.virtual_hosts:
         for route in host.routes:
@@ -80,7 +80,7 @@ def test_every_example_route_has_a_local_bucket_and_a_global_descriptor() -> Non
 
 def test_http_listeners_read_proxy_protocol_and_limit_before_routing() -> None:
     listeners = {
-        r.name: r.message for r in load_directory(EXAMPLES) if r.type_url == resources.LISTENER
+        r.name: r.message for r in load_environment(EXAMPLES) if r.type_url == resources.LISTENER
     }
     for name in ("edge_http", "edge_http_ipv6"):
         [proxy_protocol] = listeners[name].listener_filters
