@@ -49,17 +49,24 @@ def test_readme_canary_walkthrough_promotes_through_the_gate_and_rolls_back(
         assert serve.long_running and edge.long_running and canary.long_running
 
         assert publish.exit_code == 0, publish.output
-        assert "staged" in publish.output, publish.output
-        assert "edge-canary-1" in publish.output, publish.output  # the canary's evidence
-        assert "bake" in publish.output, publish.output
-        assert "promoted" in publish.output.splitlines()[-1], publish.output
+        lines = publish.stdout.splitlines()
+        candidate = lines[0]
+        assert f"staged {candidate} for a canary rollout in group default" in publish.output
+        assert f"CANARY {candidate}, existing 0/1, fresh 0/1, probe running" in lines
+        # The running canary and the fresh probe proved it, then the bake ran down.
+        baking = [line for line in lines if "existing 1/1, fresh 1/1, probe passed, bake:" in line]
+        assert baking, publish.output
+        assert lines[-2:] == [
+            f"PROMOTED {candidate}, existing 1/1, fresh 1/1, probe passed",
+            f"promoted {candidate}",
+        ], publish.output
 
         assert status.exit_code == 0, status.output
-        assert "promoted" in status.stdout, status.output
-        assert "probe: passed" in status.stdout, status.output
+        assert candidate in status.stdout and "promoted" in status.stdout, status.output
 
         assert rollback.exit_code == 0, rollback.output
         assert "2/2 nodes ACKed" in rollback.stdout, rollback.output
+        assert candidate not in rollback.stdout.splitlines()[-1], rollback.output
         # Both Envoys hold the version before the candidate again (examples/config: 1 s).
         assert api_connect_timeout(walk, EDGE_ADMIN) == "1s"
         assert api_connect_timeout(walk, CANARY_ADMIN) == "1s"
