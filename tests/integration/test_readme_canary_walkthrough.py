@@ -49,14 +49,15 @@ def test_readme_canary_walkthrough_promotes_through_the_gate_and_rolls_back(
         assert serve.long_running and edge.long_running and canary.long_running
 
         assert publish.exit_code == 0, publish.output
-        lines = publish.stdout.splitlines()
-        candidate = lines[0]
-        assert f"staged {candidate} for a canary rollout in group default" in publish.output
-        assert f"CANARY {candidate}, existing 0/1, fresh 0/1, probe running" in lines
+        candidate = publish.stdout.splitlines()[0]  # stdout: the version; stderr: progress
+        progress = publish.stderr.splitlines()
+        assert f"staged {candidate} for a canary rollout in group default" in publish.stderr
         # The running canary and the fresh probe proved it, then the bake ran down.
-        baking = [line for line in lines if "existing 1/1, fresh 1/1, probe passed, bake:" in line]
+        baking = [
+            line for line in progress if "existing 1/1, fresh 1/1, probe passed, bake:" in line
+        ]
         assert baking, publish.output
-        assert lines[-2:] == [
+        assert progress[-2:] == [
             f"PROMOTED {candidate}, existing 1/1, fresh 1/1, probe passed",
             f"promoted {candidate}",
         ], publish.output
