@@ -63,11 +63,14 @@ def test_readme_canary_walkthrough_promotes_through_the_gate_and_rolls_back(
         ], publish.output
 
         assert status.exit_code == 0, status.output
-        assert candidate in status.stdout and "promoted" in status.stdout, status.output
+        first = status.stdout.splitlines()[0]
+        assert first.startswith(f"group default: PROMOTED candidate {candidate} (stable was ")
+        base = first.rsplit(" ", 1)[1].rstrip(")")
+        assert "  existing ACKed 1/1: edge-canary-1" in status.stdout, status.output
+        assert "  fresh probe: passed (ready)" in status.stdout, status.output
 
         assert rollback.exit_code == 0, rollback.output
-        assert "2/2 nodes ACKed" in rollback.stdout, rollback.output
-        assert candidate not in rollback.stdout.splitlines()[-1], rollback.output
+        assert f"2/2 nodes ACKed {base}" in rollback.stdout.splitlines()[-1], rollback.output
         # Both Envoys hold the version before the candidate again (examples/config: 1 s).
         assert api_connect_timeout(walk, EDGE_ADMIN) == "1s"
         assert api_connect_timeout(walk, CANARY_ADMIN) == "1s"
