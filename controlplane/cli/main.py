@@ -9,6 +9,7 @@ fleet (status, snapshots, get), authoring (validate, diff), rollouts (rollout, r
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
@@ -30,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xdsctl", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"xdsctl {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serving.add_commands(commands)
     publishing.add_commands(commands)
@@ -37,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     authoring.add_commands(commands, add_server)
     rollouts.add_commands(commands)
     return parser
+
+
+def package_version() -> str:
+    """The installed xdscp package's version (pyproject.toml), or "unknown" when the code
+    runs from a checkout that was never installed."""
+    try:
+        return importlib.metadata.version("xdscp")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 if __name__ == "__main__":
