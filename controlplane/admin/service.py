@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 from controlplane import resources
 from controlplane.admin import limits
+from controlplane.admin.node_views import NodeConfigTooLarge, NodeViews
 from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.publish import build_snapshot
 from controlplane.redaction import redact_pem_keys, redact_resource
@@ -27,6 +28,7 @@ from controlplane.rollout.controller import NotFoundError, RolloutController, Ro
 from controlplane.rollout.gate import Rollout
 from controlplane.snapshot import ConsistencyError, DuplicateResourceError, Resource, Snapshot
 from controlplane.store import DEFAULT_GROUP, HistoryEntry, SnapshotStore
+from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet, NodeStatus
 
 log = structlog.get_logger("admin")
@@ -45,10 +47,21 @@ def asks_for_secrets(request: object) -> bool:
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, controller: RolloutController, store: SnapshotStore, fleet: Fleet) -> None:
+    def __init__(
+        self,
+        controller: RolloutController,
+        store: SnapshotStore,
+        fleet: Fleet,
+        assignments: Assignments | None = None,
+    ) -> None:
         self._controller = controller
         self._store = store
         self._fleet = fleet
+        self._views = (
+            NodeViews(fleet, assignments, controller.policy, store)
+            if assignments is not None
+            else None
+        )
         # The version GetSnapshot read last: a client reads one version page after page.
         self._last_read: Snapshot | None = None
         # Its resources as shown without include_secrets, redacted once: (version, by key).
@@ -265,9 +278,56 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def GetFleetStatus(
         self, request: admin_pb2.GetFleetStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetFleetStatusResponse:
-        return admin_pb2.GetFleetStatusResponse(
-            nodes=[_node_status(n) for n in self._fleet.status()]
-        )
+        nodes = [_node_status(n) for n in self._fleet.status()]
+        if self._views is not None:
+            await asyncio.to_thread(self._views.read_recent, self._views.groups())
+            nodes = [self._views.annotate(n) for n in nodes]
+        return admin_pb2.GetFleetStatusResponse(nodes=nodes)
+
+    async def GetNodeConfig(
+        self, request: admin_pb2.NodeConfigRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.NodeConfigResponse:
+        views = self._views
+        if views is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no node views on this server")
+        if request.type_url and request.type_url not in resources.BY_URL:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown type {request.type_url!r}"
+            )
+        streams = views.streams_of(request.node_id)
+        if not streams:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"node {request.node_id!r} is not connected (xdsctl status lists those that are)",
+            )
+        await asyncio.to_thread(views.read_recent, views.groups())
+        by_stream = {n.stream_id: n for n in self._fleet.status()}
+        response = admin_pb2.NodeConfigResponse()
+        for stream in streams:
+            if stream.stream_id not in by_stream:
+                continue  # closed since
+            node = views.annotate(_node_status(by_stream[stream.stream_id]))
+            types = []
+            for status in node.types:
+                if request.type_url and status.type_url != request.type_url:
+                    continue
+                state = stream.types[status.type_url]
+                types.append(
+                    views.config_type(
+                        stream,
+                        state,
+                        status,
+                        include_resources=request.include_resources,
+                        include_secrets=request.include_secrets,
+                    )
+                )
+            del node.types[:]
+            response.streams.append(admin_pb2.NodeConfigStream(node=node, types=types))
+        try:
+            views.check_size(response)
+        except NodeConfigTooLarge as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        return response
 
 
 def _history_entry(entry: HistoryEntry) -> admin_pb2.HistoryEntry:
