@@ -62,7 +62,9 @@ def add_commands(subparsers: Any, add_server: Callable[[argparse.ArgumentParser]
         help=f"also run this Envoy binary in --mode validate (env {ENVOY_ENV})",
     )
     validate.add_argument("--group", default="default", help="node.cluster Envoy validates as")
-    validate.add_argument("--format", choices=("text", "json"), default="text")
+    validate.add_argument(
+        "--format", choices=("text", "json"), default="text", help="how to print the findings"
+    )
     validate.set_defaults(handler=cmd_validate)
 
     diff = subparsers.add_parser(

@@ -3,7 +3,8 @@
 The CLI maps flags onto calls and nothing more: `serve` builds an app.Config, the other
 commands call the admin gRPC API of a running server (--server or XDSCTL_SERVER). Each
 module registers its own commands: serving (serve, certgen, store-key), publishing,
-fleet (status, snapshots, get), authoring (validate, diff), rollouts (rollout, rollback).
+fleet (status, config-dump, snapshots, get), authoring (validate, diff), rollouts (rollout,
+rollback), completion. `manual` gives every command its description and examples.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ import importlib.metadata
 import sys
 from collections.abc import Sequence
 
-from controlplane.cli import authoring, fleet, publishing, rollouts, serving
+from controlplane.cli import (
+    authoring,
+    completion,
+    fleet,
+    manual,
+    publishing,
+    rollouts,
+    serving,
+)
 from controlplane.cli.client import EXIT_FAILED, CommandError, add_server
 
 
@@ -38,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_commands(commands)
     authoring.add_commands(commands, add_server)
     rollouts.add_commands(commands)
+    completion.add_commands(commands)
+    manual.apply(parser)
     return parser
 
 

@@ -24,8 +24,10 @@ def add_commands(commands: Any) -> None:
         dest="rollout_command", required=True, metavar="ACTION"
     )
     rollout_status = rollout_commands.add_parser("status", help="current or last rollout per group")
-    rollout_status.add_argument("--group", default="")
-    rollout_status.add_argument("--json", action="store_true")
+    rollout_status.add_argument(
+        "--group", default="", help="only this group (default: every group)"
+    )
+    rollout_status.add_argument("--json", action="store_true", help="print the answer as JSON")
     add_server(rollout_status)
     rollout_status.set_defaults(handler=cmd_rollout_status)
     for action, handler, help_text in (
@@ -33,17 +35,17 @@ def add_commands(commands: Any) -> None:
         ("abort", cmd_rollout_abort, "abort: canaries back to stable, candidate rejected"),
     ):
         command = rollout_commands.add_parser(action, help=help_text)
-        command.add_argument("--group", default="default")
-        command.add_argument("--reason", default="")
+        command.add_argument("--group", default="default", help="the group whose rollout this is")
+        command.add_argument("--reason", default="", help="recorded in the history")
         add_server(command)
         command.set_defaults(handler=handler)
 
     rollback = commands.add_parser(
         "rollback", help="put last_good (or --to VERSION) on every node now, and wait for ACKs"
     )
-    rollback.add_argument("--group", default="default")
+    rollback.add_argument("--group", default="default", help="the group to roll back")
     rollback.add_argument("--to", dest="to_version", default="", metavar="VERSION")
-    rollback.add_argument("--reason", default="")
+    rollback.add_argument("--reason", default="", help="recorded in the history")
     rollback.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for ACKs")
     add_server(rollback)
     rollback.set_defaults(handler=cmd_rollback)
