@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
-from controlplane.cli import render
+from controlplane.cli import render, versions
 from controlplane.cli.client import (
     EXIT_OK,
     RPC_TIMEOUT_SECONDS,
@@ -75,7 +75,8 @@ def add_commands(commands: Any) -> None:
     snapshots.set_defaults(handler=cmd_snapshots)
 
     get = commands.add_parser("get", help="print a stored snapshot's resources as YAML")
-    get.add_argument("version")
+    get.add_argument("version", metavar="VERSION", help=versions.HELP)
+    get.add_argument("--group", default="default", help="whose stable, candidate or last_good")
     get.add_argument("--type", default="", help="cluster, endpoint, listener, route, secret")
     get.add_argument("--name", default="", help="only the resource of this name")
     _add_show_secrets(get)
@@ -209,9 +210,8 @@ def cmd_get(args: argparse.Namespace) -> int:
     """Prints Envoy v3 YAML in the form `publish` reads, so the output can be published."""
     from controlplane import resources
 
-    response = fetch_snapshot(
-        args, args.version, _type_url(args.type), args.name, args.show_secrets
-    )
+    version = versions.resolve_arg(args, args.version, args.group)
+    response = fetch_snapshot(args, version, _type_url(args.type), args.name, args.show_secrets)
     if not response.resources:
         raise CommandError(f"no resources in {response.version} match --type/--name")
     resources.load_all_descriptors()

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from controlplane.cli import render
+from controlplane.cli import render, versions
 from controlplane.cli.client import (
     EXIT_OK,
     RPC_TIMEOUT_SECONDS,
@@ -44,7 +44,13 @@ def add_commands(commands: Any) -> None:
         "rollback", help="put last_good (or --to VERSION) on every node now, and wait for ACKs"
     )
     rollback.add_argument("--group", default="default", help="the group to roll back")
-    rollback.add_argument("--to", dest="to_version", default="", metavar="VERSION")
+    rollback.add_argument(
+        "--to",
+        dest="to_version",
+        default="",
+        metavar="VERSION",
+        help="what to put on stable, if not last_good: " + versions.HELP,
+    )
     rollback.add_argument("--reason", default="", help="recorded in the history")
     rollback.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for ACKs")
     add_server(rollback)
@@ -85,8 +91,9 @@ def _rollout_command(args: argparse.Namespace, method: str) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from controlplane.admin.v1 import admin_pb2
 
+    to_version = versions.resolve_arg(args, args.to_version, args.group) if args.to_version else ""
     request = admin_pb2.RollbackRequest(
-        group=args.group, to_version=args.to_version, actor=actor(), reason=args.reason
+        group=args.group, to_version=to_version, actor=actor(), reason=args.reason
     )
     done = call(
         args, lambda stub, md: stub.Rollback(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md)
