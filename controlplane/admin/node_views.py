@@ -26,7 +26,7 @@ from controlplane.admin import limits
 from controlplane.admin.v1 import admin_pb2
 from controlplane.redaction import redact_resource
 from controlplane.rollout.policy import RolloutPolicy
-from controlplane.snapshot import Snapshot
+from controlplane.snapshot import Resource, Snapshot
 from controlplane.store import DEFAULT_GROUP, SnapshotStore
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet, SyncState
@@ -137,9 +137,16 @@ class NodeViews:
                     self._recent.popitem(last=False)
         self._recent_by_group = by_group
 
-    def annotate(self, node: admin_pb2.NodeStatus) -> admin_pb2.NodeStatus:
-        """Fill in the per-node summary fields of a GetFleetStatus entry (in place)."""
-        stream = next((s for s in self._fleet if s.stream_id == node.stream_id), None)
+    def annotate_all(self, nodes: list[admin_pb2.NodeStatus]) -> list[admin_pb2.NodeStatus]:
+        """`annotate` each of `nodes`, finding their streams in one pass over the fleet."""
+        streams = {s.stream_id: s for s in self._fleet}
+        return [self.annotate(n, streams.get(n.stream_id)) for n in nodes]
+
+    def annotate(
+        self, node: admin_pb2.NodeStatus, stream: XdsStream | None
+    ) -> admin_pb2.NodeStatus:
+        """Fill in the per-node summary fields of a GetFleetStatus entry (in place) from the
+        stream it was read from (None: closed since)."""
         node.state = node_state(t.state for t in node.types)
         if stream is None or stream.node is None:
             return node  # gone since the list was read
@@ -174,24 +181,25 @@ class NodeViews:
         )
 
     def config_type(
-        self,
-        stream: XdsStream,
-        state: TypeState,
-        status: admin_pb2.TypeStatus,
-        *,
-        include_resources: bool,
-        include_secrets: bool,
-    ) -> admin_pb2.NodeConfigType:
+        self, stream: XdsStream, state: TypeState, status: admin_pb2.TypeStatus
+    ) -> tuple[admin_pb2.NodeConfigType, list[Resource]]:
+        """A type's entry of GetNodeConfig, with the names it should hold, and those
+        resources (for `attach_resources`)."""
         names = subscribed_names(state, stream.snapshot)
         entry = admin_pb2.NodeConfigType(status=status, names=names, wildcard=state.wildcard)
-        if include_resources and stream.snapshot is not None:
-            by_name = stream.snapshot.resources(state.type_url)
-            for name in names:
-                resource = by_name[name]
-                if not include_secrets:
-                    resource = redact_resource(resource)
-                entry.resources.append(any_pb2.Any(type_url=resource.type_url, value=resource.body))
-        return entry
+        by_name = stream.snapshot.resources(state.type_url) if stream.snapshot else {}
+        return entry, [by_name[name] for name in names]
+
+    @staticmethod
+    def attach_resources(
+        entries: list[tuple[admin_pb2.NodeConfigType, list[Resource]]], include_secrets: bool
+    ) -> None:
+        """Put each entry's resources in it, redacted unless `include_secrets`. CPU work
+        on immutable resources: run it in a thread."""
+        for entry, held in entries:
+            for resource in held:
+                shown = resource if include_secrets else redact_resource(resource)
+                entry.resources.append(any_pb2.Any(type_url=shown.type_url, value=shown.body))
 
     @staticmethod
     def check_size(response: admin_pb2.NodeConfigResponse) -> None:

@@ -281,7 +281,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         nodes = [_node_status(n) for n in self._fleet.status()]
         if self._views is not None:
             await asyncio.to_thread(self._views.read_recent, self._views.groups())
-            nodes = [self._views.annotate(n) for n in nodes]
+            nodes = self._views.annotate_all(nodes)
         return admin_pb2.GetFleetStatusResponse(nodes=nodes)
 
     async def GetNodeConfig(
@@ -294,35 +294,36 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"unknown type {request.type_url!r}"
             )
+        await asyncio.to_thread(views.read_recent, views.groups())
         streams = views.streams_of(request.node_id)
         if not streams:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"node {request.node_id!r} is not connected (xdsctl status lists those that are)",
             )
-        await asyncio.to_thread(views.read_recent, views.groups())
         by_stream = {n.stream_id: n for n in self._fleet.status()}
         response = admin_pb2.NodeConfigResponse()
+        held = []
         for stream in streams:
-            if stream.stream_id not in by_stream:
-                continue  # closed since
-            node = views.annotate(_node_status(by_stream[stream.stream_id]))
+            node = views.annotate(_node_status(by_stream[stream.stream_id]), stream)
             types = []
             for status in node.types:
                 if request.type_url and status.type_url != request.type_url:
                     continue
-                state = stream.types[status.type_url]
-                types.append(
-                    views.config_type(
-                        stream,
-                        state,
-                        status,
-                        include_resources=request.include_resources,
-                        include_secrets=request.include_secrets,
-                    )
+                entry, resources_held = views.config_type(
+                    stream, stream.types[status.type_url], status
                 )
+                types.append(entry)
+                held.append(resources_held)
             del node.types[:]
             response.streams.append(admin_pb2.NodeConfigStream(node=node, types=types))
+        if request.include_resources:
+            entries = [t for s in response.streams for t in s.types]
+            await asyncio.to_thread(
+                views.attach_resources,
+                list(zip(entries, held, strict=True)),
+                request.include_secrets,
+            )
         try:
             views.check_size(response)
         except NodeConfigTooLarge as error:
