@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -61,10 +62,39 @@ def test_bash_completes_flags_and_their_choices(capsys: pytest.CaptureFixture[st
     assert complete(text, "xdsctl completion ") == ["bash", "zsh", "--help"]
 
 
-def test_zsh_gets_the_same_function_through_bashcompinit(
-    capsys: pytest.CaptureFixture[str],
+ZSH_CANDIDATES = """
+try() {
+  emulate -L sh  # as zsh's bashcompinit runs a bash completion function
+  COMP_WORDS=("$@"); COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))
+  COMPREPLY=()
+  _xdsctl
+  print -r -- "${COMPREPLY[*]}"
+}
+print -r -- "$_comps[xdsctl]"
+try xdsctl rollout ""
+try xdsctl --group edge rollout pr
+try xdsctl config-dump edge-1 -o ""
+"""
+
+
+def test_zsh_registers_the_same_function_through_bashcompinit(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    zsh = script("zsh", capsys)
-    assert zsh.startswith("#compdef xdsctl\n")
-    assert zsh == completion.ZSH_PRELUDE + script("bash", capsys)
-    assert "bashcompinit" in completion.ZSH_PRELUDE
+    """zsh itself sources the script; zsh's completion system, not the function, then keeps
+    the candidates that start with what was typed, so the candidates are checked whole."""
+    zsh = shutil.which("zsh")
+    assert zsh is not None, "zsh is needed to test zsh completion (scripts/setup installs it)"
+    text = script("zsh", capsys)
+    assert text == completion.ZSH_PRELUDE + script("bash", capsys)
+    done = subprocess.run(
+        [zsh, "-f", "-c", text + ZSH_CANDIDATES],
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    registered, rollout, nested, choices = done.stdout.splitlines()[-4:]
+    assert registered == "_bash_complete -o default -F _xdsctl"
+    assert rollout == nested == "status promote abort --help"
+    assert choices == "text yaml json"
