@@ -142,6 +142,15 @@ MANUAL: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+TOP_EXAMPLES = (
+    "xdsctl serve",
+    "xdsctl publish examples/config --group edge",
+    "xdsctl status --group edge",
+    "xdsctl rollback --group edge",
+    "xdsctl COMMAND --help",
+)
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Descriptions and examples as written; defaults shown where they say something."""
 
@@ -166,10 +175,15 @@ def commands(
 def apply(parser: argparse.ArgumentParser) -> None:
     """Give xdsctl and every command their description, examples and formatter."""
     parser.formatter_class = HelpFormatter
+    parser.epilog = _examples(TOP_EXAMPLES)
     for path, command in commands(parser):
         description, examples = MANUAL.get(path, ("", ()))
         command.formatter_class = HelpFormatter
         if description and not command.description:
             command.description = textwrap.fill(description, WIDTH)
         if examples:
-            command.epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+            command.epilog = _examples(examples)
+
+
+def _examples(lines: tuple[str, ...]) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)

@@ -12,6 +12,10 @@ from controlplane.cli.main import build_parser
 COMMANDS = list(manual.commands(build_parser()))
 
 
+def test_xdsctl_itself_has_examples() -> None:
+    assert "examples:\n  xdsctl serve" in build_parser().format_help()
+
+
 def test_the_walk_finds_every_command_including_nested_ones() -> None:
     paths = [path for path, _ in COMMANDS]
     for expected in ("serve", "status", "config-dump", "rollout status", "store-key create"):
