@@ -9,7 +9,8 @@ Invariants:
 - `held_version` names a snapshot only if every subscribed type's ACKed version is that
   snapshot's (as the node is served it, secrets filtered): never a guess. The snapshots
   looked at are the one it should hold, its group's stable and candidate, and the group's
-  last RECENT_VERSIONS history entries; a node holding an older one shows none.
+  last RECENT_VERSIONS history entries (read from the store only when a node holds none of
+  those in memory); a node holding an older one shows none.
 - Resources leave redacted unless the request asks for secrets (the interceptor makes that
   need the write role), and an answer over the message limit is refused, naming the limit.
 """
@@ -136,6 +137,14 @@ class NodeViews:
                 while len(self._recent) > RECENT_CACHE:
                     self._recent.popitem(last=False)
         self._recent_by_group = by_group
+
+    @staticmethod
+    def needs_recent(nodes: Iterable[admin_pb2.NodeStatus]) -> bool:
+        """Whether a node ACKed every type, yet of no snapshot in memory: only the store's
+        recent versions (read_recent) can name what it holds."""
+        return any(
+            not n.held_version and n.types and all(t.acked_version for t in n.types) for n in nodes
+        )
 
     def annotate_all(self, nodes: list[admin_pb2.NodeStatus]) -> list[admin_pb2.NodeStatus]:
         """`annotate` each of `nodes`, finding their streams in one pass over the fleet."""

@@ -280,8 +280,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.GetFleetStatusResponse:
         nodes = [_node_status(n) for n in self._fleet.status()]
         if self._views is not None:
-            await asyncio.to_thread(self._views.read_recent, self._views.groups())
             nodes = self._views.annotate_all(nodes)
+            if self._views.needs_recent(nodes):  # a node holds an older version: which?
+                await asyncio.to_thread(self._views.read_recent, self._views.groups())
+                nodes = self._views.annotate_all(nodes)
         return admin_pb2.GetFleetStatusResponse(nodes=nodes)
 
     async def GetNodeConfig(
