@@ -77,7 +77,7 @@ def add_commands(commands: Any) -> None:
     get = commands.add_parser("get", help="print a stored snapshot's resources as YAML")
     get.add_argument("version", metavar="VERSION", help=versions.HELP)
     get.add_argument("--group", default="default", help="whose stable, candidate or last_good")
-    get.add_argument("--type", default="", help="cluster, endpoint, listener, route, secret")
+    get.add_argument("--type", default="", help=f"only this type: {_type_names()}")
     get.add_argument("--name", default="", help="only the resource of this name")
     _add_show_secrets(get)
     add_server(get)
