@@ -77,11 +77,11 @@ def actor() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
-def _token(args: argparse.Namespace) -> str:
+def _token(args: argparse.Namespace) -> str | None:
     """The admin token, from the first source that names one (docs/operations.md):
     --token-file, XDSCTL_TOKEN, XDSCTL_TOKEN_FILE, then the write token and the read token
-    that `serve` creates beside its default store. A file named explicitly must exist; when
-    none gives a token, the error lists every place tried."""
+    that `serve` creates beside its default store; None if none does. A file named
+    explicitly must exist."""
     if args.token_file is not None:
         return _read_token(args.token_file, "--token-file")
     if token := os.environ.get(TOKEN_ENV, "").strip():
@@ -91,17 +91,18 @@ def _token(args: argparse.Namespace) -> str:
     for path in DEFAULT_TOKEN_FILES:
         if path.is_file():
             return _read_token(path, "default")
+    return None
+
+
+def no_token_hint() -> str:
+    """What xdsctl says when it found no token: every place it looked."""
     tried = [
         "--token-file (not given)",
         f"{TOKEN_ENV} (not set)",
         f"{TOKEN_FILE_ENV} (not set)",
         *(f"{path.absolute()} (no such file)" for path in DEFAULT_TOKEN_FILES),
     ]
-    raise CommandError(
-        f"no admin token; tried {', '.join(tried)}. Pass --token-file or set "
-        f"{TOKEN_FILE_ENV} to the server's admin-token (write) or admin-read-token (read), "
-        "which it creates beside its --store"
-    )
+    return f"xdsctl found no admin token; it tried {', '.join(tried)}"
 
 
 def _read_token(path: Path, source: str) -> str:
@@ -155,7 +156,8 @@ def call(args: argparse.Namespace, rpc: Callable) -> Any:  # type: ignore[type-a
     """rpc(stub, metadata) against --server, mapping gRPC failures to one-line errors."""
     from controlplane.admin.v1 import admin_pb2_grpc
 
-    metadata = (("authorization", f"Bearer {_token(args)}"),)
+    token = _token(args)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with _channel(args) as channel:
         try:
             return rpc(admin_pb2_grpc.AdminStub(channel), metadata)
@@ -163,6 +165,8 @@ def call(args: argparse.Namespace, rpc: Callable) -> Any:  # type: ignore[type-a
             code, details = error.code(), error.details()  # type: ignore[attr-defined]
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise CommandError(f"cannot reach xdscp at {args.server}: {details}") from None
+            if code == grpc.StatusCode.UNAUTHENTICATED and token is None:
+                details = f"{details}. {no_token_hint()}"
             raise CommandError(f"{code.name.lower()}: {details}") from None
 
 

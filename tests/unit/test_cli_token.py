@@ -10,7 +10,7 @@ import pytest
 from controlplane import app
 from controlplane.cli import client
 from controlplane.cli.client import CommandError
-from controlplane.cli.main import build_parser, main, package_version
+from controlplane.cli.main import build_parser, package_version
 
 
 @pytest.fixture(autouse=True)
@@ -31,9 +31,8 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_no_token_anywhere_names_every_place_tried(tmp_path: Path) -> None:
-    with pytest.raises(CommandError) as refused:
-        client._token(_args())
-    message = str(refused.value)
+    assert client._token(_args()) is None
+    message = client.no_token_hint()
     for place in (
         "--token-file",
         "XDSCTL_TOKEN ",
@@ -89,9 +88,3 @@ def test_version_flag_prints_the_package_version(capsys: pytest.CaptureFixture[s
     printed = capsys.readouterr().out.strip()
     assert printed == f"xdsctl {package_version()}"
     assert package_version() != "unknown"  # the package is installed in the test venv
-
-
-def test_status_without_token_fails_before_dialling(capsys: pytest.CaptureFixture[str]) -> None:
-    # Port 9 on loopback: nothing is dialled, since the token is missing first.
-    assert main(["status", "--server", "127.0.0.1:9"]) == client.EXIT_FAILED
-    assert "no admin token; tried" in capsys.readouterr().err
