@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import signal
 import threading
 import time
@@ -25,9 +26,11 @@ from controlplane.observability.metrics import CONTENT_TYPE, Metrics
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.policy import RolloutPolicy
 from controlplane.rollout.probe import XdsEndpoint
+from controlplane.store.lock import StoreLock
 from controlplane.store.sealing import Sealer
 from controlplane.store.sqlite import SQLiteStore
 from controlplane.xds.assignments import Assignments
+from controlplane.xds.first_sync import DEFAULT_FIRST_SYNC_TIMEOUT_SECONDS
 from controlplane.xds.fleet import Fleet
 from controlplane.xds.limits import MAX_REQUEST_BYTES
 from controlplane.xds.ordering import DEFAULT_WARMING_TIMEOUT_SECONDS
@@ -75,6 +78,8 @@ class Config:
     drain_seconds: float = 5.0
     # How long listeners and routes wait for Envoy to ACK (warm) the clusters sent before them.
     warming_timeout: float = DEFAULT_WARMING_TIMEOUT_SECONDS
+    # How long a node starting empty may take to ACK every type it is served (first_sync.py).
+    first_sync_timeout: float = DEFAULT_FIRST_SYNC_TIMEOUT_SECONDS
     # xDS on a Unix socket too: reachable from a probe Envoy in its own network namespace.
     xds_socket: Path | None = None
     policies: dict[str, RolloutPolicy] = field(default_factory=dict)
@@ -90,7 +95,12 @@ class Config:
     allow_plaintext: bool = False  # plaintext on a non-loopback address (warned at start)
 
     def __post_init__(self) -> None:
-        """Refuse combinations that would serve less securely than they read."""
+        """Make the store and socket paths absolute, once (the probe's Envoy runs in a
+        directory of its own); refuse combinations that would serve less securely than
+        they read."""
+        object.__setattr__(self, "store_path", Path(os.path.abspath(self.store_path)))
+        if self.xds_socket is not None:
+            object.__setattr__(self, "xds_socket", Path(os.path.abspath(self.xds_socket)))
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_cert is None and (self.xds_client_ca or self.admin_client_ca):
@@ -148,9 +158,14 @@ class ControlPlane:
     def __init__(self, config: Config) -> None:
         self.config = config
         key_file = config.store_key_file
-        self.store = SQLiteStore(
-            config.store_path, sealer=Sealer.from_key_file(key_file) if key_file else None
-        )
+        self.store_lock = StoreLock.acquire(config.store_path)  # one server per store
+        try:
+            self.store = SQLiteStore(
+                config.store_path, sealer=Sealer.from_key_file(key_file) if key_file else None
+            )
+        except BaseException:
+            self.store_lock.release()
+            raise
         self.assignments = Assignments()
         self.fleet = Fleet()
         self.assignments.subscribe(self.fleet.wake_all)
@@ -184,6 +199,7 @@ class ControlPlane:
                 self.fleet,
                 self.metrics,
                 warming_timeout=config.warming_timeout,
+                first_sync_timeout=config.first_sync_timeout,
                 trust_domain=config.trust_domain,
             ).handlers(),
             options=[
@@ -319,6 +335,7 @@ class ControlPlane:
         )
         await self._http.stop()
         self.store.close()
+        self.store_lock.release()
         log.info("stopped")
 
 

@@ -4,8 +4,8 @@ answer of `xdsctl config-dump` (GetNodeConfig).
 A node's role, state and held version are read from its open stream, its group's policy and
 the assignments, at the moment of the call; nothing here changes what a node is served.
 Invariants:
-- `state` is the worst state of the node's types, in STATE_ORDER; a node with no type
-  subscribed yet is NOT_SENT.
+- `state` is STUCK for a node whose first sync overran, else the worst state of its types,
+  in STATE_ORDER; a node with no type subscribed yet is NOT_SENT.
 - `held_version` names a snapshot only if every subscribed type's ACKed version is that
   snapshot's (as the node is served it, secrets filtered): never a guess. The snapshots
   looked at are the one it should hold, its group's stable and candidate, and the group's
@@ -156,7 +156,8 @@ class NodeViews:
     ) -> admin_pb2.NodeStatus:
         """Fill in the per-node summary fields of a GetFleetStatus entry (in place) from the
         stream it was read from (None: closed since)."""
-        node.state = node_state(t.state for t in node.types)
+        # STUCK (a new Envoy whose first sync overran, see xds/first_sync.py) outranks the rest.
+        node.state = "STUCK" if node.stuck else node_state(t.state for t in node.types)
         if stream is None or stream.node is None:
             return node  # gone since the list was read
         served_group = self._assignments.effective_group(stream.node.group)

@@ -21,11 +21,13 @@ from controlplane import resources
 from controlplane.admin import limits
 from controlplane.admin.node_views import NodeConfigTooLarge, NodeViews
 from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
+from controlplane.config.lint import LintRefusal
 from controlplane.publish import build_snapshot
 from controlplane.redaction import redact_pem_keys, redact_resource
 from controlplane.resources import UnknownTypeError
 from controlplane.rollout.controller import NotFoundError, RolloutController, RolloutError
 from controlplane.rollout.gate import Rollout
+from controlplane.rollout.traffic import TrafficPolicy
 from controlplane.snapshot import ConsistencyError, DuplicateResourceError, Resource, Snapshot
 from controlplane.store import DEFAULT_GROUP, HistoryEntry, SnapshotStore
 from controlplane.xds.assignments import Assignments
@@ -33,7 +35,7 @@ from controlplane.xds.fleet import Fleet, NodeStatus
 
 log = structlog.get_logger("admin")
 
-_INVALID = (UnknownTypeError, DecodeError, ConsistencyError, DuplicateResourceError)
+_INVALID = (UnknownTypeError, DecodeError, ConsistencyError, DuplicateResourceError, LintRefusal)
 
 # Calls that change what the fleet gets: they need the write role.
 MUTATING_METHODS = {
@@ -71,6 +73,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.PublishRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.PublishResponse:
         group = request.group or DEFAULT_GROUP
+        if not request.create_group and (unknown := self._unknown_group(group)):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, unknown)
         try:
             snapshot = await build_snapshot(request.resources)
             outcome = await self._controller.publish(
@@ -97,6 +101,21 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             parent_version=outcome.parent_version or "",
             counts=snapshot.counts(),
             outcome=outcome.outcome,
+        )
+
+    def _unknown_group(self, group: str) -> str | None:
+        """Why a publish may not create `group` unasked, or None: a group is known once it
+        has a snapshot (or history), when a rollout policy names it, or if it is "default"
+        (every node falls back on it, so it is never a typo for another group)."""
+        if group == DEFAULT_GROUP or self._controller.policy(group) is not None:
+            return None
+        groups = self._store.pointers()
+        if group in groups or self._store.history(group, 1):
+            return None
+        known = ", ".join(sorted(groups)) or "none yet"
+        return (
+            f"group {group!r} has no snapshot yet (known groups: {known}); to create it, "
+            "publish again with --create-group (create_group in the admin API)"
         )
 
     async def ListRollouts(
@@ -238,6 +257,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     def _rollout_status(self, rollout: Rollout) -> admin_pb2.RolloutStatus:
         policy = self._controller.policy(rollout.group)
+        now = time.time()
         status = admin_pb2.RolloutStatus(
             group=rollout.group,
             phase=rollout.phase.value,
@@ -252,14 +272,30 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             fresh_acked=rollout.fresh_acked,
             probe_state=rollout.probe_state.value,
             probe_reason=redact_pem_keys(rollout.probe_reason),
+            pending=[
+                admin_pb2.RolloutPendingNode(
+                    node_id=p.node_id,
+                    waiting_for=p.waiting_for,
+                    types=p.types,
+                    since=p.since,
+                    detail=p.describe(rollout.candidate, now),
+                )
+                for p in rollout.pending
+            ],
+            bake_started_at=rollout.evidence_complete_at or 0.0,
+            observed_at=now,
         )
         if policy is not None:
+            status.bake_ends_at = rollout.bake_ends_at(policy) or 0.0
+            status.bake_seconds_left = rollout.bake_left(policy, now) or 0.0
             status.min_existing = policy.min_existing
             status.min_fresh = policy.min_fresh
-            status.canary_selector = policy.canary.describe()
+            status.canary_selector = policy.canary.describe() if policy.canary else ""
             status.auto_promote = policy.auto_promote
             status.bake_seconds = policy.bake_seconds
             status.deadline_seconds = policy.deadline_seconds
+            if policy.traffic is not None:
+                _traffic_status(status, rollout, policy.traffic)
         return status
 
     async def ListSnapshots(
@@ -371,4 +407,29 @@ def _node_status(node: NodeStatus) -> admin_pb2.NodeStatus:
             )
             for t in node.types
         ],
+        started_empty=node.started_empty,
+        stuck=node.stuck,
+        stuck_since=node.stuck_since or 0.0,
+        missing=node.missing,
     )
+
+
+def _traffic_status(
+    status: admin_pb2.RolloutStatus, rollout: Rollout, traffic: TrafficPolicy
+) -> None:
+    status.traffic_prometheus = traffic.prometheus
+    status.traffic_min_passes = traffic.min_passes
+    status.traffic_interval_seconds = traffic.interval_seconds
+    states = {s.name: s for s in rollout.traffic}
+    for check in traffic.checks:
+        state = states.get(check.name)
+        entry = status.traffic_checks.add(
+            name=check.name, query=check.query, state="pending", max=check.max, min=check.min
+        )
+        if state is not None:
+            entry.state, entry.detail = state.state, redact_pem_keys(state.detail)
+            entry.query = state.query or check.query
+            entry.passes, entry.failures = state.passes, state.failures
+            entry.evaluated_at = state.evaluated_at or 0.0
+            if state.value is not None:
+                entry.value = state.value

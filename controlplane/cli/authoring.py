@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controlplane import resources
 from controlplane.config.environments import (
@@ -33,9 +33,12 @@ from controlplane.config.environments import (
     load_config,
 )
 from controlplane.config.loader import ConfigError, ConfigProblem, snapshot_of
-from controlplane.diff import diff_snapshots, render_diff
+from controlplane.diff import UNSET, ResourceDiff, diff_snapshots, render_diff
 from controlplane.redaction import fingerprint_mask, redact_snapshot
 from controlplane.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from controlplane.config.lint import Finding
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ENVOY_ENV = "XDSCTL_ENVOY"
@@ -63,6 +66,9 @@ def add_commands(subparsers: Any, add_server: Callable[[argparse.ArgumentParser]
     validate.add_argument(
         "--format", choices=("text", "json"), default="text", help="how to print the findings"
     )
+    validate.add_argument(
+        "--json", dest="format", action="store_const", const="json", help="--format json"
+    )
     validate.set_defaults(handler=cmd_validate)
 
     diff = subparsers.add_parser(
@@ -82,6 +88,7 @@ def add_commands(subparsers: Any, add_server: Callable[[argparse.ArgumentParser]
         help="compare and print secret values; needs the write token (without it they are "
         "redacted on both sides, so a change to a secret alone does not show)",
     )
+    diff.add_argument("--json", action="store_true", help="the diff as one JSON object")
     add_server(diff)
     diff.set_defaults(handler=cmd_diff)
 
@@ -147,20 +154,7 @@ def validate_directory(
     snapshot = _snapshot(loaded, report)
     rule_problems = check_field_rules(loaded.resources, loaded.sources)
     report.problems += [_problem(p, "field-rules") for p in rule_problems]
-    for finding in lint(loaded.resources, loaded.sources):
-        report.problems.append(
-            Problem(
-                severity=finding.severity,
-                stage="lint",
-                message=finding.message,
-                file=finding.location.file,
-                line=finding.location.line,
-                field_path=finding.field_path,
-                rule=f"{finding.rule_id} {finding.rule_name}",
-                resource=f"{finding.resource_type} {finding.resource_name}",
-                hint=finding.hint,
-            )
-        )
+    report.problems += [lint_problem(f) for f in lint(loaded.resources, loaded.sources)]
     if envoy is not None and snapshot is not None:
         try:
             verdict = envoy_validate.validate_with_envoy(snapshot, envoy, group=group)
@@ -180,6 +174,21 @@ def _snapshot(loaded: LoadedConfig, report: Report) -> Snapshot | None:
         return None
     report.version = snapshot.version
     return snapshot
+
+
+def lint_problem(finding: Finding) -> Problem:
+    """A lint finding as validate reports it (publish prints its refusals alike)."""
+    return Problem(
+        severity=finding.severity,
+        stage="lint",
+        message=finding.message,
+        file=finding.location.file,
+        line=finding.location.line,
+        field_path=finding.field_path,
+        rule=f"{finding.rule_id} {finding.rule_name}",
+        resource=f"{finding.resource_type} {finding.resource_name}",
+        hint=finding.hint,
+    )
 
 
 def _problem(problem: ConfigProblem, stage: str) -> Problem:
@@ -235,9 +244,36 @@ def cmd_diff(args: argparse.Namespace) -> int:
     else:
         old, old_label = _resolve(args.a, args)
         new, new_label = _resolve(args.b, args)
+    diffs = diff_snapshots(old, new)
+    if args.json:
+        print(diff_json(old_label, new_label, diffs))
+        return EXIT_OK
     print(f"--- {old_label}\n+++ {new_label}")
-    print(render_diff(diff_snapshots(old, new)), end="")
+    print(render_diff(diffs), end="")
     return EXIT_OK
+
+
+def diff_json(old_label: str, new_label: str, diffs: list[ResourceDiff]) -> str:
+    """A field absent on one side has no "old" (or "new") key."""
+    body = {
+        "old": old_label,
+        "new": new_label,
+        "resources": [
+            {
+                "type": d.short_type,
+                "name": d.name,
+                "kind": d.kind,
+                "changes": [
+                    {"path": c.path}
+                    | ({} if c.old is UNSET else {"old": c.old})
+                    | ({} if c.new is UNSET else {"new": c.new})
+                    for c in d.changes
+                ],
+            }
+            for d in diffs
+        ],
+    }
+    return json.dumps(body, indent=2)
 
 
 def publish_preview(new: Snapshot, group: str, args: argparse.Namespace) -> str:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 def add_commands(commands: Any) -> None:
     status = commands.add_parser(
-        "status", help="one line per connected Envoy: role, versions, SYNCED/STALE/NACKED/WARMING"
+        "status",
+        help="one line per connected Envoy: role, versions, SYNCED/STALE/NACKED/WARMING/STUCK",
     )
     status.add_argument(
         "--node", default="", metavar="GLOB", help="only nodes whose id matches (fnmatch glob)"

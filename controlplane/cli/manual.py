@@ -45,8 +45,8 @@ MANUAL: dict[str, tuple[str, tuple[str, ...]]] = {
         "stable version, and send it to the server, which stores it and serves it (or starts "
         "a canary rollout if the group has a rollout policy). Prints the new version.",
         (
-            "xdsctl publish examples/config --group edge -m 'route /api to api-v2'",
-            "xdsctl publish config/ --group edge --env prod",
+            "xdsctl publish examples/config --group edge -m 'route /api to api-v2' --wait",
+            "xdsctl publish config/ --group new-group --create-group --env prod",
         ),
     ),
     "status": (
@@ -112,8 +112,9 @@ MANUAL: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "rollout status": (
         "The current or last rollout of each group (or of --group): phase, candidate, "
-        "which canaries ACKed it, the fresh probe and the outcome.",
-        ("xdsctl rollout status --group edge",),
+        "which canaries ACKed it and which it still waits for, the bake time left, the fresh "
+        "probe and the outcome. --watch follows a running rollout to its end.",
+        ("xdsctl rollout status --group edge", "xdsctl rollout status --group edge --watch"),
     ),
     "rollout promote": (
         "Make the candidate stable for the whole group, once it passed its canaries "
@@ -126,7 +127,8 @@ MANUAL: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "rollback": (
         "Put last_good (or --to VERSION) on every node of the group now, with no canary "
-        "stage, and wait until they ACK it. A rollout in progress is aborted.",
+        "stage, and wait until they ACK it, printing N/M as ACKs arrive. A rollout in "
+        "progress is aborted.",
         (
             "xdsctl rollback --group edge",
             "xdsctl rollback --group edge --to 3f2a9c1e --reason 'bad route'",

@@ -48,6 +48,21 @@ def fleet_status(response: admin_pb2.GetFleetStatusResponse) -> str:
         return "no nodes connected"
     rows = []
     for node in response.nodes:
+        if node.stuck:  # started empty, first sync not done in time: what it lacks, first
+            rows.append(
+                [
+                    node.node_id,
+                    node.group,
+                    node.snapshot_version or "-",
+                    node.protocol,
+                    node.build_version or "-",
+                    "*",
+                    "STUCK",
+                    "-",
+                    "-",
+                    f"since {ago(node.stuck_since)}: {'; '.join(node.missing)}",
+                ]
+            )
         for t in node.types:
             detail = t.nack_error if t.state == "NACKED" else ""
             rows.append(
@@ -93,7 +108,7 @@ def fleet_summary(response: admin_pb2.GetFleetStatusResponse) -> str:
             node.snapshot_version or "-",
             node.state.replace("_", " ") or "-",
             since(node.connected_at),
-            _pending(node.types),
+            "; ".join(filter(None, [_stuck(node), _pending(node.types)])),
         ]
         for node in response.nodes
     ]
@@ -105,6 +120,10 @@ def _group(node: admin_pb2.NodeStatus) -> str:
     if node.served_group and node.served_group != node.group:
         return f"{node.group or '-'} (uses {node.served_group})"
     return node.group or "-"
+
+
+def _stuck(node: admin_pb2.NodeStatus) -> str:
+    return f"stuck since {ago(node.stuck_since)}: {'; '.join(node.missing)}" if node.stuck else ""
 
 
 def _pending(types: Sequence[admin_pb2.TypeStatus]) -> str:
@@ -233,7 +252,17 @@ def rollouts(response: admin_pb2.ListRolloutsResponse) -> str:
     return "\n\n".join(rollout(r) for r in response.rollouts)
 
 
+def bake_line(status: admin_pb2.RolloutStatus) -> str:
+    """The bake as an operator follows it, or "" before it starts and after the rollout."""
+    if status.phase != "canary" or not status.bake_started_at:
+        return ""
+    if status.bake_seconds_left > 0:
+        return f"bake: {status.bake_seconds_left:.0f}s of {status.bake_seconds:g}s left"
+    return f"bake: {status.bake_seconds:g}s passed"
+
+
 def rollout(status: admin_pb2.RolloutStatus) -> str:
+    probe_reason = status.probe_reason.splitlines()  # a failed probe's: then Envoy's log
     lines = [
         f"group {status.group}: {status.phase.upper()} candidate {status.candidate} "
         f"(stable was {status.previous_stable or '-'})",
@@ -243,10 +272,37 @@ def rollout(status: admin_pb2.RolloutStatus) -> str:
         f"{', '.join(status.existing_acked) or '-'}",
         f"  fresh ACKed {len(status.fresh_acked)}/{status.min_fresh}: "
         f"{', '.join(status.fresh_acked) or '-'}",
-        f"  fresh probe: {status.probe_state}"
-        + (f" ({status.probe_reason})" if status.probe_reason else ""),
+        f"  fresh probe: {status.probe_state}" + (f" ({probe_reason[0]})" if probe_reason else ""),
+        *(f"    {line}" for line in probe_reason[1:]),
     ]
+    if bake := bake_line(status):
+        lines.append(f"  {bake}")
+    if status.pending:
+        lines.append("  waiting for:")
+        lines.extend(f"    {node.detail}" for node in status.pending)
+    if status.traffic_prometheus:
+        lines.append(
+            f"  traffic checks ({status.traffic_prometheus}, every "
+            f"{status.traffic_interval_seconds:g}s, {status.traffic_min_passes} pass(es) each):"
+        )
+        lines.extend(
+            f"    {traffic_check(c, status.traffic_min_passes)}" for c in status.traffic_checks
+        )
     if status.reason:
         ended = f" {ago(status.ended_at)}" if status.ended_at else ""
         lines.append(f"  outcome{ended}: {status.reason}")
     return "\n".join(lines)
+
+
+def traffic_check(check: admin_pb2.TrafficCheckStatus, min_passes: int) -> str:
+    bounds = [f"max {check.max:g}"] if check.HasField("max") else []
+    bounds += [f"min {check.min:g}"] if check.HasField("min") else []
+    value = f"{check.value:g}" if check.HasField("value") else "-"
+    last = f"{check.state.upper().replace('_', ' ')} {ago(check.evaluated_at)}"
+    line = (
+        f"{check.name}: {last}, value {value} ({', '.join(bounds)}), "
+        f"passes {check.passes}/{min_passes}, failures {check.failures}"
+    )
+    if check.state in ("no_data", "error") and check.detail:
+        line += f": {check.detail}"
+    return line

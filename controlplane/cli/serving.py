@@ -33,7 +33,12 @@ def add_commands(commands: Any) -> None:
         help="encrypt the secrets in the store with this key: 32 bytes, raw or base64, "
         "owner-only (make one with `xdsctl store-key create FILE`)",
     )
-    serve.add_argument("--rollout-policy", type=Path, default=None, help="canary policy YAML")
+    serve.add_argument(
+        "--rollout-policy",
+        type=Path,
+        default=None,
+        help="canary policy YAML; relative paths in it are relative to its directory",
+    )
     serve.add_argument(
         "--admin-token-file",
         type=Path,
@@ -85,6 +90,14 @@ def add_commands(commands: Any) -> None:
         metavar="SECONDS",
         help="how long listeners and routes wait for Envoy to warm (ACK) new clusters "
         "before they are sent anyway (default 10)",
+    )
+    serve.add_argument(
+        "--first-sync-timeout",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="how long an Envoy starting empty may take to ACK every type it is served "
+        "before it shows as STUCK (default 30)",
     )
     serve.set_defaults(handler=cmd_serve)
     certgen = commands.add_parser(
@@ -140,8 +153,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     grpc_core_log.install()  # before logging: log lines go to the real stderr
     obs_logging.configure(args.log_level)
+    from controlplane.rollout.policy import check_probe_binaries
+
     try:
         config = serve_config(args)
+        check_probe_binaries(args.rollout_policy, config.policies)  # runs `envoy --version`
     except ValueError as error:
         raise CommandError(str(error)) from None
     try:
@@ -175,6 +191,7 @@ def serve_config(args: argparse.Namespace) -> app.Config:
         allow_plaintext=args.allow_plaintext,
         store_key_file=args.store_key_file,
         **({"warming_timeout": args.warming_timeout} if args.warming_timeout else {}),
+        **({"first_sync_timeout": args.first_sync_timeout} if args.first_sync_timeout else {}),
     )
 
 

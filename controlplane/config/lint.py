@@ -1,8 +1,10 @@
 """Lint rules: config Envoy accepts but that is almost certainly wrong, or fragile.
 
-Each rule has an id and a name ("XDS004 shadowed-route"), a severity (an `error` fails
-`xdsctl validate`, a `warning` does not), a one-line hint, and a check over all the
-resources of one snapshot. The rules, in `RULES`:
+Each rule has an id and a name ("XDS004 shadowed-route"), a severity, a one-line hint, and
+a check over all the resources of one snapshot. An `error` is what Envoy would NACK or what
+plainly breaks traffic: it fails `xdsctl validate`, and `refusals` stops a publish, in
+xdsctl and again in the server (any admin client may publish). A `warning` is fragile
+config that Envoy serves: validate prints it and exits 0. The rules, in `RULES`:
 
     XDS001 keepalive-ordering  an HTTP cluster's upstream idle_timeout is set and shorter
                                than its backend's keep-alive (metadata "xdscp.backend")
@@ -13,6 +15,11 @@ resources of one snapshot. The rules, in `RULES`:
     XDS006 duplicate-name      unique resources, virtual hosts, domains, filter chains, addresses
     XDS007 unused-cluster      every cluster is used by a route, listener or other cluster
     XDS008 unknown-cluster     routes and tcp proxies send traffic only to known clusters
+                               (and cluster specifier plugins their route config defines)
+
+Errors: XDS004 (the route's traffic goes elsewhere), XDS005 and XDS006 (Envoy NACKs them),
+XDS008 (Envoy answers 503, or NACKs a listener whose inline routes name it). Warnings:
+XDS001, XDS002, XDS003 (failures under load or on idle, not an outage) and XDS007.
 
 Suppressing one rule for one resource takes a stated reason, in the metadata of the
 resource or of any element on the way to what the finding is about (a virtual host, a
@@ -53,9 +60,21 @@ RE2_PROGRAM_SIZE_LIMIT = 100  # Envoy's default re2.max_program_size.error_level
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 _ANY = "google.protobuf.Any"
+# Well-known types no rule looks into (walking them is most of the cost on large configs).
+_LEAVES = frozenset(
+    "google.protobuf." + name
+    for name in (
+        *("Duration", "Timestamp", "Struct", "Value", "ListValue", "Empty", "FieldMask"),
+        *("BoolValue", "UInt32Value", "UInt64Value", "Int32Value", "Int64Value"),
+        *("DoubleValue", "FloatValue", "StringValue", "BytesValue"),
+    )
+)
 _HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _TCP_PROXY = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-_REGEX_MATCHER = "envoy.type.matcher.v3.RegexMatcher"
+# Every regex Envoy compiles from xDS: Envoy's own matchers and the xds.type generic ones.
+_REGEX_MATCHERS = frozenset(
+    {"envoy.type.matcher.v3.RegexMatcher", "xds.type.matcher.v3.RegexMatcher"}
+)
 _METADATA = "envoy.config.core.v3.Metadata"
 # Where traffic goes: message type -> field naming the cluster.
 _TRAFFIC_TARGETS = {
@@ -140,7 +159,7 @@ def _walk(message: Message, steps: Steps) -> Iterator[tuple[Message, Steps]]:
             return
     yield message, steps
     for fd, value in message.ListFields():
-        if fd.message_type is None:
+        if fd.message_type is None or fd.message_type.full_name in _LEAVES:
             continue
         if fd.message_type.GetOptions().map_entry:
             if fd.message_type.fields_by_name["value"].message_type is not None:
@@ -380,7 +399,7 @@ def _describe(match: Message) -> str:
 def _invalid_re2(context: Context) -> Iterator[Hit]:
     for resource in context.resources:
         for message, steps in context.nodes(resource):
-            if message.DESCRIPTOR.full_name != _REGEX_MATCHER:
+            if message.DESCRIPTOR.full_name not in _REGEX_MATCHERS:
                 continue
             regex = message.regex  # type: ignore[attr-defined]
             try:
@@ -389,7 +408,8 @@ def _invalid_re2(context: Context) -> Iterator[Hit]:
                 reason = err.args[0].decode() if isinstance(err.args[0], bytes) else str(err)
                 yield Hit(resource, (*steps, "regex"), f'"{regex}" is not valid RE2: {reason}')
                 continue
-            limit = message.google_re2.max_program_size.value or RE2_PROGRAM_SIZE_LIMIT  # type: ignore[attr-defined]
+            raised = getattr(message.google_re2, "max_program_size", None)  # type: ignore[attr-defined]
+            limit = (raised.value if raised is not None else 0) or RE2_PROGRAM_SIZE_LIMIT
             if compiled.programsize > limit:
                 text = (
                     f'"{regex}" compiles to an RE2 program of size {compiled.programsize}, '
@@ -502,6 +522,25 @@ def _unknown_cluster(context: Context) -> Iterator[Hit]:
             yield Hit(
                 resource, steps, f'sends traffic to cluster "{name}", which is not in the config'
             )
+    # A route may leave the choice to a plugin its route configuration defines (Envoy NACKs
+    # a name it does not define).
+    for resource, base, table in context.route_tables:
+        plugins = {p.extension.name for p in table.cluster_specifier_plugins}  # type: ignore[attr-defined]
+        for v, host in enumerate(table.virtual_hosts):  # type: ignore[attr-defined]
+            for r, route in enumerate(host.routes):
+                name = route.route.cluster_specifier_plugin
+                if name and name not in plugins:
+                    at = (
+                        *base,
+                        "virtual_hosts",
+                        v,
+                        "routes",
+                        r,
+                        "route",
+                        "cluster_specifier_plugin",
+                    )
+                    text = f'names cluster specifier plugin "{name}", which its route configuration does not define'
+                    yield Hit(resource, at, text)
 
 
 # --- Registry and running ------------------------------------------------------------------
@@ -546,7 +585,7 @@ SUPPRESSION_RULE = Rule(
 )
 
 RULES: tuple[Rule, ...] = (
-    Rule("XDS001", "keepalive-ordering", ERROR,
+    Rule("XDS001", "keepalive-ordering", WARNING,
          "set common_http_protocol_options.idle_timeout below the keep-alive timeout the "
          f'backend declares in metadata "{BACKEND_KEY}".keepalive_timeout',
          _keepalive_ordering),
@@ -570,7 +609,7 @@ RULES: tuple[Rule, ...] = (
     Rule("XDS007", "unused-cluster", WARNING,
          "remove the cluster, or route to it",
          _unused_cluster),
-    Rule("XDS008", "unknown-cluster", WARNING,
+    Rule("XDS008", "unknown-cluster", ERROR,
          "add the cluster, or fix the name (Envoy answers 503 for it meanwhile)",
          _unknown_cluster),
 )  # fmt: skip
@@ -588,19 +627,48 @@ def lint(
     sources: SourceMap | None = None,
     *,
     include_suppressed: bool = False,
+    severity: str | None = None,
 ) -> list[Finding]:
-    """Findings of every rule over one snapshot's resources: broken suppressions first, then
-    rule by rule. Suppressed findings are left out unless `include_suppressed` (then
-    `suppressed` holds the reason)."""
+    """Findings of every rule (or of the rules of one `severity`) over one snapshot's
+    resources: broken suppressions first, then rule by rule. Suppressed findings are left out
+    unless `include_suppressed` (then `suppressed` holds the reason)."""
     sources = sources if sources is not None else SourceMap.from_files(loaded)
     context = Context(list(loaded))
     suppressions, findings = _suppressions(context, sources)
     for each in RULES:
+        if severity is not None and each.severity != severity:
+            continue
         for hit in each.check(context):
             reason = _reason(suppressions, hit, each)
             if reason is None or include_suppressed:
                 findings.append(_finding(each, hit, sources, reason))
     return findings
+
+
+class LintRefusal(ValueError):
+    """Error-level findings: the snapshot is not to be published."""
+
+    def __init__(self, findings: list[Finding]) -> None:
+        self.findings = findings
+        super().__init__("\n".join(str(f) for f in findings))
+
+
+def refusals(loaded: Sequence[SourcedResource], sources: SourceMap | None = None) -> list[Finding]:
+    """What stops a publish: every error-level finding not suppressed with a reason (a
+    suppression without one is itself an error). xdsctl and the server both ask this."""
+    return lint(loaded, sources, severity=ERROR)
+
+
+def check_publishable(items: Iterable[tuple[str, Message]], where: str) -> None:
+    """Raise LintRefusal if `refusals` finds anything in (type URL, message) pairs that come
+    with no file (an admin request); findings are located at `where`."""
+    location = Location(where)
+    loaded = [
+        SourcedResource(url, resources.resource_name(message), message, location)
+        for url, message in items
+    ]
+    if found := refusals(loaded, SourceMap({})):
+        raise LintRefusal(found)
 
 
 def _finding(rule: Rule, hit: Hit, sources: SourceMap, reason: str | None = None) -> Finding:

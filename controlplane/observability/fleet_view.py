@@ -50,3 +50,18 @@ class ControlPlaneView:
 
     def rollout_phases(self) -> dict[str, str]:
         return {group: r.phase.value for group, r in self._controller.rollouts().items()}
+
+    def stuck_counts(self) -> dict[str, int]:
+        stuck: Counter[str] = Counter()
+        for stream in self._fleet:
+            if stream.node is not None and stream.stuck:
+                stuck[self._assignments.effective_group(stream.node.group)] += 1
+        groups = set(stuck) | set(self._assignments.groups())
+        return {group: stuck[group] for group in sorted(groups)}
+
+    def guards_watching(self) -> dict[str, int]:
+        watching = self._controller.guards()
+        return {
+            group: int(group in watching)
+            for group in sorted(self._controller.guarded_groups() | set(watching))
+        }

@@ -54,6 +54,14 @@ class FleetView(Protocol):
         """By group: the phase of the current or last rollout."""
         ...
 
+    def stuck_counts(self) -> dict[str, int]:
+        """By group: nodes stuck in their first sync (xds/first_sync.py)."""
+        ...
+
+    def guards_watching(self) -> dict[str, int]:
+        """By group with a guard in its policy: 1 while a guard watches it, else 0."""
+        ...
+
 
 ROLLOUT_PHASES = ("canary", "awaiting_promotion", "promoted", "aborted")
 
@@ -95,10 +103,22 @@ class Metrics:
             ["group", "outcome"],
             registry=self.registry,
         )
+        self.traffic_evaluations = Counter(
+            "xdscp_traffic_check_evaluations",
+            "Evaluations of rollout traffic checks by result (pass, fail, no_data, error)",
+            ["group", "check", "result"],
+            registry=self.registry,
+        )
         self.admin_refused = Counter(
             "xdscp_admin_refused",
             "Admin calls refused, by reason (admin/auth.py REFUSAL_REASONS)",
             ["reason"],
+            registry=self.registry,
+        )
+        self.guard_trips = Counter(
+            "xdscp_guard_trips",
+            "Guards that tripped and rolled their group back to last_good",
+            ["group"],
             registry=self.registry,
         )
         self.rollback_duration = Histogram(
@@ -195,6 +215,19 @@ class _FleetCollector(Collector):
             for phase in ROLLOUT_PHASES:
                 phases.add_metric([group, phase], 1 if phase == current else 0)
         yield phases
+        yield _gauge(
+            "xdscp_nodes_stuck",
+            "Nodes that started empty and did not ACK every type they are served within "
+            "--first-sync-timeout (stuck in initialization)",
+            ["group"],
+            self._fleet.stuck_counts().items(),
+        )
+        yield _gauge(
+            "xdscp_guard_watching",
+            "1 while a guard watches the group after a promotion (last_good held back)",
+            ["group"],
+            self._fleet.guards_watching().items(),
+        )
         yield _gauge(
             "xdscp_cache_bytes",
             "Estimated bytes held by each cache shared between streams",

@@ -2,11 +2,15 @@
 last_good) while the server runs.
 
 It performs what the gate decides: each step is committed to the store first, then applied
-to the assignments (which pushes it to the fleet). It also runs the fresh probe, records
-last_good once a promoted version is ACKed fleet-wide, and performs rollbacks.
+to the assignments (which pushes it to the fleet). It also runs the fresh probe and the
+traffic checks (off the event loop; the gate judges their results), records
+last_good once a promoted version is ACKed fleet-wide, performs rollbacks, and runs the
+guard (guard.py) after a promotion, rolling the group back when it trips.
 
 Invariants:
-- A group without a policy publishes straight to stable.
+- A group without a policy, or with a guard-only policy, publishes straight to stable.
+- last_good does not move while a guard watches the group. A guard lives in memory: at
+  start-up, a stable that is not last_good is guarded again, for a whole window.
 - At most one rollout per group; publishing while one is active is refused.
 - A rollout found active at start-up (the server restarted mid-rollout) is aborted: its
   evidence lived in memory, so it can never be promoted by accident.
@@ -21,10 +25,20 @@ from dataclasses import dataclass
 
 import structlog
 
+from controlplane import resources
 from controlplane.observability.metrics import Metrics
-from controlplane.rollout.gate import Decision, NodeObservation, Phase, ProbeState, Rollout
+from controlplane.rollout.gate import (
+    Decision,
+    NodeObservation,
+    Phase,
+    ProbeState,
+    Rollout,
+    TrafficCheckState,
+)
+from controlplane.rollout.guard import Guard, GuardedNode, GuardPhase
 from controlplane.rollout.policy import PROBE_METADATA_KEY, RolloutPolicy
 from controlplane.rollout.probe import ProbeResult, XdsEndpoint, run_probe
+from controlplane.rollout.traffic import PrometheusClient, evaluate
 from controlplane.snapshot import Snapshot
 from controlplane.store import CANDIDATE, LAST_GOOD, STABLE, SnapshotStore
 from controlplane.xds.assignments import Assignments
@@ -35,6 +49,7 @@ log = structlog.get_logger("rollout")
 
 TICK_SECONDS = 0.2
 GATE_ACTOR = "xdscp-gate"
+GUARD_ACTOR = "xdscp-guard"
 
 
 class RolloutError(Exception):
@@ -90,11 +105,13 @@ class RolloutController:
         self._clock = clock
         self._rollouts: dict[str, Rollout] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._traffic: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
         self._ticker: asyncio.Task[None] | None = None
         self._metrics = metrics or Metrics()
-        # group -> (version, command time): rollbacks whose fleet-wide ACK is not seen yet
-        self._rollbacks: dict[str, tuple[str, float]] = {}
+        # group -> (version, command time, actor): rollbacks whose fleet-wide ACK is not seen
+        self._rollbacks: dict[str, tuple[str, float, str]] = {}
+        self._guards: dict[str, Guard] = {}  # watching only
         self._seen_generation = -1
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -105,6 +122,8 @@ class RolloutController:
         for group, named in pointers.items():
             if STABLE in named and (snapshot := self._store.get(named[STABLE])) is not None:
                 self._assignments.set_stable(group, snapshot)
+                if named.get(LAST_GOOD) not in (None, named[STABLE]):
+                    self._start_guard(group, named[STABLE])  # its window restarts
         for group, record in self._store.rollouts().items():
             rollout = Rollout.from_record(record)
             if rollout.phase.active:
@@ -127,7 +146,11 @@ class RolloutController:
         self._ticker = asyncio.create_task(self._tick_forever())
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._ticker, *self._probes.values()) if t is not None]
+        tasks = [
+            t
+            for t in (self._ticker, *self._probes.values(), *self._traffic.values())
+            if t is not None
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -140,21 +163,29 @@ class RolloutController:
         async with self._lock:
             stable = self._store.pointer(group, STABLE)
             policy = self._policies.get(group)
-            if policy is None:
+            if policy is None or policy.canary is None or stable is None:
+                # With no stable yet there is nothing to canary against and nothing to go
+                # back to (as Flagger initialises a primary without analysis).
                 result = await asyncio.to_thread(
                     self._store.publish, group, snapshot, message=message, actor=actor
                 )
                 self._assignments.set_stable(group, snapshot)
+                if result.changed:
+                    self._start_guard(group, snapshot.version)
                 outcome = "promoted" if result.changed else "unchanged"
                 return PublishOutcome(snapshot.version, result.entry.parent_version, outcome)
             if stable == snapshot.version:
                 return PublishOutcome(snapshot.version, stable, "unchanged")
             active = self._active(group)
+            if active is not None and active.candidate == snapshot.version:
+                # The same publish again (e.g. after a cut-off answer): nothing changes.
+                return PublishOutcome(snapshot.version, stable, "staged")
             if active is not None:
                 raise RolloutError(
                     f"group {group} is already rolling out {active.candidate} ({active.phase.value}); "
                     "promote or abort it first"
                 )
+            assert policy.canary is not None
             rollout = Rollout(
                 group=group,
                 candidate=snapshot.version,
@@ -165,6 +196,9 @@ class RolloutController:
                 probe_state=ProbeState.NOT_CONFIGURED
                 if policy.fresh_probe is None
                 else ProbeState.RUNNING,
+                traffic=[]
+                if policy.traffic is None
+                else [TrafficCheckState(c.name) for c in policy.traffic.checks],
             )
             await asyncio.to_thread(
                 self._store.transition,
@@ -187,17 +221,17 @@ class RolloutController:
             )
             if policy.fresh_probe is not None:
                 self._probes[group] = asyncio.create_task(self._run_probe(group, snapshot, policy))
+            if policy.traffic is not None:
+                self._traffic[group] = asyncio.create_task(
+                    self._run_traffic(group, rollout, policy)
+                )
             return PublishOutcome(snapshot.version, stable, "staged")
 
     async def promote(self, group: str, *, actor: str, reason: str) -> Rollout:
         async with self._lock:
             rollout = self._require_active(group)
             if rollout.phase is not Phase.AWAITING_PROMOTION:
-                policy = self._policies[group]
-                raise RolloutError(
-                    f"the candidate {rollout.candidate} has not passed its canaries yet "
-                    f"({rollout.progress(policy)}); wait, or abort it"
-                )
+                raise RolloutError(_not_ready(rollout, self._policies[group], self._clock()))
             rollout.promote(self._clock(), reason or f"promoted by {actor}")
             await self._apply(group, rollout, Decision.PROMOTE, actor)
             return rollout
@@ -243,7 +277,8 @@ class RolloutController:
                 pointers={STABLE: target},
             )
             self._assignments.set_stable(group, snapshot)
-            self._rollbacks[group] = (target, started_at)
+            self._rollbacks[group] = (target, started_at, actor)
+            self._guards.pop(group, None)  # what it watched is gone
             self._metrics.rollouts.labels(group, "rolled_back").inc()
             log.warning(
                 "rollback",
@@ -314,6 +349,14 @@ class RolloutController:
     def policy(self, group: str) -> RolloutPolicy | None:
         return self._policies.get(group)
 
+    def guards(self) -> dict[str, Guard]:
+        """The guards watching now, by group."""
+        return {g: guard for g, guard in self._guards.items() if guard.phase is GuardPhase.WATCHING}
+
+    def guarded_groups(self) -> set[str]:
+        """Groups whose policy has a guard."""
+        return {group for group, policy in self._policies.items() if policy.guard is not None}
+
     # -- the gate's loop ------------------------------------------------------------------
 
     async def _tick_forever(self) -> None:
@@ -336,12 +379,14 @@ class RolloutController:
                 decision = rollout.observe(self._policies[group], now, self._observe(group))
                 if decision is not None:
                     await self._apply(group, rollout, decision, GATE_ACTOR)
+            tripped = self._watch_guards(now)
             if fleet_moved:  # both walk the fleet: only worth it when something happened
                 await self._record_last_good()
                 self._record_rollback_durations()
+        await self._roll_back_tripped(tripped)
 
     def _record_rollback_durations(self) -> None:
-        for group, (version, started_at) in list(self._rollbacks.items()):
+        for group, (version, started_at, actor) in list(self._rollbacks.items()):
             convergence = self.convergence(group, version, started_at)
             if convergence.lagging:
                 continue
@@ -352,9 +397,89 @@ class RolloutController:
                 "rollback converged",
                 group=group,
                 version=version,
+                actor=actor,
                 nodes=convergence.total,
+                acked=f"{convergence.acked}/{convergence.total}",
                 seconds=seconds,
             )
+
+    # -- the guard ------------------------------------------------------------------------
+
+    def _start_guard(self, group: str, version: str) -> None:
+        """Watch `group` on its new stable `version`, if its policy has a guard."""
+        policy = self._policies.get(group)
+        if policy is None or policy.guard is None:
+            return
+        self._guards.pop(group, None)
+        last_good = self._store.pointer(group, LAST_GOOD)
+        if last_good is None or last_good == version:
+            log.warning(
+                "guard not started: no last_good to roll back to",
+                group=group,
+                version=version,
+            )
+            return
+        self._guards[group] = Guard(group, version, last_good, self._clock(), policy.guard)
+        log.info(
+            "guard watching",
+            group=group,
+            version=version,
+            rollback_to=last_good,
+            seconds=policy.guard.seconds,
+            first_sync_seconds=policy.guard.first_sync_seconds,
+        )
+
+    def _watch_guards(self, now: float) -> list[Guard]:
+        """Observe every guard; return those that tripped (the caller rolls them back)."""
+        tripped = []
+        for group, guard in list(self._guards.items()):
+            phase = guard.observe(now, self._guarded_nodes(group))
+            if phase is None:
+                continue
+            if phase is GuardPhase.PASSED:
+                del self._guards[group]
+                log.info("guard passed", group=group, version=guard.version, reason=guard.reason)
+                self._seen_generation = -1  # last_good may move now, fleet quiet or not
+                continue
+            self._metrics.guard_trips.labels(group).inc()
+            log.error(
+                "guard tripped: rolling back",
+                group=group,
+                version=guard.version,
+                rollback_to=guard.rollback_to,
+                reason=guard.reason,
+            )
+            tripped.append(guard)  # kept (holding last_good) until the rollback removes it
+        return tripped
+
+    async def _roll_back_tripped(self, tripped: list[Guard]) -> None:
+        for guard in tripped:
+            try:
+                await self.rollback(
+                    guard.group,
+                    to_version=guard.rollback_to,
+                    actor=GUARD_ACTOR,
+                    reason=guard.reason,
+                )
+            except RolloutError as error:  # e.g. last_good gone from the store
+                log.error("guard could not roll back", group=guard.group, error=str(error))
+                self._guards.pop(guard.group, None)
+
+    def _guarded_nodes(self, group: str) -> list[GuardedNode]:
+        return [
+            GuardedNode(
+                stream_id=stream.stream_id,
+                node_id=stream.node.id,
+                version=stream.snapshot.version if stream.snapshot else None,
+                connected_at=stream.started_at,
+                started_empty=stream.started_empty,
+                first_synced=stream.first_synced_at is not None,
+                missing=stream.first_sync_missing(),
+                rejection=stream.rejection(),
+            )
+            for stream in self._group_streams(group)
+            if stream.node is not None
+        ]
 
     def _observe(self, group: str) -> list[NodeObservation]:
         observations = []
@@ -373,6 +498,7 @@ class RolloutController:
                     synced=stream.synced(),
                     rejection=stream.rejection(),
                     probe=node.metadata.get(PROBE_METADATA_KEY) == "true",
+                    owed=_owed(stream),
                 )
             )
         return observations
@@ -386,6 +512,7 @@ class RolloutController:
             )
             self._assignments.set_stable(group, candidate)
             self._assignments.end_rollout(group)
+            self._start_guard(group, rollout.candidate)
             self._metrics.rollouts.labels(group, "promoted").inc()
             log.info(
                 "rollout promoted", group=group, version=rollout.candidate, reason=rollout.reason
@@ -400,8 +527,10 @@ class RolloutController:
         else:
             await self._record(rollout, "await_promotion", actor, {})
             log.info("rollout awaiting promotion", group=group, version=rollout.candidate)
-        if not rollout.phase.active and (probe := self._probes.pop(group, None)) is not None:
-            probe.cancel()
+        if not rollout.phase.active:
+            for tasks in (self._probes, self._traffic):
+                if (task := tasks.pop(group, None)) is not None:
+                    task.cancel()
 
     async def _record(
         self, rollout: Rollout, action: str, actor: str, pointers: dict[str, str | None]
@@ -423,7 +552,12 @@ class RolloutController:
         pointers = self._store.pointers()
         for group in self._assignments.groups():
             stable = pointers.get(group, {}).get(STABLE)
-            if stable is None or pointers[group].get(LAST_GOOD) == stable or self._active(group):
+            if (
+                stable is None
+                or pointers[group].get(LAST_GOOD) == stable
+                or self._active(group)
+                or group in self._guards  # a guard may still roll it back
+            ):
                 continue
             convergence = self.convergence(group, stable, self._clock())
             if convergence.total and not convergence.lagging:
@@ -448,12 +582,14 @@ class RolloutController:
             is_synced=self._node_synced,
             metadata={PROBE_METADATA_KEY: "true"},
         )
-        log.info(
+        (log.info if result.ok else log.warning)(
             "fresh probe finished",
             group=group,
             version=candidate.version,
             ok=result.ok,
             reason=result.reason,
+            seconds=result.seconds,
+            **({} if result.ok else {"envoy_log_tail": result.log_tail}),
         )
         async with self._lock:
             rollout = self._rollouts.get(group)
@@ -462,7 +598,56 @@ class RolloutController:
                 and rollout.candidate == candidate.version
                 and rollout.phase.active
             ):
-                rollout.probe_finished(result.ok, result.reason, result.node_id)
+                rollout.probe_finished(result.ok, result.report(), result.node_id)
+
+    async def _run_traffic(self, group: str, rollout: Rollout, policy: RolloutPolicy) -> None:
+        """Evaluate the traffic checks whenever the gate says they are due, until the rollout
+        ends (its end cancels this task)."""
+        assert policy.traffic is not None
+        client = PrometheusClient(policy.traffic.prometheus, policy.traffic.timeout_seconds)
+        while rollout.phase.active:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                await self._traffic_round(group, rollout, policy, client)
+            except Exception:  # one bad round must not stop the checks (the deadline bounds all)
+                log.exception("traffic checks failed", group=group, version=rollout.candidate)
+
+    async def _traffic_round(
+        self, group: str, rollout: Rollout, policy: RolloutPolicy, client: PrometheusClient
+    ) -> None:
+        assert policy.traffic is not None
+        async with self._lock:
+            now = self._clock()
+            if self._rollouts.get(group) is not rollout or not rollout.traffic_due(policy, now):
+                return
+            assert rollout.evidence_complete_at is not None
+            window = now - rollout.evidence_complete_at
+            canaries = sorted(
+                {
+                    n.node_id
+                    for n in self._observe(group)
+                    if n.canary and not n.probe and n.version == rollout.candidate
+                }
+            )
+        results = await asyncio.to_thread(
+            evaluate, policy.traffic, client, canaries=canaries, group=group, window_seconds=window
+        )
+        async with self._lock:
+            if self._rollouts.get(group) is not rollout or not rollout.phase.active:
+                return
+            rollout.traffic_results(policy, self._clock(), results)
+        for result in results:
+            self._metrics.traffic_evaluations.labels(group, result.name, result.outcome.value).inc()
+            log.info(
+                "traffic check",
+                group=group,
+                version=rollout.candidate,
+                check=result.name,
+                result=result.outcome.value,
+                value=result.value,
+                detail=result.detail,
+                query=result.query,
+            )
 
     def _previous_good(self, group: str) -> str | None:
         """The newest version that was last_good and is not what the group holds now: when
@@ -485,6 +670,36 @@ class RolloutController:
         if rollout is None:
             raise RolloutError(f"group {group} has no rollout in progress")
         return rollout
+
+
+def _not_ready(rollout: Rollout, policy: RolloutPolicy, now: float) -> str:
+    """Why `promote` is refused while the gate still works on the candidate."""
+    bake_left = rollout.bake_left(policy, now)
+    if rollout.pending:
+        waiting = "; ".join(p.describe(rollout.candidate, now) for p in rollout.pending)
+        return f"the candidate {rollout.candidate} waits for canaries: {waiting}; wait, or abort it"
+    if bake_left:
+        return (
+            f"the candidate {rollout.candidate} passed its canaries and is baking: "
+            f"{bake_left:.0f}s of the {policy.bake_seconds:g}s bake left; wait, or abort it"
+        )
+    return (
+        f"the candidate {rollout.candidate} has not passed its canaries yet "
+        f"({rollout.progress(policy)}); wait, or abort it"
+    )
+
+
+def _owed(stream: XdsStream) -> tuple[str, ...]:
+    """The types (CLUSTER, ...) a stream has not ACKed at the snapshot it is assigned."""
+    if stream.snapshot is None:
+        return ()
+    return tuple(
+        resources.BY_URL[url].short_name.upper()
+        for url, state in stream.types.items()
+        if state.subscribed
+        and url in resources.BY_URL
+        and (state.awaiting_ack or state.acked_version != stream.snapshot.of_type(url).version)
+    )
 
 
 def _holds(stream: XdsStream, version: str) -> bool:

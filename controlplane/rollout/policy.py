@@ -15,18 +15,42 @@ Loaded from a YAML file the server is given (`xdsctl serve --rollout-policy FILE
         deadline_seconds: 600        # the whole rollout must pass within this
         auto_promote: true           # false: wait for `xdsctl rollout promote`
         fresh_probe:                 # optional: start a throwaway Envoy on the candidate
-          envoy_binary: /usr/local/bin/envoy
+          envoy_binary: /usr/local/bin/envoy   # relative: to this file's directory
           ready_timeout_seconds: 30
           isolate_network: false     # own network namespace (needs root / CAP_SYS_ADMIN)
           check: {listener: edge_http, path: /, host: example.com, expect_status: 200}
+        traffic:                     # optional: Prometheus queries judge the canaries' traffic
+          prometheus: http://127.0.0.1:9090
+          interval_seconds: 10       # between evaluations, from the start of the bake
+          timeout_seconds: 5         # per query, the whole HTTP exchange
+          min_passes: 1              # passing evaluations of each check before promotion
+          failure_limit: 1           # failing evaluations of a check that abort
+          on_no_data: wait           # wait (does not count) | abort (counts as a failure)
+          checks:                    # {{ canaries }} {{ group }} {{ window }}: traffic.py
+            - {name: canary-5xx, query: 'sum(rate(...{node=~"{{ canaries }}"}[{{ window }}]))', max: 0.05}
+        guard:                       # optional: keep watching the group after a promotion
+          seconds: 300               #   how long; last_good stays put meanwhile
+          first_sync_seconds: 30     #   a node starting on it must ACK every type within this
+      web:
+        guard: {seconds: 300}        # guard only: publish straight to stable, then guard
 
-A group without a policy publishes straight to `stable`.
+Every file path in a policy is made absolute when it is read: a relative one is taken
+relative to the policy file's own directory (never the server's working directory), so the
+same file works wherever `serve` is started from. `check_probe_binaries` runs each probe's
+Envoy with `--version` at start-up, so a wrong path stops `serve` at once, not the first
+rollout.
+
+A group without a policy publishes straight to `stable`; so does a group with only a
+`guard`. While a guard watches, a NACK of the new stable or a node that starts on it and does
+not finish its first sync in time rolls the group back to last_good (guard.py).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +58,16 @@ from typing import Any
 
 import yaml
 
-from controlplane.rollout.probe import HttpCheck, ProbeConfig
+from controlplane.rollout.probe import HttpCheck, ProbeConfig, envoy_binary_problem
+from controlplane.rollout.traffic import (
+    CHECK_NAME,
+    MAX_CHECKS,
+    NoData,
+    TrafficCheck,
+    TrafficPolicy,
+    check_query,
+    check_url,
+)
 from controlplane.xds.stream import NodeInfo
 
 PROBE_METADATA_KEY = "xdscp.probe"  # the fresh probe's Envoy carries this; always a canary
@@ -84,8 +117,14 @@ def _bucket(node_id: str) -> float:
 
 
 @dataclass(frozen=True)
+class GuardPolicy:
+    seconds: float = 300.0
+    first_sync_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class RolloutPolicy:
-    canary: CanarySelector
+    canary: CanarySelector | None  # None: no canary stage (a guard-only policy)
     min_existing: int = 1
     min_fresh: int = 0
     bake_seconds: float = 30.0
@@ -93,6 +132,13 @@ class RolloutPolicy:
     deadline_seconds: float = 600.0
     auto_promote: bool = True
     fresh_probe: ProbeConfig | None = None
+    traffic: TrafficPolicy | None = None
+    guard: GuardPolicy | None = None
+
+    @property
+    def stages(self) -> bool:
+        """A publish goes to canaries first (else straight to stable)."""
+        return self.canary is not None
 
 
 def load_policies(path: str | Path) -> dict[str, RolloutPolicy]:
@@ -101,7 +147,7 @@ def load_policies(path: str | Path) -> dict[str, RolloutPolicy]:
         document = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise PolicyError(f"{path}: {error}") from None
-    reader = _Reader(str(path))
+    reader = _Reader(str(path), base=path.parent)
     groups = reader.mapping(document, "", keys={"groups"}).get("groups", {})
     return {
         str(group): _policy(reader, spec, f"groups.{group}")
@@ -115,11 +161,17 @@ def _policy(reader: _Reader, spec: Any, where: str) -> RolloutPolicy:
         where,
         keys={
             "canary", "min_existing", "min_fresh", "bake_seconds", "ack_timeout_seconds",
-            "deadline_seconds", "auto_promote", "fresh_probe",
+            "deadline_seconds", "auto_promote", "fresh_probe", "traffic", "guard",
         },
     )  # fmt: skip
+    guard = _guard(reader, spec["guard"], f"{where}.guard") if "guard" in spec else None
     if "canary" not in spec:
-        raise reader.error(where, "needs a `canary` selector")
+        if guard is None:
+            raise reader.error(where, "needs a `canary` selector, a `guard`, or both")
+        if set(spec) != {"guard"}:
+            staged = ", ".join(sorted(set(spec) - {"guard"}))
+            raise reader.error(where, f"{staged} need(s) a `canary` selector")
+        return RolloutPolicy(canary=None, guard=guard)
     defaults = RolloutPolicy(canary=CanarySelector())
     policy = RolloutPolicy(
         canary=_selector(reader, spec["canary"], f"{where}.canary"),
@@ -134,10 +186,28 @@ def _policy(reader: _Reader, spec: Any, where: str) -> RolloutPolicy:
         fresh_probe=_probe(reader, spec["fresh_probe"], f"{where}.fresh_probe")
         if "fresh_probe" in spec
         else None,
+        traffic=_traffic(reader, spec["traffic"], f"{where}.traffic")
+        if "traffic" in spec
+        else None,
+        guard=guard,
     )
     if policy.min_existing == 0 and policy.min_fresh == 0 and policy.fresh_probe is None:
         raise reader.error(where, "proves nothing: set min_existing, min_fresh or fresh_probe")
     return policy
+
+
+def _guard(reader: _Reader, spec: Any, where: str) -> GuardPolicy:
+    spec = reader.mapping(spec, where, keys={"seconds", "first_sync_seconds"})
+    defaults = GuardPolicy()
+    guard = GuardPolicy(
+        seconds=reader.seconds(spec, "seconds", where, defaults.seconds),
+        first_sync_seconds=reader.seconds(
+            spec, "first_sync_seconds", where, defaults.first_sync_seconds
+        ),
+    )
+    if guard.seconds == 0:
+        raise reader.error(f"{where}.seconds", "a guard of 0 seconds watches nothing")
+    return guard
 
 
 def _selector(reader: _Reader, spec: Any, where: str) -> CanarySelector:
@@ -164,8 +234,7 @@ def _probe(reader: _Reader, spec: Any, where: str) -> ProbeConfig:
     spec = reader.mapping(
         spec, where, keys={"envoy_binary", "ready_timeout_seconds", "isolate_network", "check"}
     )
-    binary = spec.get("envoy_binary")
-    if not isinstance(binary, str) or not binary:
+    if not isinstance(spec.get("envoy_binary"), str) or not spec["envoy_binary"]:
         raise reader.error(f"{where}.envoy_binary", "needs the path of an Envoy binary")
     check = None
     if "check" in spec:
@@ -181,18 +250,96 @@ def _probe(reader: _Reader, spec: Any, where: str) -> ProbeConfig:
             expect_status=reader.count(check_spec, "expect_status", f"{where}.check", 200),
         )
     return ProbeConfig(
-        envoy_binary=Path(binary),
+        envoy_binary=reader.path(spec, "envoy_binary"),
         ready_timeout_seconds=reader.seconds(spec, "ready_timeout_seconds", where, 30.0),
         isolate_network=reader.boolean(spec, "isolate_network", where, False),
         check=check,
     )
 
 
+def _traffic(reader: _Reader, spec: Any, where: str) -> TrafficPolicy:
+    spec = reader.mapping(
+        spec,
+        where,
+        keys={
+            "prometheus", "interval_seconds", "timeout_seconds", "min_passes", "failure_limit",
+            "on_no_data", "checks",
+        },
+    )  # fmt: skip
+    try:
+        url = check_url(spec.get("prometheus") if isinstance(spec.get("prometheus"), str) else "")
+    except ValueError as error:
+        raise reader.error(f"{where}.prometheus", str(error)) from None
+    defaults = TrafficPolicy(prometheus=url, checks=())
+    on_no_data = spec.get("on_no_data", defaults.on_no_data.value)
+    if on_no_data not in {n.value for n in NoData}:
+        raise reader.error(f"{where}.on_no_data", f"expected wait or abort, got {on_no_data!r}")
+    checks = spec.get("checks")
+    if not isinstance(checks, list) or not 1 <= len(checks) <= MAX_CHECKS:
+        raise reader.error(f"{where}.checks", f"expected a list of 1 to {MAX_CHECKS} checks")
+    policy = TrafficPolicy(
+        prometheus=url,
+        checks=tuple(_check(reader, c, f"{where}.checks[{i}]") for i, c in enumerate(checks)),
+        interval_seconds=reader.seconds(spec, "interval_seconds", where, defaults.interval_seconds),
+        timeout_seconds=reader.seconds(spec, "timeout_seconds", where, defaults.timeout_seconds),
+        min_passes=reader.count(spec, "min_passes", where, defaults.min_passes),
+        failure_limit=reader.count(spec, "failure_limit", where, defaults.failure_limit),
+        on_no_data=NoData(on_no_data),
+    )
+    for key in ("interval_seconds", "timeout_seconds", "min_passes", "failure_limit"):
+        if not getattr(policy, key):
+            raise reader.error(f"{where}.{key}", "must be above 0")
+    names = [c.name for c in policy.checks]
+    if len(set(names)) != len(names):
+        raise reader.error(f"{where}.checks", f"check names must be unique: {', '.join(names)}")
+    return policy
+
+
+def _check(reader: _Reader, spec: Any, where: str) -> TrafficCheck:
+    spec = reader.mapping(spec, where, keys={"name", "query", "max", "min"})
+    name, query = spec.get("name"), spec.get("query")
+    if not isinstance(name, str) or not CHECK_NAME.fullmatch(name):
+        raise reader.error(f"{where}.name", f"expected 1-64 of A-Z a-z 0-9 _ . -, got {name!r}")
+    if not isinstance(query, str):
+        raise reader.error(f"{where}.query", f"expected a PromQL string, got {query!r}")
+    try:
+        check_query(query)
+    except ValueError as error:
+        raise reader.error(f"{where}.query", str(error)) from None
+    bounds = {}
+    for key in ("max", "min"):
+        value = spec.get(key)
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise reader.error(f"{where}.{key}", f"expected a finite number, got {value!r}")
+        bounds[key] = float(value) if value is not None else None
+    if bounds["max"] is None and bounds["min"] is None:
+        raise reader.error(where, "needs a threshold: max, min or both")
+    return TrafficCheck(name=name, query=query, max=bounds["max"], min=bounds["min"])
+
+
+def check_probe_binaries(policy_file: str | Path, policies: Mapping[str, RolloutPolicy]) -> None:
+    """Raise PolicyError unless every fresh probe's Envoy binary runs `--version`; the error
+    names the policy file, the group, the key and the resolved path."""
+    for group, policy in policies.items():
+        if policy.fresh_probe is None:
+            continue
+        binary = policy.fresh_probe.envoy_binary
+        problem = envoy_binary_problem(binary)
+        if problem is not None:
+            where = f"groups.{group}.fresh_probe.envoy_binary"
+            raise PolicyError(f"{policy_file}: {where}: {binary}: {problem}")
+
+
 class _Reader:
     """Typed field access that names the file and the field path in every error."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, base: Path = Path()) -> None:
         self.source = source
+        self.base = base  # relative paths in the file are relative to this directory
 
     def error(self, where: str, message: str) -> PolicyError:
         return PolicyError(f"{self.source}: {where or 'top level'}: {message}")
@@ -220,6 +367,10 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise self.error(f"{where}.{key}", f"expected seconds >= 0, got {value!r}")
         return float(value)
+
+    def path(self, spec: dict[str, Any], key: str) -> Path:
+        """`spec[key]` (a non-empty string) as an absolute path: relative to `base`."""
+        return Path(os.path.abspath(self.base / spec[key]))
 
     def boolean(self, spec: dict[str, Any], key: str, where: str, default: bool) -> bool:
         value = spec.get(key, default)

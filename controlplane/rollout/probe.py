@@ -42,6 +42,7 @@ import os
 import secrets
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -61,7 +62,9 @@ REQUEST_TIMEOUT_SECONDS = 2.0  # one admin or check request
 CHECK_TIMEOUT_SECONDS = 5.0  # the check's retries on connection failures, at least this long
 STOP_TIMEOUT_SECONDS = 5.0  # SIGTERM -> SIGKILL, and SIGKILL -> reaped
 PREFLIGHT_TIMEOUT_SECONDS = 5.0
-LOG_TAIL_LINES = 20
+VERSION_TIMEOUT_SECONDS = 10.0  # `envoy --version` at start-up
+LOG_TAIL_LINES = 20  # of the probe Envoy's log, in a failed probe's report
+LOG_TAIL_BYTES = 4096  # at most this much of it (the log's end; longer lines are cut)
 MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _NETNS_SHIM = 'ip link set lo up && exec "$0" "$@"'
 _TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
@@ -78,16 +81,28 @@ class HttpCheck:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    envoy_binary: Path
+    envoy_binary: Path  # absolute: the probe runs in a temp dir of its own
     ready_timeout_seconds: float = 30.0
     isolate_network: bool = False  # own network namespace; xDS then goes over the Unix socket
     check: HttpCheck | None = None
+
+    def __post_init__(self) -> None:
+        _require_absolute("envoy_binary", self.envoy_binary)
 
 
 @dataclass(frozen=True)
 class XdsEndpoint:
     tcp: tuple[str, int] | None = None  # host, port
-    unix_socket: Path | None = None
+    unix_socket: Path | None = None  # absolute: Envoy resolves it from its own directory
+
+    def __post_init__(self) -> None:
+        if self.unix_socket is not None:
+            _require_absolute("unix_socket", self.unix_socket)
+
+
+def _require_absolute(name: str, path: Path) -> None:
+    if not path.is_absolute():
+        raise ValueError(f"the probe's {name} must be an absolute path, not {path}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,12 @@ class ProbeResult:
     log_tail: str  # last lines of the probe Envoy's log
     pid: int | None = None  # the probe Envoy's process (gone by the time this is returned)
     workdir: Path | None = None  # its temp dir (removed by the time this is returned)
+
+    def report(self) -> str:
+        """The reason, and for a failure the end of Envoy's log (bounded: LOG_TAIL_BYTES)."""
+        if self.ok or not self.log_tail:
+            return self.reason
+        return f"{self.reason}\nenvoy log (last lines):\n{self.log_tail}"
 
 
 class ProbeSetupError(ValueError):
@@ -298,7 +319,7 @@ async def run_probe(
     )
     if problem:
         return result(problem)
-    paths = _Paths(Path(tempfile.mkdtemp(prefix=f"{node_id}-")))
+    paths = _Paths(Path(tempfile.mkdtemp(prefix=f"{node_id}-")).absolute())
     process: asyncio.subprocess.Process | None = None
     try:
         try:
@@ -327,6 +348,31 @@ async def run_probe(
                 await _stop(process)
         finally:
             shutil.rmtree(paths.workdir, ignore_errors=True)
+
+
+def envoy_binary_problem(binary: Path) -> str | None:
+    """Why `binary` cannot serve as the probe's Envoy (missing, not executable, or its
+    `--version` fails within VERSION_TIMEOUT_SECONDS), or None. Blocks: run at start-up."""
+    if not binary.is_file():
+        return "no such file" if not binary.exists() else "not a regular file"
+    if not os.access(binary, os.X_OK):
+        return "not executable"
+    try:
+        ran = subprocess.run(
+            [str(binary), "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=VERSION_TIMEOUT_SECONDS,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return f"`--version` did not finish within {VERSION_TIMEOUT_SECONDS:g}s"
+    except OSError as error:
+        return f"cannot run it: {error.strerror or error}"
+    if ran.returncode != 0:
+        output = (ran.stderr or ran.stdout).decode(errors="replace").strip()[-500:]
+        return f"`--version` exited with {ran.returncode}" + (f": {output}" if output else "")
+    return None
 
 
 def _preflight_problem(config: ProbeConfig) -> str | None:
@@ -510,17 +556,22 @@ def _dechunk(data: bytes) -> bytes:
 
 
 def _exit_reason(process: asyncio.subprocess.Process, paths: _Paths) -> str:
+    """How Envoy exited, with its last log line (the report adds the rest of the tail)."""
     code = process.returncode
     how = f"signal {-code}" if code is not None and code < 0 else str(code)
-    tail = _log_tail(paths.log, lines=5)
+    tail = _log_tail(paths.log, lines=1)
     return f"envoy exited with {how}: {tail}" if tail else f"envoy exited with {how}"
 
 
-def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES, limit: int = LOG_TAIL_BYTES) -> str:
+    """The last `lines` lines of the file, at most `limit` bytes of its end; reads no more."""
     try:
-        text = path.read_text(errors="replace")
+        with path.open("rb") as file:
+            file.seek(max(0, file.seek(0, os.SEEK_END) - limit))
+            data = file.read(limit)
     except OSError:
         return ""
+    text = data.decode(errors="replace").strip()
     return "\n".join(text.splitlines()[-lines:])
 
 

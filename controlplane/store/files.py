@@ -30,6 +30,15 @@ def prepare(path: Path) -> None:
         _tighten(file)
 
 
+def open_owner_only(path: Path) -> int:
+    """A read-write descriptor of `path`, created 0600 (in 0700 directories) if missing and
+    tightened to 0600 if it was open to group or other."""
+    _make_directories(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    _tighten(path)
+    return fd
+
+
 def _make_directories(directory: Path) -> None:
     """Like `mkdir -p`, but every directory made is 0700 (Path.mkdir gives `mode` only to
     the last one)."""

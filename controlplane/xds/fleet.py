@@ -65,6 +65,12 @@ class NodeStatus:
     connected_at: float
     snapshot_version: str | None
     types: tuple[TypeStatus, ...]
+    # Started empty and did not ACK every type it is served within the first-sync timeout
+    # (xds/first_sync.py): since when, and what it still lacks.
+    started_empty: bool = False  # held nothing when it connected
+    stuck: bool = False
+    stuck_since: float | None = None
+    missing: tuple[str, ...] = ()
 
 
 def type_status(state: TypeState, snapshot: Snapshot | None) -> TypeStatus:
@@ -170,6 +176,10 @@ class Fleet:
                         for t in ADS_ORDER
                         if t.type_url in stream.types and stream.types[t.type_url].subscribed
                     ),
+                    started_empty=stream.started_empty,
+                    stuck=stream.stuck,
+                    stuck_since=stream.stuck_since if stream.stuck else None,
+                    missing=stream.first_sync_missing() if stream.stuck else (),
                 )
             )
         return sorted(statuses, key=lambda s: (s.group, s.node_id, s.stream_id))

@@ -22,7 +22,7 @@ from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from controlplane import resources
 from controlplane.observability.metrics import Metrics
-from controlplane.xds import limits, ordering, wire
+from controlplane.xds import first_sync, limits, ordering, wire
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.delta import DeltaStream
 from controlplane.xds.fleet import Fleet
@@ -89,12 +89,14 @@ class XdsServer:
         metrics: Metrics,
         *,
         warming_timeout: float = ordering.DEFAULT_WARMING_TIMEOUT_SECONDS,
+        first_sync_timeout: float = first_sync.DEFAULT_FIRST_SYNC_TIMEOUT_SECONDS,
         trust_domain: str | None = None,
     ) -> None:
         """`trust_domain` (with mTLS on the port): client certificates decide what nodes
         may claim, as identity.py reads them."""
         self._assignments = assignments
         self._warming_timeout = warming_timeout
+        self._first_sync_timeout = first_sync_timeout
         self._trust_domain = trust_domain
         # Streams ended by a protocol error: one line per reason every second, server-wide,
         # however many clients misbehave.
@@ -135,6 +137,7 @@ class XdsServer:
                 self._assignments.resolve,
                 types=types,
                 warming_timeout=self._warming_timeout,
+                first_sync_timeout=self._first_sync_timeout,
                 certificate=self._certificate(context),
             )
             async for payload in self._serve(stream, request_type, request_iterator, context):
@@ -155,6 +158,7 @@ class XdsServer:
         reader = asyncio.create_task(_read_into(request_iterator, events))
         bound = log.bind(stream_id=stream.stream_id, peer=context.peer())
         converged_on: str | None = None
+        was_stuck = False
         timer = _Timer(events)
         nack_log = LogRateLimit(NACK_LOG_INTERVAL_SECONDS)  # per stream, by type
         # Logged once per stream: ("type", URL) of types not served, ("secret", name) of
@@ -186,6 +190,9 @@ class XdsServer:
                 for send in sends:
                     self._record_send(bound, stream, send)
                     yield send.payload
+                if stream.stuck != was_stuck:
+                    was_stuck = stream.stuck
+                    self._record_stuck(bound, stream)
                 timer.set(stream.next_deadline())
         except RemoteProtocolError as error:
             suppressed = self._error_log.allow(error.reason, time.monotonic())
@@ -327,6 +334,18 @@ class XdsServer:
                 names=[limits.clip(n, 256) for n in missing[:20]],
                 more=max(0, len(missing) - 20),
             )
+
+    def _record_stuck(self, bound: BoundLogger, stream: XdsStream) -> None:
+        """A node ran out of time for its first sync, or completed it after all."""
+        if stream.stuck:
+            bound.warning(
+                "node stuck starting up",
+                missing=list(stream.first_sync_missing()),
+                first_sync_timeout=self._first_sync_timeout,
+            )
+        else:
+            bound.info("node finished starting up after being stuck")
+        self._fleet.progressed()
 
     def _record_convergence(self, stream: XdsStream, converged_on: str | None) -> str | None:
         """Observe, once per snapshot, how long this node took to ACK all of it."""

@@ -25,6 +25,8 @@ Rules kept here and nowhere else:
   changes: never in a loop.
 - An unknown type URL on ADS is ignored (reported to the shell), not a reason to end the
   stream; on a per-type service, another type is a protocol error.
+- A node that has not completed its first sync within the first-sync timeout is judged
+  then, once: stuck (until it completes it) or not, by first_sync.py's rule.
 
 State of the world (SotwStream):
 - The first request for a wildcard-capable type with no names is the legacy wildcard. It
@@ -53,7 +55,7 @@ from controlplane.caches import ByteBoundedCache, size_of_names
 from controlplane.resources import ADS_ORDER
 from controlplane.snapshot import Resource, Snapshot, TypeResources
 from controlplane.store import DEFAULT_GROUP
-from controlplane.xds import limits, ordering, wire
+from controlplane.xds import first_sync, limits, ordering, wire
 from controlplane.xds.identity import CLAIMED, Certificate, Trust
 from controlplane.xds.limits import RemoteProtocolError
 
@@ -246,18 +248,21 @@ class XdsStream:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         warming_timeout: float = ordering.DEFAULT_WARMING_TIMEOUT_SECONDS,
+        first_sync_timeout: float = first_sync.DEFAULT_FIRST_SYNC_TIMEOUT_SECONDS,
         certificate: Certificate | None = None,
     ) -> None:
         """`resolve(node)` gives the snapshot a node should hold; `types` limits the stream
         to those type URLs (a per-type service), default every type (ADS); types wait for a
-        CDS ACK at most `warming_timeout` seconds. `certificate` is the client's, when it
-        showed one: it decides what the node may claim. `clock` stamps what the status shows;
+        CDS ACK at most `warming_timeout` seconds; the first sync is judged
+        `first_sync_timeout` seconds after it starts (first_sync.py). `certificate` is the
+        client's, when it showed one: it decides what the node may claim. `clock` stamps what the status shows;
         deadlines are kept on `monotonic`, which a wall-clock step cannot move."""
         self.stream_id = stream_id
         self._resolve = resolve
         self._clock = clock
         self._monotonic = monotonic
         self._warming_timeout = warming_timeout
+        self._first_sync_timeout = first_sync_timeout
         self._certificate = certificate
         self._ads = types is None
         allowed = tuple(types) if types is not None else tuple(t.type_url for t in ADS_ORDER)
@@ -269,6 +274,10 @@ class XdsStream:
         self.started_at = clock()
         # Fresh: the client held nothing when it connected (a new Envoy, not a reconnect).
         self.started_empty = True
+        self.first_synced_at: float | None = None  # when it ACKed every type it is served
+        self.stuck_since: float | None = None  # when its first sync ran out of time
+        # When (monotonic) the first sync is judged; None once judged, or once complete.
+        self._first_sync_due: float | None = monotonic() + first_sync_timeout
         self._nonce_counter = 0
 
     def receive(self, request: Request) -> tuple[RequestKind, TypeState, list[Send]]:
@@ -314,7 +323,9 @@ class XdsStream:
         if kind is RequestKind.INITIAL:
             self._adopt(state, request)
         # An ACK may release types held behind this one; a subscription change may be due.
-        return kind, state, self._send_due()
+        sends = self._send_due()
+        self._check_first_sync()
+        return kind, state, sends
 
     # -- what each protocol defines ---------------------------------------------------------
 
@@ -373,24 +384,70 @@ class XdsStream:
 
     def on_snapshot(self, snapshot: Snapshot | None) -> list[Send]:
         self._assign(snapshot)
-        return self._send_due()
+        sends = self._send_due()
+        self._check_first_sync()
+        return sends
 
     def on_tick(self) -> list[Send]:
-        """Time passed (the shell calls this at `next_deadline()`): send what stopped waiting."""
-        return self._send_due()
+        """Time passed (the shell calls this at `next_deadline()`): send what stopped waiting,
+        and mark a first sync that ran out of time."""
+        sends = self._send_due()
+        self._check_first_sync()
+        return sends
 
     def next_deadline(self) -> float | None:
-        """When (on the monotonic clock) a type held back is released anyway, if any is."""
+        """When (on the monotonic clock) a type held back is released anyway, or the first
+        sync runs out of time, if either is due."""
         now = self._monotonic()
         deadlines = [
             deadline
             for state in self.types.values()
             if state.subscribed and (deadline := self._held_until(state, now)) is not None
         ]
+        if self._first_sync_due is not None:
+            deadlines.append(self._first_sync_due)
         return min(deadlines, default=None)
+
+    @property
+    def stuck(self) -> bool:
+        """Did not complete its first sync in time (first_sync.py), and has not since."""
+        return self.stuck_since is not None and self.first_synced_at is None
+
+    def first_sync_missing(self) -> tuple[str, ...]:
+        """What its first sync still lacks, e.g. "never asked for LDS"; empty once done."""
+        if self.first_synced_at is not None or self.snapshot is None:
+            return ()
+        return first_sync.missing(self.types, self._first_sync_expected(self.snapshot))
+
+    def _first_sync_expected(self, snapshot: Snapshot) -> tuple[str, ...]:
+        return first_sync.expected_types(
+            (url for url, s in self.types.items() if s.subscribed),
+            snapshot,
+            envoy_on_ads=self._ads and self.node is not None and self.node.user_agent == "envoy",
+        )
+
+    def _check_first_sync(self) -> None:
+        if self.first_synced_at is not None:
+            return
+        due = self._first_sync_due is not None and self._monotonic() >= self._first_sync_due
+        if self.snapshot is None:
+            if due:
+                self._first_sync_due = None  # nothing to sync: judged once a snapshot comes
+            return
+        expected = self._first_sync_expected(self.snapshot)
+        if not first_sync.missing(self.types, expected):
+            self.first_synced_at = self._clock()
+            self._first_sync_due = None
+        elif due:
+            self._first_sync_due = None
+            if first_sync.stuck(self.started_empty, self.types, expected):
+                self.stuck_since = self._clock()
 
     def _assign(self, snapshot: Snapshot | None) -> None:
         if snapshot != self.snapshot:
+            if self.snapshot is None and self.first_synced_at is None and self.node is not None:
+                # Nothing was there to sync: the first sync's time starts now.
+                self._first_sync_due = self._monotonic() + self._first_sync_timeout
             self.snapshot = snapshot
             self.assigned_at = self._clock()
 

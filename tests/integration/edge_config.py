@@ -112,6 +112,18 @@ def route_to(cluster: str, prefix: str = "/") -> dict[str, Any]:
     return {"match": {"prefix": prefix}, "route": {"cluster": cluster}}
 
 
+def nacked_regex_route(cluster: str) -> dict[str, Any]:
+    """A route whose regex RE2 refuses, so Envoy NACKs it. xdscp refuses to publish that
+    (lint invalid-re2) unless the route suppresses the rule with a reason, as this one does:
+    for tests of what happens when Envoy NACKs."""
+    suppress = {"invalid-re2": "tests what happens when Envoy NACKs"}
+    return {
+        "match": {"safe_regex": {"regex": "(("}},
+        "route": {"cluster": cluster},
+        "metadata": {"filter_metadata": {"xdscp.lint": {"suppress": suppress}}},
+    }
+
+
 def direct_response(prefix: str, body: str) -> dict[str, Any]:
     """A route answering 200 `body` itself, with no cluster."""
     return {

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -168,11 +169,18 @@ class XdsControlPlane:
         return [json.loads(line) for line in lines if line.startswith("{")]
 
     def xdsctl(
-        self, *args: str, check: bool = True, token_file: Path | None = None
+        self,
+        *args: str,
+        check: bool = True,
+        token_file: Path | None = None,
+        create_group: bool = True,
     ) -> subprocess.CompletedProcess[str]:
-        """xdsctl against this server, with its write token unless told another."""
+        """xdsctl against this server, with its write token unless told another. A publish
+        passes --create-group (tests publish to fresh groups) unless `create_group` is False."""
+        creates = ("--create-group",) if create_group and args[:1] == ("publish",) else ()
         return xdsctl(
             *args,
+            *creates,
             "--server",
             self.admin_address,
             "--token-file",
@@ -322,7 +330,8 @@ class Envoy:
         self.log_path = workdir / f"envoy-{node_id}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Envoy:
+    def start(self, *, ready: bool = True) -> Envoy:
+        """Start Envoy and wait for its admin port, and (`ready`) for /ready to say LIVE."""
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
@@ -344,7 +353,8 @@ class Envoy:
         )
         address = wait_for(self._admin_address, timeout=30, what=f"envoy {self.node_id} admin")
         self.admin_port = int(address.rsplit(":", 1)[1])
-        wait_for(self._live, timeout=30, what=f"envoy {self.node_id} /ready LIVE")
+        if ready:
+            wait_for(self._live, timeout=30, what=f"envoy {self.node_id} /ready LIVE")
         return self
 
     def _admin_address(self) -> str | None:
@@ -448,3 +458,93 @@ class HttpUpstream:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class Prometheus:
+    """A real Prometheus server (Debian's package) scraping `targets` every second.
+
+    `targets`: {"host:port": {label: value}} for one job at `metrics_path`. Its data lives in
+    `workdir`; it listens on 127.0.0.1 on a free port and is stopped by stop().
+    """
+
+    BINARY = Path(os.environ.get("XDSCP_PROMETHEUS", "/usr/bin/prometheus"))
+
+    def __init__(
+        self, workdir: Path, targets: dict[str, dict[str, str]], metrics_path: str = "/metrics"
+    ) -> None:
+        if not self.BINARY.exists():
+            pytest.fail(f"Prometheus missing at {self.BINARY}: run scripts/setup to install it")
+        self.workdir = workdir / "prometheus"
+        self.workdir.mkdir()
+        self.config_path = self.workdir / "prometheus.yml"
+        self.config_path.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "scrape_configs": [
+                        {
+                            "job_name": "targets",
+                            "metrics_path": metrics_path,
+                            "static_configs": [
+                                {"targets": [address], "labels": labels}
+                                for address, labels in targets.items()
+                            ],
+                        }
+                    ],
+                }
+            )
+        )
+        self.log_path = self.workdir / "prometheus.log"
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Prometheus:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                str(self.BINARY),
+                f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self._ready, timeout=30, what="prometheus ready")
+        return self
+
+    def _ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            pytest.fail(
+                f"prometheus exited with {self.process.returncode}:\n{self.log_path.read_text()}"
+            )
+        return http_get(f"{self.url}/-/ready", timeout=2)[0] == 200
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """The result list of an instant query."""
+        query = urllib.parse.urlencode({"query": promql})
+        status, body = http_get(f"{self.url}/api/v1/query?{query}", timeout=5)
+        assert status == 200, body
+        return json.loads(body)["data"]["result"]
+
+    def wait_scraped(self, labels: dict[str, str], timeout: float = 30) -> None:
+        """Until every target with these labels was scraped successfully."""
+        selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        wait_for(
+            lambda: [r["value"][1] for r in self.query(f"up{{{selector}}}")] == ["1"],
+            timeout=timeout,
+            what=f"prometheus scraped {selector}",
+        )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)

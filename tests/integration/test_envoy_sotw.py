@@ -66,7 +66,7 @@ def test_a_config_envoy_rejects_is_nacked_and_envoy_keeps_the_old_one(
     control_plane, upstream, start_envoy, tmp_path
 ) -> None:
     envoy, port, backends, url = start_edge(control_plane, upstream, start_envoy, tmp_path)
-    bad_route = {"match": {"safe_regex": {"regex": "(("}}, "route": {"cluster": "b"}}
+    bad_route = edge_config.nacked_regex_route("b")
     publish_edge(
         control_plane,
         tmp_path / "bad",

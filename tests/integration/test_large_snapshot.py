@@ -55,7 +55,7 @@ def test_publish_get_and_diff_over_a_stable_of_40000_clusters(control_plane) -> 
 
     examples = snapshot_of(load_config(EXAMPLES).resources)
     expected = render_diff(diff_snapshots(large, examples))
-    assert expected.endswith(f"\n12 added, {CLUSTERS} removed, 0 changed\n")
+    assert expected.endswith(f"\n14 added, {CLUSTERS} removed, 0 changed\n")
 
     published = control_plane.xdsctl("publish", str(EXAMPLES))
     assert published.stdout.strip() == examples.version

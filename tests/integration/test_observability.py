@@ -66,7 +66,7 @@ def test_metrics_count_one_acked_and_one_nacked_publish_and_pass_promtool(
         ),
         what="routes ACKed",
     )
-    bad = {"match": {"safe_regex": {"regex": "(("}}, "route": {"cluster": "a"}}
+    bad = edge_config.nacked_regex_route("a")
     edge_config.write(tmp_path / "bad", listener_port=port, backends={"a": a.port}, routes=[bad])
     bad_version = control_plane.xdsctl(
         "publish", str(tmp_path / "bad"), "--group", "edge"
@@ -120,7 +120,7 @@ def test_a_nack_is_logged_as_one_json_line_with_its_context(
 ) -> None:
     a = upstream("a")
     port = free_port()
-    bad = {"match": {"safe_regex": {"regex": "(("}}, "route": {"cluster": "a"}}
+    bad = edge_config.nacked_regex_route("a")
     edge_config.write(
         tmp_path / "c",
         listener_port=port,
@@ -209,7 +209,7 @@ def test_alert_rules_are_valid_and_the_nack_alert_fires() -> None:
         timeout=30,
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 4 rules found" in check.stdout
+    assert "SUCCESS: 6 rules found" in check.stdout
     test = subprocess.run(
         [tool("promtool"), "test", "rules", "alerts_test.yml"],
         cwd=RULES,
@@ -220,6 +220,9 @@ def test_alert_rules_are_valid_and_the_nack_alert_fires() -> None:
     assert test.returncode == 0, test.stdout + test.stderr
     tests = yaml.safe_load((RULES / "alerts_test.yml").read_text())["tests"][0]["alert_rule_test"]
     assert any(t["alertname"] == "XdscpEnvoyRejectedConfig" and t["exp_alerts"] for t in tests)
+    guard_tests = yaml.safe_load((RULES / "alerts_test.yml").read_text())["tests"][1]
+    fired = {t["alertname"] for t in guard_tests["alert_rule_test"] if t["exp_alerts"]}
+    assert fired == {"XdscpFreshEnvoyStuck", "XdscpGuardRolledBack"}
 
 
 def test_prometheus_config_for_compose_is_valid(tmp_path: Path) -> None:

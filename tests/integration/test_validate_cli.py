@@ -67,23 +67,28 @@ def test_errors_exit_1_with_file_line_and_rule(tmp_path: Path) -> None:
     config = copy_examples(tmp_path)
     routes = config / "routes.yaml"
     text = routes.read_text()
-    routes.write_text(text.replace("retry_on: reset,connect-failure", "retry_on: retriable-4xx", 1))
+    text = text.replace("retry_on: reset,connect-failure", "retry_on: retriable-4xx", 1)
+    routes.write_text(text.replace("cluster: web", "cluster: wbe", 1))
     clusters = config / "clusters.yaml"
     clusters.write_text(clusters.read_text().replace("idle_timeout: 60s", "idle_timeout: 80s", 1))
     done = authoring("validate", str(config))
     assert done.returncode == 1, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == (
-        f"error[XDS001 keepalive-ordering]: {clusters}:25: Cluster.typed_extension_protocol_options"
+        f"warning[XDS001 keepalive-ordering]: {clusters}:25: Cluster.typed_extension_protocol_options"
         "[envoy.extensions.upstreams.http.v3.HttpProtocolOptions].common_http_protocol_options"
         ".idle_timeout: cluster web: upstream idle_timeout 80s is not shorter than the backend's "
         "keep-alive timeout 75s: Envoy may reuse a connection the backend is closing, and the "
         "request fails with a reset"
     )
     assert lines[1].startswith("    hint: set common_http_protocol_options.idle_timeout below")
-    assert lines[2].startswith(f"warning[XDS003 idempotent-retry]: {routes}:19: ")
+    assert lines[2].startswith(f"warning[XDS003 idempotent-retry]: {routes}:25: ")
+    typo_line = 1 + next(
+        number for number, line in enumerate(text.splitlines()) if "cluster: web" in line
+    )
+    assert lines[4].startswith(f"error[XDS008 unknown-cluster]: {routes}:{typo_line}: ")
     assert (
-        lines[-1] == f"{config}: 1 error(s), 1 warning(s), version " + lines[-1].rsplit(" ", 1)[1]
+        lines[-1] == f"{config}: 1 error(s), 2 warning(s), version " + lines[-1].rsplit(" ", 1)[1]
     )
 
 
@@ -236,7 +241,7 @@ def test_diff_against_stored_versions_and_the_publish_preview(
     nothing = authoring("diff", str(EXAMPLES), *server)
     assert nothing.returncode == 0, nothing.stderr
     assert nothing.stdout.startswith("--- group default: no stable version\n")
-    assert nothing.stdout.endswith("\n12 added, 0 removed, 0 changed\n")
+    assert nothing.stdout.endswith("\n14 added, 0 removed, 0 changed\n")
 
     first = control_plane.xdsctl("publish", str(EXAMPLES)).stdout.strip()
     against_stable = authoring("diff", str(config), *server)

@@ -38,6 +38,8 @@ def test_every_command_has_a_description_an_example_and_shows_its_defaults(
             continue
         assert action.help, f"{path} {action.option_strings[0]}: no help"
         line = parser.formatter_class(prog="xdsctl")._get_help_string(action) or ""
-        assert "default" in line and str(default) in line % {"default": default}, (
+        shown = line % {"default": default}
+        forms = {str(default), f"{default:g}" if isinstance(default, float) else str(default)}
+        assert "default" in line and any(form in shown for form in forms), (
             f"{path} {action.option_strings[0]}: default {default!r} not shown"
         )

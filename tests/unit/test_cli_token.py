@@ -45,7 +45,8 @@ def test_no_token_anywhere_names_every_place_tried(tmp_path: Path) -> None:
 
 def test_default_token_files_are_the_ones_serve_creates_beside_its_default_store() -> None:
     config = app.Config()
-    assert (config.token_path, config.read_token_path) == client.DEFAULT_TOKEN_FILES
+    defaults = tuple(path.absolute() for path in client.DEFAULT_TOKEN_FILES)
+    assert (config.token_path.absolute(), config.read_token_path.absolute()) == defaults
 
 
 def test_sources_in_order_flag_env_token_env_file_write_default_read_default(

@@ -336,6 +336,12 @@ def exposed_metric_names() -> set[str]:
         def rollout_phases(self) -> dict[str, str]:
             return {"edge": "promoted"}
 
+        def stuck_counts(self) -> dict[str, int]:
+            return {"edge": 0}
+
+        def guards_watching(self) -> dict[str, int]:
+            return {"edge": 0}
+
     metrics = Metrics()
     metrics.watch(OneGroup())
     for counter in (metrics.pushes, metrics.acks, metrics.nacks, metrics.pushed_bytes):
@@ -344,6 +350,7 @@ def exposed_metric_names() -> set[str]:
     metrics.rollouts.labels("edge", "promoted")
     metrics.convergence.labels("edge")
     metrics.rollback_duration.labels("edge")
+    metrics.guard_trips.labels("edge")
     text = metrics.exposition().decode()
     return {
         line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and line[0] != "#"

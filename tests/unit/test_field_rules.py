@@ -11,6 +11,7 @@ from envoy.config.route.v3 import route_pb2
 from validate import validate_pb2
 
 from controlplane.config import field_rules, load_directory
+from controlplane.config.environments import load_environment
 from controlplane.config.field_rules import check_field_rules, violations
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +77,7 @@ resources:
 
 def test_examples_break_no_field_rule() -> None:
     for directory in ("examples/config",):
-        loaded = load_directory(REPO / directory)
+        loaded = load_environment(REPO / directory)
         assert check_field_rules(loaded) == []
 
 

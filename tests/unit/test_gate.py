@@ -6,7 +6,15 @@ from dataclasses import replace
 
 import pytest
 
-from controlplane.rollout.gate import Decision, NodeObservation, Phase, ProbeState, Rollout
+from controlplane.rollout.gate import (
+    MAX_CANARY_DISCONNECTS,
+    Decision,
+    NodeObservation,
+    Pending,
+    Phase,
+    ProbeState,
+    Rollout,
+)
 from controlplane.rollout.policy import CanarySelector, RolloutPolicy
 
 STAGED_AT = 1000.0
@@ -95,11 +103,68 @@ def test_a_passed_probe_is_fresh_evidence() -> None:
     assert r.observe(policy, STAGED_AT + 15, [existing()]) is Decision.PROMOTE
 
 
-def test_a_reconnecting_canary_is_neither_existing_nor_fresh() -> None:
+def test_a_canary_reconnecting_with_the_config_it_held_counts_as_existing() -> None:
     r = rollout()
     reconnected = fresh("canary-back", started_empty=False)
-    r.observe(POLICY, STAGED_AT + 10, [existing(), reconnected])
-    assert r.fresh_acked == [] and r.existing_acked == ["canary-old"]
+    r.observe(POLICY, STAGED_AT + 10, [reconnected, fresh()])
+    assert r.existing_acked == ["canary-back"] and r.fresh_acked == ["canary-new"]
+
+
+def test_a_canary_restarted_mid_rollout_is_pending_then_counts_as_fresh() -> None:
+    policy = replace(POLICY, min_fresh=1)
+    r = rollout()
+    assert r.observe(policy, STAGED_AT + 1, [existing("canary-1")]) is None
+    assert r.existing_acked == ["canary-1"]
+    assert r.observe(policy, STAGED_AT + 2, []) is None  # stopped: not lost, pending
+    assert r.pending == [Pending("canary-1", "reconnect", STAGED_AT + 2)]
+    assert r.pending[0].describe(CANDIDATE, STAGED_AT + 7) == (
+        "canary-1: reconnect (disconnected 5s ago)"
+    )
+    restarted = fresh("canary-1", stream_id=77, synced=False, owed=("CLUSTER", "LISTENER"))
+    assert r.observe(policy, STAGED_AT + 8, [restarted]) is None
+    assert [p.describe(CANDIDATE, STAGED_AT + 8) for p in r.pending] == [
+        f"canary-1: ACK of CLUSTER,LISTENER for {CANDIDATE}"
+    ]
+    assert r.observe(policy, STAGED_AT + 9, [replace(restarted, synced=True)]) is None
+    assert r.fresh_acked == ["canary-1"] and r.pending == []
+    assert r.observe(policy, STAGED_AT + 19, [replace(restarted, synced=True)]) is Decision.PROMOTE
+
+
+def test_the_bake_does_not_end_while_a_canary_is_pending() -> None:
+    r = rollout()
+    nodes = [existing(), fresh()]
+    r.observe(POLICY, STAGED_AT + 1, nodes)
+    assert r.bake_left(POLICY, STAGED_AT + 4) == 7
+    assert r.observe(POLICY, STAGED_AT + 11, [fresh()]) is None  # canary-old went away
+    assert r.bake_left(POLICY, STAGED_AT + 11) == 0
+    back = existing(stream_id=5, connected_at=STAGED_AT + 12, started_empty=False)
+    assert r.observe(POLICY, STAGED_AT + 12, [back, fresh()]) is Decision.PROMOTE
+    assert r.bake_left(POLICY, STAGED_AT + 12) is None
+
+
+def test_a_canary_that_does_not_come_back_aborts_after_the_ack_timeout() -> None:
+    r = rollout()
+    r.observe(POLICY, STAGED_AT + 1, [existing(), fresh()])
+    assert r.observe(POLICY, STAGED_AT + 5, [fresh()]) is None
+    assert r.observe(POLICY, STAGED_AT + 36, [fresh()]) is Decision.ABORT
+    assert r.reason == (
+        "canary canary-old disconnected during the rollout and did not reconnect within 30s"
+    )
+
+
+def test_a_canary_crash_looping_on_the_candidate_aborts() -> None:
+    r = rollout()
+    now = STAGED_AT
+    for stream_id in range(MAX_CANARY_DISCONNECTS + 1):
+        now += 1
+        r.observe(POLICY, now, [existing(stream_id=stream_id, synced=False)])
+        now += 1
+        decision = r.observe(POLICY, now, [])
+    assert decision is Decision.ABORT
+    assert r.reason == (
+        f"canary canary-old disconnected {MAX_CANARY_DISCONNECTS + 1} times during the "
+        f"rollout (more than {MAX_CANARY_DISCONNECTS}: a crash loop?)"
+    )
 
 
 def test_nack_from_a_canary_aborts_with_its_error_text() -> None:
@@ -114,14 +179,6 @@ def test_nack_from_a_non_canary_on_stable_does_not_abort() -> None:
     r = rollout()
     nodes = [existing(), stable_node(synced=False, rejection="unrelated")]
     assert r.observe(POLICY, STAGED_AT + 1, nodes) is None
-
-
-def test_canary_disconnecting_during_the_bake_aborts() -> None:
-    r = rollout()
-    canary = existing()
-    r.observe(POLICY, STAGED_AT + 1, [canary, fresh()])
-    assert r.observe(POLICY, STAGED_AT + 5, [fresh()]) is Decision.ABORT
-    assert r.reason == "canary canary-old disconnected during the rollout"
 
 
 def test_the_probe_going_away_is_not_a_disconnect() -> None:
@@ -149,6 +206,18 @@ def test_deadline_aborts_with_the_progress_so_far() -> None:
     assert r.reason == "deadline of 300s passed (existing 1/1, fresh 0/1)"
 
 
+def test_deadline_names_the_canaries_still_pending() -> None:
+    r = rollout()
+    stuck = existing(synced=False, owed=("CLUSTER",))
+    slow = replace(POLICY, ack_timeout_seconds=1000)
+    assert r.observe(slow, STAGED_AT + 5, [stuck]) is None
+    assert r.observe(slow, STAGED_AT + 301, [stuck]) is Decision.ABORT
+    assert r.reason == (
+        "deadline of 300s passed (existing 0/1, fresh 0/1; "
+        f"waiting for canary-old: ACK of CLUSTER for {CANDIDATE})"
+    )
+
+
 def test_manual_promotion_waits_for_a_human() -> None:
     policy = replace(POLICY, auto_promote=False)
     r = rollout()
@@ -166,7 +235,7 @@ def test_failure_while_awaiting_promotion_still_aborts() -> None:
     r = rollout()
     r.observe(policy, STAGED_AT + 10, [existing(), fresh()])
     r.observe(policy, STAGED_AT + 21, [existing(), fresh()])
-    assert r.observe(policy, STAGED_AT + 22, [fresh()]) is Decision.ABORT
+    assert r.observe(policy, STAGED_AT + 22, [existing(), fresh(rejection="bad")]) is Decision.ABORT
 
 
 def test_a_finished_rollout_decides_nothing_more() -> None:
@@ -239,3 +308,28 @@ def test_percent_selector_is_stable_and_roughly_proportional() -> None:
     assert chosen == [
         n for n in range(2000) if selector.matches(NodeInfo(f"node-{n}", "edge", "", "", {}))
     ]
+
+
+def test_a_failed_probe_aborts_with_its_reason_and_keeps_envoys_log_in_its_own_field() -> None:
+    policy = replace(POLICY, min_fresh=0, fresh_probe=object())  # type: ignore[arg-type]
+    r = rollout(probe_state=ProbeState.RUNNING)
+    report = "envoy exited with 1: bad listener\nenvoy log (last lines):\nline 1\nbad listener"
+    r.probe_finished(False, report, "xdscp-probe-1")
+    assert r.observe(policy, STAGED_AT + 1, [existing()]) is Decision.ABORT
+    assert r.reason == "fresh probe failed: envoy exited with 1: bad listener"
+    assert r.probe_state is ProbeState.FAILED and r.probe_reason == report
+
+
+@pytest.mark.parametrize("end", ["abort", "deadline", "promote"])
+def test_a_rollout_that_ends_while_its_probe_runs_shows_the_probe_cancelled(end: str) -> None:
+    policy = replace(POLICY, min_fresh=0, fresh_probe=object())  # type: ignore[arg-type]
+    r = rollout(probe_state=ProbeState.RUNNING)
+    if end == "abort":
+        r.abort(STAGED_AT + 1, "by hand")
+    elif end == "deadline":
+        assert r.observe(policy, STAGED_AT + 301, []) is Decision.ABORT
+    else:
+        r.promote(STAGED_AT + 1, "by hand")
+    assert r.probe_state is ProbeState.CANCELLED
+    assert r.probe_reason.startswith("cancelled: the rollout ")
+    assert Rollout.from_record(r.to_record()).probe_state is ProbeState.CANCELLED

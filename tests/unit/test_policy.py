@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.rollout.policy import PolicyError, load_policies
+from controlplane.rollout.policy import PolicyError, check_probe_binaries, load_policies
 
 GOOD = """
 groups:
@@ -64,6 +64,18 @@ def test_loads_a_full_policy(tmp_path) -> None:
             "groups: {edge: {canary: {percent: 5}, fresh_probe: {}}}",
             "groups.edge.fresh_probe.envoy_binary: needs the path of an Envoy binary",
         ),
+        (
+            "groups: {edge: {guard: {seconds: 0}}}",
+            "groups.edge.guard.seconds: a guard of 0 seconds watches nothing",
+        ),
+        (
+            "groups: {edge: {guard: {seconds: 60, first_sync: 3}}}",
+            "groups.edge.guard: unknown field(s) first_sync; valid: first_sync_seconds, seconds",
+        ),
+        (
+            "groups: {edge: {guard: {seconds: 60}, bake_seconds: 5}}",
+            "groups.edge: bake_seconds need(s) a `canary` selector",
+        ),
         ("groups: [1, 2]", "groups: expected a mapping, got list"),
         ("groups: {edge: {canary: [", "policy.yaml"),
     ],
@@ -91,3 +103,95 @@ def test_an_isolated_probe_gets_a_unix_socket_beside_the_store(tmp_path) -> None
     config = Config(store_path=tmp_path / "db" / "xdscp.db", policies=policies)
     assert config.unix_socket == tmp_path / "db" / "xds.sock"
     assert Config(store_path=tmp_path / "xdscp.db").unix_socket is None
+
+
+RELATIVE = """
+groups:
+  edge:
+    canary: {node_id: "edge-canary-*"}
+    fresh_probe: {envoy_binary: ../bin/envoy}
+"""
+
+
+def fake_envoy(path: Path, script: str, mode: int = 0o755) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(mode)
+    return path
+
+
+def test_a_relative_binary_is_relative_to_the_policy_files_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "etc").mkdir()
+    policy_file = write(tmp_path / "etc", RELATIVE)
+    monkeypatch.chdir(tmp_path / "etc")  # not where the policy is read from, below
+    policies = load_policies(Path("..") / "etc" / policy_file.name)
+    assert policies["edge"].fresh_probe is not None
+    assert policies["edge"].fresh_probe.envoy_binary == tmp_path / "bin" / "envoy"
+
+
+def test_the_shipped_example_policy_names_the_repos_envoy() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    probe = load_policies(repo / "examples/rollout-policy.yaml")["default"].fresh_probe
+    assert probe is not None
+    assert probe.envoy_binary == repo / ".tools/envoy/envoy/_bin/envoy"
+
+
+@pytest.mark.parametrize(
+    ("script", "mode", "problem"),
+    [
+        (None, 0o755, "no such file"),
+        ("exit 0", 0o644, "not executable"),
+        ("echo 'cannot load' >&2; exit 3", 0o755, "`--version` exited with 3: cannot load"),
+    ],
+)
+def test_a_probe_binary_that_does_not_run_is_refused_naming_file_group_key_and_path(
+    tmp_path: Path, script: str | None, mode: int, problem: str
+) -> None:
+    binary = tmp_path / "bin" / "envoy"
+    if script is not None:
+        fake_envoy(binary, script, mode)
+    (tmp_path / "etc").mkdir()
+    policy_file = write(tmp_path / "etc", RELATIVE)
+    with pytest.raises(PolicyError) as caught:
+        check_probe_binaries(policy_file, load_policies(policy_file))
+    expected = f"{policy_file}: groups.edge.fresh_probe.envoy_binary: {binary}: {problem}"
+    assert str(caught.value) == expected
+
+
+def test_a_probe_binary_whose_version_runs_passes(tmp_path: Path) -> None:
+    fake_envoy(tmp_path / "bin" / "envoy", 'test "$1" = --version')
+    (tmp_path / "etc").mkdir()
+    policy_file = write(tmp_path / "etc", RELATIVE)
+    assert check_probe_binaries(policy_file, load_policies(policy_file)) is None
+
+
+def test_a_guard_goes_with_a_canary_stage_or_alone(tmp_path) -> None:
+    text = """
+groups:
+  edge:
+    canary: {percent: 10}
+    guard: {seconds: 300, first_sync_seconds: 30}
+  web:
+    guard: {seconds: 120}
+"""
+    policies = load_policies(write(tmp_path, text))
+    edge, web = policies["edge"], policies["web"]
+    assert edge.stages and edge.guard is not None
+    assert (edge.guard.seconds, edge.guard.first_sync_seconds) == (300.0, 30.0)
+    assert not web.stages and web.canary is None  # publishes straight to stable
+    assert web.guard is not None
+    assert (web.guard.seconds, web.guard.first_sync_seconds) == (120.0, 30.0)  # default
+    assert load_policies(write(tmp_path, GOOD))["edge"].guard is None
+
+
+def test_the_example_policys_commented_guard_loads_when_uncommented(tmp_path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "examples/rollout-policy.yaml").read_text()
+    head, guard = text.split("    # guard:", 1)
+    uncommented = "    guard:" + guard.replace("\n    # ", "\n    ")
+    policy = load_policies(write(tmp_path, head + uncommented))["default"]
+    assert policy.guard is not None
+    assert (policy.guard.seconds, policy.guard.first_sync_seconds) == (300.0, 30.0)
+    assert policy.stages

@@ -11,6 +11,8 @@ from envoy.config.core.v3 import address_pb2
 from controlplane import resources
 from controlplane.rollout.probe import (
     CHECK_NAME,
+    LOG_TAIL_BYTES,
+    LOG_TAIL_LINES,
     PROBE_METADATA,
     XDS_CLUSTER,
     HttpCheck,
@@ -68,7 +70,7 @@ def static_cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def test_node_identity_and_metadata() -> None:
-    config = bootstrap(ProbeConfig(Path("envoy")), metadata={"xdscp.probe": "true", "k": "v"})
+    config = bootstrap(ProbeConfig(Path("/bin/envoy")), metadata={"xdscp.probe": "true", "k": "v"})
     assert config["node"] == {
         "id": "xdscp-probe-edge-0123abcd",
         "cluster": "edge",
@@ -85,12 +87,12 @@ def test_node_ids_are_unique_and_name_the_group() -> None:
 
 
 def test_admin_is_on_a_pipe_in_the_workdir() -> None:
-    config = bootstrap(ProbeConfig(Path("envoy")))
+    config = bootstrap(ProbeConfig(Path("/bin/envoy")))
     assert config["admin"] == {"address": {"pipe": {"path": str(WORKDIR / "admin.sock")}}}
 
 
 def test_ads_for_clusters_and_listeners() -> None:
-    dynamic = bootstrap(ProbeConfig(Path("envoy")))["dynamic_resources"]
+    dynamic = bootstrap(ProbeConfig(Path("/bin/envoy")))["dynamic_resources"]
     ads = dynamic["ads_config"]
     assert ads["api_type"] == "GRPC"
     assert ads["set_node_on_first_message_only"] is True
@@ -101,7 +103,7 @@ def test_ads_for_clusters_and_listeners() -> None:
 
 
 def test_xds_over_tcp_when_not_isolated() -> None:
-    config = bootstrap(ProbeConfig(Path("envoy")))
+    config = bootstrap(ProbeConfig(Path("/bin/envoy")))
     xds = static_cluster(config, XDS_CLUSTER)
     assert endpoint_address(xds) == {
         "socket_address": {"address": "127.0.0.1", "port_value": 18000}
@@ -111,7 +113,7 @@ def test_xds_over_tcp_when_not_isolated() -> None:
 
 
 def test_xds_over_the_unix_socket_when_isolated() -> None:
-    config = bootstrap(ProbeConfig(Path("envoy"), isolate_network=True))
+    config = bootstrap(ProbeConfig(Path("/bin/envoy"), isolate_network=True))
     assert endpoint_address(static_cluster(config, XDS_CLUSTER)) == {
         "pipe": {"path": "/run/xdscp/xds.sock"}
     }
@@ -119,7 +121,7 @@ def test_xds_over_the_unix_socket_when_isolated() -> None:
 
 def test_xds_over_the_unix_socket_when_there_is_no_tcp() -> None:
     config = bootstrap(
-        ProbeConfig(Path("envoy")), xds=XdsEndpoint(unix_socket=Path("/run/xdscp/xds.sock"))
+        ProbeConfig(Path("/bin/envoy")), xds=XdsEndpoint(unix_socket=Path("/run/xdscp/xds.sock"))
     )
     assert endpoint_address(static_cluster(config, XDS_CLUSTER)) == {
         "pipe": {"path": "/run/xdscp/xds.sock"}
@@ -129,19 +131,19 @@ def test_xds_over_the_unix_socket_when_there_is_no_tcp() -> None:
 def test_isolated_without_a_unix_socket_is_an_error() -> None:
     with pytest.raises(ProbeSetupError, match="Unix socket"):
         bootstrap(
-            ProbeConfig(Path("envoy"), isolate_network=True),
+            ProbeConfig(Path("/bin/envoy"), isolate_network=True),
             xds=XdsEndpoint(tcp=("127.0.0.1", 18000)),
         )
 
 
 def test_a_socket_path_too_long_for_sun_path_is_an_error() -> None:
     with pytest.raises(ProbeSetupError, match="longer than 107"):
-        bootstrap(ProbeConfig(Path("envoy")), workdir=Path("/tmp/" + "x" * 120))
+        bootstrap(ProbeConfig(Path("/bin/envoy")), workdir=Path("/tmp/" + "x" * 120))
 
 
 def test_check_listener_on_a_pipe_proxies_to_the_candidate_listener() -> None:
     check = HttpCheck(listener="edge_http", path="/healthz", host="example.com")
-    config = bootstrap(ProbeConfig(Path("envoy"), check=check), candidate(port=10080))
+    config = bootstrap(ProbeConfig(Path("/bin/envoy"), check=check), candidate(port=10080))
     (listener,) = config["static_resources"]["listeners"]
     assert listener["name"] == CHECK_NAME
     assert listener["address"] == {"pipe": {"path": str(WORKDIR / "check.sock")}}
@@ -163,7 +165,7 @@ def test_check_target_maps_wildcards_to_loopback(listens_on: str, reached_at: st
 
 
 def test_check_on_a_missing_listener_is_an_error() -> None:
-    config = ProbeConfig(Path("envoy"), check=HttpCheck(listener="nope"))
+    config = ProbeConfig(Path("/bin/envoy"), check=HttpCheck(listener="nope"))
     with pytest.raises(ProbeSetupError, match="'nope' is not in the candidate"):
         bootstrap(config)
 
@@ -179,7 +181,7 @@ def test_check_on_a_listener_without_a_socket_address_is_an_error() -> None:
             (resources.ROUTE, factories.routes("routes", "web")),
         ]
     )
-    config = ProbeConfig(Path("envoy"), check=HttpCheck(listener="on_pipe"))
+    config = ProbeConfig(Path("/bin/envoy"), check=HttpCheck(listener="on_pipe"))
     with pytest.raises(ProbeSetupError, match="no socket address"):
         bootstrap(config, snapshot)
 
@@ -253,5 +255,67 @@ async def test_an_envoy_that_exits_fails_the_probe_at_once_with_its_log(tmp_path
     assert not result.ok
     assert result.reason == "envoy exited with 1: error initializing configuration: bad"
     assert result.log_tail == "error initializing configuration: bad"
+    assert result.report() == (
+        "envoy exited with 1: error initializing configuration: bad\n"
+        "envoy log (last lines):\nerror initializing configuration: bad"
+    )
     assert result.seconds < 5
     assert result.workdir is not None and not result.workdir.exists()
+
+
+async def test_a_failed_probe_reports_a_bounded_tail_of_a_long_envoy_log(tmp_path: Path) -> None:
+    fake_envoy = tmp_path / "envoy"
+    long_line = "x" * (2 * LOG_TAIL_BYTES)
+    fake_envoy.write_text(
+        f'#!/bin/sh\nfor i in $(seq 1 500); do echo "line $i"; done\necho {long_line}\n'
+        "echo 'last words' >&2\nexit 2\n"
+    )
+    fake_envoy.chmod(0o755)
+    result = await run_probe(
+        ProbeConfig(fake_envoy, ready_timeout_seconds=20),
+        group="edge",
+        candidate=candidate(),
+        xds=XDS,
+        is_synced=lambda _: True,
+    )
+    assert result.reason == "envoy exited with 2: last words"
+    assert len(result.log_tail.encode()) <= LOG_TAIL_BYTES
+    assert result.log_tail.endswith("x\nlast words")
+    report = result.report()
+    assert report.startswith("envoy exited with 2: last words\nenvoy log (last lines):\n")
+    assert len(report.encode()) < 2 * LOG_TAIL_BYTES
+
+
+async def test_the_tail_is_the_last_lines_of_the_log(tmp_path: Path) -> None:
+    fake_envoy = tmp_path / "envoy"
+    fake_envoy.write_text('#!/bin/sh\nfor i in $(seq 1 100); do echo "line $i"; done\nexit 1\n')
+    fake_envoy.chmod(0o755)
+    result = await run_probe(
+        ProbeConfig(fake_envoy, ready_timeout_seconds=20),
+        group="edge",
+        candidate=candidate(),
+        xds=XDS,
+        is_synced=lambda _: True,
+    )
+    expected = [f"line {i}" for i in range(101 - LOG_TAIL_LINES, 101)]
+    assert result.log_tail.splitlines() == expected
+
+
+def test_the_probe_takes_only_absolute_paths() -> None:
+    with pytest.raises(ValueError, match="envoy_binary must be an absolute path, not envoy"):
+        ProbeConfig(Path("envoy"))
+    with pytest.raises(ValueError, match=r"unix_socket must be an absolute path, not \.xdscp/x"):
+        XdsEndpoint(unix_socket=Path(".xdscp/xds.sock"))
+
+
+def test_serve_config_makes_the_store_and_the_socket_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from controlplane.app import Config
+
+    monkeypatch.chdir(tmp_path)
+    config = Config(store_path=Path(".xdscp/xdscp.db"), xds_socket=Path("run/xds.sock"))
+    assert config.store_path == tmp_path / ".xdscp/xdscp.db"
+    assert config.xds_socket == tmp_path / "run/xds.sock"
+    assert config.unix_socket == tmp_path / "run/xds.sock"
+    assert config.token_path == tmp_path / ".xdscp/admin-token"

@@ -142,6 +142,16 @@ async def test_group_without_policy_publishes_straight_to_stable_and_records_las
     assert await p.publish(V1) == "unchanged"
 
 
+async def test_the_first_publish_of_a_group_with_a_policy_goes_straight_to_stable(
+    tmp_path,
+) -> None:
+    p = Plane(tmp_path)  # the edge policy, and no stable yet: nothing to canary against
+    assert await p.publish(V1) == "promoted"
+    assert p.controller.rollout("edge") is None
+    assert SimEnvoy(p, "canary-1", canary=True).version == V1.version
+    assert await p.publish(V2) == "staged"  # from now on, through the canaries
+
+
 async def test_canaries_get_the_candidate_others_stay_on_stable_then_all_get_it(plane) -> None:
     canary = SimEnvoy(plane, "canary-1", canary=True)
     web = SimEnvoy(plane, "web-1", canary=False)
@@ -185,15 +195,34 @@ async def test_nack_from_a_canary_aborts_and_returns_it_to_stable(plane) -> None
     assert (entry.version, entry.message, entry.actor) == (V2.version, rollout.reason, "xdscp-gate")
 
 
-async def test_canary_disconnecting_during_the_bake_aborts(plane) -> None:
+async def test_canary_disconnecting_is_pending_and_aborts_if_it_never_returns(plane) -> None:
     canary = SimEnvoy(plane, "canary-1", canary=True)
     await plane.publish(V2)
     await plane.advance(1)
     canary.close()
     await plane.advance(1)
-    assert (
-        plane.controller.rollout("edge").reason == "canary canary-1 disconnected during the rollout"
+    rollout = plane.controller.rollout("edge")
+    assert [(p.node_id, p.waiting_for) for p in rollout.pending] == [("canary-1", "reconnect")]
+    await plane.advance(POLICY.ack_timeout_seconds + 1)
+    assert rollout.reason == (
+        "canary canary-1 disconnected during the rollout and did not reconnect within 30s"
     )
+
+
+async def test_a_canary_restarted_mid_rollout_counts_as_fresh_and_promotes(plane) -> None:
+    canary = SimEnvoy(plane, "canary-1", canary=True)
+    await plane.advance(1)  # connected before staging
+    await plane.publish(V2)
+    await plane.advance(1)
+    canary.close()
+    await plane.advance(1)
+    restarted = SimEnvoy(plane, "canary-1", canary=True)  # a new process: holds nothing
+    await plane.advance(1)
+    rollout = plane.controller.rollout("edge")
+    assert rollout.existing_acked == ["canary-1"] and rollout.fresh_acked == ["canary-1"]
+    await plane.advance(POLICY.bake_seconds)
+    assert rollout.phase is Phase.PROMOTED
+    assert restarted.version == V2.version
 
 
 async def test_publishing_during_a_rollout_is_refused(plane) -> None:
@@ -202,6 +231,15 @@ async def test_publishing_during_a_rollout_is_refused(plane) -> None:
     with pytest.raises(RolloutError, match="already rolling out"):
         await plane.publish(V3)
     assert plane.store.pointers()["edge"][CANDIDATE] == V2.version
+
+
+async def test_publishing_the_candidate_again_during_its_rollout_changes_nothing(plane) -> None:
+    SimEnvoy(plane, "canary-1", canary=True)
+    assert await plane.publish(V2) == "staged"
+    history = plane.store.history("edge", 100)
+    assert await plane.publish(V2) == "staged"  # a re-run, e.g. after a cut-off answer
+    assert plane.store.history("edge", 100) == history
+    assert plane.controller.rollout("edge").candidate == V2.version
 
 
 async def test_restart_mid_rollout_aborts_and_never_promotes(plane, tmp_path) -> None:

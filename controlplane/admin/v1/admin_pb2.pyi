@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PublishRequest(_message.Message):
-    __slots__ = ("group", "message", "actor", "resources")
+    __slots__ = ("group", "message", "actor", "resources", "create_group")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    CREATE_GROUP_FIELD_NUMBER: _ClassVar[int]
     group: str
     message: str
     actor: str
     resources: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
-    def __init__(self, group: _Optional[str] = ..., message: _Optional[str] = ..., actor: _Optional[str] = ..., resources: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
+    create_group: bool
+    def __init__(self, group: _Optional[str] = ..., message: _Optional[str] = ..., actor: _Optional[str] = ..., resources: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ..., create_group: _Optional[bool] = ...) -> None: ...
 
 class PublishResponse(_message.Message):
     __slots__ = ("version", "changed", "parent_version", "counts", "outcome")
@@ -125,7 +127,7 @@ class TypeStatus(_message.Message):
     def __init__(self, type_url: _Optional[str] = ..., state: _Optional[str] = ..., expected_version: _Optional[str] = ..., sent_version: _Optional[str] = ..., sent_at: _Optional[float] = ..., acked_version: _Optional[str] = ..., acked_at: _Optional[float] = ..., nacked_version: _Optional[str] = ..., nacked_at: _Optional[float] = ..., nack_error: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "group", "build_version", "user_agent", "protocol", "stream_id", "connected_at", "snapshot_version", "types", "canary", "held_version", "state", "served_group")
+    __slots__ = ("node_id", "group", "build_version", "user_agent", "protocol", "stream_id", "connected_at", "snapshot_version", "types", "canary", "held_version", "state", "served_group", "stuck", "stuck_since", "missing", "started_empty")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     BUILD_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +141,10 @@ class NodeStatus(_message.Message):
     HELD_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SERVED_GROUP_FIELD_NUMBER: _ClassVar[int]
+    STUCK_FIELD_NUMBER: _ClassVar[int]
+    STUCK_SINCE_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    STARTED_EMPTY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     group: str
     build_version: str
@@ -152,7 +158,11 @@ class NodeStatus(_message.Message):
     held_version: str
     state: str
     served_group: str
-    def __init__(self, node_id: _Optional[str] = ..., group: _Optional[str] = ..., build_version: _Optional[str] = ..., user_agent: _Optional[str] = ..., protocol: _Optional[str] = ..., stream_id: _Optional[int] = ..., connected_at: _Optional[float] = ..., snapshot_version: _Optional[str] = ..., types: _Optional[_Iterable[_Union[TypeStatus, _Mapping]]] = ..., canary: _Optional[bool] = ..., held_version: _Optional[str] = ..., state: _Optional[str] = ..., served_group: _Optional[str] = ...) -> None: ...
+    stuck: bool
+    stuck_since: float
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    started_empty: bool
+    def __init__(self, node_id: _Optional[str] = ..., group: _Optional[str] = ..., build_version: _Optional[str] = ..., user_agent: _Optional[str] = ..., protocol: _Optional[str] = ..., stream_id: _Optional[int] = ..., connected_at: _Optional[float] = ..., snapshot_version: _Optional[str] = ..., types: _Optional[_Iterable[_Union[TypeStatus, _Mapping]]] = ..., canary: _Optional[bool] = ..., held_version: _Optional[str] = ..., state: _Optional[str] = ..., served_group: _Optional[str] = ..., stuck: _Optional[bool] = ..., stuck_since: _Optional[float] = ..., missing: _Optional[_Iterable[str]] = ..., started_empty: _Optional[bool] = ...) -> None: ...
 
 class GetFleetStatusResponse(_message.Message):
     __slots__ = ("nodes",)
@@ -167,7 +177,7 @@ class ListRolloutsRequest(_message.Message):
     def __init__(self, group: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("group", "phase", "candidate", "previous_stable", "staged_at", "ended_at", "reason", "actor", "message", "existing_acked", "fresh_acked", "min_existing", "min_fresh", "probe_state", "probe_reason", "canary_selector", "auto_promote", "bake_seconds", "deadline_seconds")
+    __slots__ = ("group", "phase", "candidate", "previous_stable", "staged_at", "ended_at", "reason", "actor", "message", "existing_acked", "fresh_acked", "min_existing", "min_fresh", "probe_state", "probe_reason", "canary_selector", "auto_promote", "bake_seconds", "deadline_seconds", "pending", "bake_started_at", "bake_ends_at", "bake_seconds_left", "observed_at", "traffic_checks", "traffic_prometheus", "traffic_min_passes", "traffic_interval_seconds")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +197,15 @@ class RolloutStatus(_message.Message):
     AUTO_PROMOTE_FIELD_NUMBER: _ClassVar[int]
     BAKE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    BAKE_STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    BAKE_ENDS_AT_FIELD_NUMBER: _ClassVar[int]
+    BAKE_SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_AT_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_PROMETHEUS_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_MIN_PASSES_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     group: str
     phase: str
     candidate: str
@@ -206,7 +225,54 @@ class RolloutStatus(_message.Message):
     auto_promote: bool
     bake_seconds: float
     deadline_seconds: float
-    def __init__(self, group: _Optional[str] = ..., phase: _Optional[str] = ..., candidate: _Optional[str] = ..., previous_stable: _Optional[str] = ..., staged_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., message: _Optional[str] = ..., existing_acked: _Optional[_Iterable[str]] = ..., fresh_acked: _Optional[_Iterable[str]] = ..., min_existing: _Optional[int] = ..., min_fresh: _Optional[int] = ..., probe_state: _Optional[str] = ..., probe_reason: _Optional[str] = ..., canary_selector: _Optional[str] = ..., auto_promote: _Optional[bool] = ..., bake_seconds: _Optional[float] = ..., deadline_seconds: _Optional[float] = ...) -> None: ...
+    pending: _containers.RepeatedCompositeFieldContainer[RolloutPendingNode]
+    bake_started_at: float
+    bake_ends_at: float
+    bake_seconds_left: float
+    observed_at: float
+    traffic_checks: _containers.RepeatedCompositeFieldContainer[TrafficCheckStatus]
+    traffic_prometheus: str
+    traffic_min_passes: int
+    traffic_interval_seconds: float
+    def __init__(self, group: _Optional[str] = ..., phase: _Optional[str] = ..., candidate: _Optional[str] = ..., previous_stable: _Optional[str] = ..., staged_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., message: _Optional[str] = ..., existing_acked: _Optional[_Iterable[str]] = ..., fresh_acked: _Optional[_Iterable[str]] = ..., min_existing: _Optional[int] = ..., min_fresh: _Optional[int] = ..., probe_state: _Optional[str] = ..., probe_reason: _Optional[str] = ..., canary_selector: _Optional[str] = ..., auto_promote: _Optional[bool] = ..., bake_seconds: _Optional[float] = ..., deadline_seconds: _Optional[float] = ..., pending: _Optional[_Iterable[_Union[RolloutPendingNode, _Mapping]]] = ..., bake_started_at: _Optional[float] = ..., bake_ends_at: _Optional[float] = ..., bake_seconds_left: _Optional[float] = ..., observed_at: _Optional[float] = ..., traffic_checks: _Optional[_Iterable[_Union[TrafficCheckStatus, _Mapping]]] = ..., traffic_prometheus: _Optional[str] = ..., traffic_min_passes: _Optional[int] = ..., traffic_interval_seconds: _Optional[float] = ...) -> None: ...
+
+class RolloutPendingNode(_message.Message):
+    __slots__ = ("node_id", "waiting_for", "types", "since", "detail")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    TYPES_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    waiting_for: str
+    types: _containers.RepeatedScalarFieldContainer[str]
+    since: float
+    detail: str
+    def __init__(self, node_id: _Optional[str] = ..., waiting_for: _Optional[str] = ..., types: _Optional[_Iterable[str]] = ..., since: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class TrafficCheckStatus(_message.Message):
+    __slots__ = ("name", "state", "value", "query", "detail", "passes", "failures", "evaluated_at", "max", "min")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_AT_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    value: float
+    query: str
+    detail: str
+    passes: int
+    failures: int
+    evaluated_at: float
+    max: float
+    min: float
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., value: _Optional[float] = ..., query: _Optional[str] = ..., detail: _Optional[str] = ..., passes: _Optional[int] = ..., failures: _Optional[int] = ..., evaluated_at: _Optional[float] = ..., max: _Optional[float] = ..., min: _Optional[float] = ...) -> None: ...
 
 class ListRolloutsResponse(_message.Message):
     __slots__ = ("rollouts",)

@@ -1,0 +1,91 @@
+"""The follow loop of `publish --wait` / `rollout status --watch` / `rollback`, over a fake
+admin stub and no sleeping: what it prints and the exit status it returns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from controlplane.admin.v1 import admin_pb2
+from controlplane.cli import follow
+from controlplane.cli.client import CommandError
+
+
+class Stub:
+    """Answers ListRollouts with `statuses` in turn (the last one forever)."""
+
+    def __init__(self, *statuses: admin_pb2.RolloutStatus) -> None:
+        self.statuses = list(statuses)
+        self.asked = 0
+
+    def ListRollouts(self, request, timeout, metadata):  # type: ignore[no-untyped-def]
+        self.asked += 1
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return admin_pb2.ListRolloutsResponse(rollouts=[status])
+
+
+def status(phase: str = "canary", **fields: object) -> admin_pb2.RolloutStatus:
+    return admin_pb2.RolloutStatus(
+        group="edge",
+        phase=phase,
+        candidate="c1",
+        min_existing=1,
+        min_fresh=0,
+        probe_state="not_configured",
+        bake_seconds=30,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(autouse=True)
+def no_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(follow.time, "sleep", lambda seconds: None)
+
+
+def test_prints_each_change_once_and_exits_0_on_promotion(capsys) -> None:
+    pending = admin_pb2.RolloutPendingNode(
+        node_id="edge-canary-1", waiting_for="ack", detail="edge-canary-1: ACK of CLUSTER for c1"
+    )
+    stub = Stub(
+        status(pending=[pending]),
+        status(pending=[pending]),  # unchanged: not printed again
+        status(existing_acked=["edge-canary-1"], bake_started_at=1.0, bake_seconds_left=29.6),
+        status("promoted", existing_acked=["edge-canary-1"], bake_started_at=1.0),
+    )
+    code = follow.follow_rollout(stub, (), "edge", "c1", 60, follow.Printer(False))
+    assert code == follow.EXIT_PROMOTED
+    assert capsys.readouterr().out.splitlines() == [
+        "CANARY c1, existing 0/1, fresh 0/0, waiting for edge-canary-1: ACK of CLUSTER for c1",
+        "CANARY c1, existing 1/1, fresh 0/0, bake: 30s of 30s left",
+        "PROMOTED c1, existing 1/1, fresh 0/0",
+        "promoted c1",
+    ]
+
+
+def test_exits_1_on_an_abort_with_its_reason_as_json_lines(capsys) -> None:
+    stub = Stub(status(), status("aborted", reason="canary edge-canary-1 NACKed the candidate"))
+    code = follow.follow_rollout(stub, (), "edge", "", 60, follow.Printer(True))
+    assert code == follow.EXIT_ABORTED
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["event"] for e in events] == ["rollout", "rollout", "end"]
+    assert events[-1] == {
+        "event": "end",
+        "outcome": "aborted",
+        "exit_code": 1,
+        "message": "aborted c1: canary edge-canary-1 NACKed the candidate",
+    }
+
+
+def test_exits_2_when_the_timeout_passes(capsys) -> None:
+    stub = Stub(status("awaiting_promotion"))
+    code = follow.follow_rollout(stub, (), "edge", "c1", 0, follow.Printer(False))
+    assert code == follow.EXIT_TIMEOUT
+    out = capsys.readouterr().out
+    assert "run `xdsctl rollout promote --group edge`" in out
+    assert "gave up after 0s (--timeout): the rollout is still awaiting_promotion" in out
+
+
+def test_another_candidate_is_an_error_not_a_result() -> None:
+    with pytest.raises(CommandError, match="group edge is now rolling out c1, not c0"):
+        follow.follow_rollout(Stub(status()), (), "edge", "c0", 60, follow.Printer(False))

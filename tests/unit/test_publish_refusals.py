@@ -1,0 +1,187 @@
+"""What stops a publish: error-level lint findings (config.lint.refusals), in xdsctl and, by
+the same rule, in the server (publish.build_snapshot)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import any_pb2
+
+from controlplane import resources
+from controlplane.config.environments import load_config
+from controlplane.config.lint import ERROR, RULES, LintRefusal, refusals
+from controlplane.publish import REQUEST_LOCATION, build_snapshot
+from tests.unit.test_lint import (
+    FIRING,
+    LISTENER,
+    ROUTE,
+    Config,
+    clean,
+    find,
+    hosts,
+    suppress,
+)
+
+
+def refused(tmp_path: Path, config: Config) -> list[str]:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"resources": config}, sort_keys=False))
+    loaded = load_config(tmp_path)
+    return [f"{f.rule_name}: {f.message}" for f in refusals(loaded.resources, loaded.sources)]
+
+
+def packed(tmp_path: Path, config: Config) -> list[any_pb2.Any]:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"resources": config}, sort_keys=False))
+    return [
+        any_pb2.Any(type_url=r.type_url, value=resources.serialize(r.message))
+        for r in load_config(tmp_path).resources
+    ]
+
+
+def test_the_errors_are_the_nack_and_broken_traffic_rules() -> None:
+    errors = sorted(r.name for r in RULES if r.severity == ERROR)
+    assert errors == ["duplicate-name", "invalid-re2", "shadowed-route", "unknown-cluster"]
+
+
+@pytest.mark.parametrize("name", sorted(FIRING))
+def test_errors_are_refused_and_warnings_are_not(tmp_path: Path, name: str) -> None:
+    config = clean()
+    FIRING[name](config)
+    found = refused(tmp_path, config)
+    is_error = next(r for r in RULES if r.name == name).severity == ERROR
+    assert [f.split(":")[0] for f in found] == ([name] if is_error else [])
+
+
+@pytest.mark.parametrize("name", sorted(FIRING))
+def test_a_reasoned_suppression_lets_an_error_through(tmp_path: Path, name: str) -> None:
+    config = clean()
+    suppress(FIRING[name](config), name, "accepted: see ticket NET-42")
+    assert refused(tmp_path, config) == []
+
+
+def test_unknown_clusters_of_weighted_routes_and_tcp_proxies_are_refused(tmp_path: Path) -> None:
+    config = clean()
+    hosts(config)[0]["routes"].insert(
+        0,
+        {
+            "match": {"path": "/split"},
+            "route": {
+                "weighted_clusters": {
+                    "clusters": [{"name": "web", "weight": 50}, {"name": "wbe", "weight": 50}]
+                }
+            },
+        },
+    )
+    tcp = find(config, LISTENER, "ssh")["filter_chains"][0]["filters"][0]["typed_config"]
+    tcp["cluster"] = "shh"
+    assert refused(tmp_path, config) == [  # listeners, then routes
+        'unknown-cluster: sends traffic to cluster "shh", which is not in the config',
+        'unknown-cluster: sends traffic to cluster "wbe", which is not in the config',
+    ]
+    del tcp["cluster"]
+    tcp["weighted_clusters"] = {
+        "clusters": [{"name": "ssh", "weight": 1}, {"name": "sh", "weight": 1}]
+    }
+    assert refused(tmp_path, config) == [
+        'unknown-cluster: sends traffic to cluster "sh", which is not in the config',
+        'unknown-cluster: sends traffic to cluster "wbe", which is not in the config',
+    ]
+
+
+def test_a_regex_in_a_generic_xds_matcher_is_checked_too(tmp_path: Path) -> None:
+    config = clean()
+    hcm = find(config, LISTENER, "http")["filter_chains"][0]["filters"][0]["typed_config"]
+    matched = {
+        "name": "matched",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "xds_matcher": {
+                "matcher_list": {
+                    "matchers": [
+                        {
+                            "predicate": {
+                                "single_predicate": {
+                                    "input": {
+                                        "name": "header",
+                                        "typed_config": {
+                                            "@type": "type.googleapis.com/envoy.type.matcher.v3"
+                                            ".HttpRequestHeaderMatchInput",
+                                            "header_name": "x-version",
+                                        },
+                                    },
+                                    "value_match": {"safe_regex": {"regex": "v(?=2)"}},
+                                }
+                            },
+                            "on_match": {
+                                "action": {
+                                    "name": "skip",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters"
+                                        ".common.matcher.action.v3.SkipFilter"
+                                    },
+                                }
+                            },
+                        }
+                    ]
+                }
+            },
+            "extension_config": {
+                "name": "buffer",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                    "max_request_bytes": 1024,
+                },
+            },
+        },
+    }
+    hcm["http_filters"].insert(0, matched)
+    [found] = refused(tmp_path, config)
+    assert found.startswith('invalid-re2: "v(?=2)" is not valid RE2: ')
+
+
+def test_the_server_refuses_by_the_same_rule(tmp_path: Path) -> None:
+    config = clean()
+    hosts(config)[0]["routes"].insert(0, {"match": {"path": "/gone"}, "route": {"cluster": "x"}})
+    with pytest.raises(LintRefusal) as caught:
+        asyncio.run(build_snapshot(packed(tmp_path, config)))
+    [finding] = caught.value.findings
+    assert finding.rule_name == "unknown-cluster"
+    assert finding.location.file == REQUEST_LOCATION
+    assert str(caught.value) == (
+        f"error[XDS008 unknown-cluster]: {REQUEST_LOCATION}: "
+        "RouteConfiguration.virtual_hosts[0].routes[0].route.cluster: route routes: "
+        'sends traffic to cluster "x", which is not in the config'
+    )
+    # Suppressed with a reason, it is published: the server reads the same metadata.
+    suppress(hosts(config)[0]["routes"][0], "unknown-cluster", "cluster x comes next week")
+    snapshot = asyncio.run(build_snapshot(packed(tmp_path, config)))
+    assert "routes" in snapshot.resources(ROUTE)
+
+
+def test_a_route_naming_a_cluster_specifier_plugin_its_config_lacks_is_refused(
+    tmp_path: Path,
+) -> None:
+    config = clean()
+    hosts(config)[0]["routes"].insert(
+        0, {"match": {"path": "/p"}, "route": {"cluster_specifier_plugin": "pick"}}
+    )
+    assert refused(tmp_path, config) == [
+        'unknown-cluster: names cluster specifier plugin "pick", which its route configuration '
+        "does not define"
+    ]
+    find(config, ROUTE, "routes")["cluster_specifier_plugins"] = [
+        {
+            "extension": {
+                "name": "pick",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.router.cluster_specifiers"
+                    ".lua.v3.LuaConfig",
+                    "source_code": {"inline_string": "function envoy_on_route(h) return 'web' end"},
+                    "default_cluster": "web",
+                },
+            }
+        }
+    ]
+    assert refused(tmp_path, config) == []
