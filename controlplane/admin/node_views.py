@@ -163,7 +163,8 @@ class NodeViews:
         served_group = self._assignments.effective_group(stream.node.group)
         policy = self._policy(served_group)
         node.served_group = served_group
-        node.canary = policy is not None and policy.canary.matches(stream.node)
+        selector = policy.canary if policy is not None else None  # a guard-only policy has none
+        node.canary = selector is not None and selector.matches(stream.node)
         node.held_version = held_version(stream, self._known(stream, served_group))
         return node
 
