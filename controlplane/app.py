@@ -223,7 +223,8 @@ class ControlPlane:
             options=[("grpc.so_reuseport", 0), *admin_limits.GRPC_OPTIONS],
         )
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(self.controller, self.store, self.fleet), self._admin
+            AdminService(self.controller, self.store, self.fleet, self.assignments),
+            self._admin,
         )
         self._http = HttpEndpoint(
             {

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 from controlplane import resources
 from controlplane.admin import limits
+from controlplane.admin.node_views import NodeConfigTooLarge, NodeViews
 from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.config.lint import LintRefusal
 from controlplane.publish import build_snapshot
@@ -29,6 +30,7 @@ from controlplane.rollout.gate import Rollout
 from controlplane.rollout.traffic import TrafficPolicy
 from controlplane.snapshot import ConsistencyError, DuplicateResourceError, Resource, Snapshot
 from controlplane.store import DEFAULT_GROUP, HistoryEntry, SnapshotStore
+from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet, NodeStatus
 
 log = structlog.get_logger("admin")
@@ -47,10 +49,21 @@ def asks_for_secrets(request: object) -> bool:
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, controller: RolloutController, store: SnapshotStore, fleet: Fleet) -> None:
+    def __init__(
+        self,
+        controller: RolloutController,
+        store: SnapshotStore,
+        fleet: Fleet,
+        assignments: Assignments | None = None,
+    ) -> None:
         self._controller = controller
         self._store = store
         self._fleet = fleet
+        self._views = (
+            NodeViews(fleet, assignments, controller.policy, store)
+            if assignments is not None
+            else None
+        )
         # The version GetSnapshot read last: a client reads one version page after page.
         self._last_read: Snapshot | None = None
         # Its resources as shown without include_secrets, redacted once: (version, by key).
@@ -301,9 +314,59 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def GetFleetStatus(
         self, request: admin_pb2.GetFleetStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetFleetStatusResponse:
-        return admin_pb2.GetFleetStatusResponse(
-            nodes=[_node_status(n) for n in self._fleet.status()]
-        )
+        nodes = [_node_status(n) for n in self._fleet.status()]
+        if self._views is not None:
+            nodes = self._views.annotate_all(nodes)
+            if self._views.needs_recent(nodes):  # a node holds an older version: which?
+                await asyncio.to_thread(self._views.read_recent, self._views.groups())
+                nodes = self._views.annotate_all(nodes)
+        return admin_pb2.GetFleetStatusResponse(nodes=nodes)
+
+    async def GetNodeConfig(
+        self, request: admin_pb2.NodeConfigRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.NodeConfigResponse:
+        views = self._views
+        if views is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no node views on this server")
+        if request.type_url and request.type_url not in resources.BY_URL:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown type {request.type_url!r}"
+            )
+        await asyncio.to_thread(views.read_recent, views.groups())
+        streams = views.streams_of(request.node_id)
+        if not streams:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"node {request.node_id!r} is not connected (xdsctl status lists those that are)",
+            )
+        by_stream = {n.stream_id: n for n in self._fleet.status()}
+        response = admin_pb2.NodeConfigResponse()
+        held = []
+        for stream in streams:
+            node = views.annotate(_node_status(by_stream[stream.stream_id]), stream)
+            types = []
+            for status in node.types:
+                if request.type_url and status.type_url != request.type_url:
+                    continue
+                entry, resources_held = views.config_type(
+                    stream, stream.types[status.type_url], status
+                )
+                types.append(entry)
+                held.append(resources_held)
+            del node.types[:]
+            response.streams.append(admin_pb2.NodeConfigStream(node=node, types=types))
+        if request.include_resources:
+            entries = [t for s in response.streams for t in s.types]
+            await asyncio.to_thread(
+                views.attach_resources,
+                list(zip(entries, held, strict=True)),
+                request.include_secrets,
+            )
+        try:
+            views.check_size(response)
+        except NodeConfigTooLarge as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        return response
 
 
 def _history_entry(entry: HistoryEntry) -> admin_pb2.HistoryEntry:

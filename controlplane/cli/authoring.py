@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ENVOY_ENV = "XDSCTL_ENVOY"
 RPC_TIMEOUT_SECONDS = 30.0
-_VERSION = re.compile(r"^[0-9a-f]{8,64}$")  # snapshot versions are hex digests
 
 
 class UsageError(Exception):
@@ -65,7 +63,9 @@ def add_commands(subparsers: Any, add_server: Callable[[argparse.ArgumentParser]
         help=f"also run this Envoy binary in --mode validate (env {ENVOY_ENV})",
     )
     validate.add_argument("--group", default="default", help="node.cluster Envoy validates as")
-    validate.add_argument("--format", choices=("text", "json"), default="text")
+    validate.add_argument(
+        "--format", choices=("text", "json"), default="text", help="how to print the findings"
+    )
     validate.add_argument(
         "--json", dest="format", action="store_const", const="json", help="--format json"
     )
@@ -74,9 +74,13 @@ def add_commands(subparsers: Any, add_server: Callable[[argparse.ArgumentParser]
     diff = subparsers.add_parser(
         "diff", help="compare snapshots: A B (directories or versions), or the stable with DIR"
     )
-    diff.add_argument("a", metavar="A", help="directory or stored version")
+    diff.add_argument("a", metavar="A", help="directory or stored version (see below)")
     diff.add_argument("b", metavar="B", nargs="?", help="directory or stored version")
-    diff.add_argument("--group", default="default", help="whose stable `diff DIR` compares with")
+    diff.add_argument(
+        "--group",
+        default="default",
+        help="whose stable `diff DIR` compares with, and whose stable, candidate or last_good",
+    )
     diff.add_argument("--env", default=None, help="environment overlay for directories")
     diff.add_argument(
         "--show-secrets",
@@ -296,9 +300,13 @@ def _resolve(spec: str, args: argparse.Namespace) -> tuple[Snapshot, str]:
         snapshot, label = _from_directory(path, args.env)
         # Stored versions come redacted unless --show-secrets: redact directories alike.
         return (snapshot if args.show_secrets else redact_snapshot(snapshot)), label
-    if not _VERSION.match(spec):
-        raise CommandError(f"{spec}: neither a directory nor a stored version")
-    return _stored(args, spec, args.show_secrets), f"version {spec}"
+    from controlplane.cli import versions
+
+    if not versions.is_reference(spec):
+        raise CommandError(f"{spec}: neither a directory nor {versions.HELP}")
+    version = versions.resolve_arg(args, spec, args.group)
+    label = f"version {version}" if version == spec else f"{spec} (version {version})"
+    return _stored(args, version, args.show_secrets), label
 
 
 def _from_directory(directory: Path, env: str | None) -> tuple[Snapshot, str]:

@@ -21,7 +21,11 @@ if TYPE_CHECKING:
     from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
 
 DEFAULT_SERVER = "127.0.0.1:18001"
+TOKEN_ENV, TOKEN_FILE_ENV = "XDSCTL_TOKEN", "XDSCTL_TOKEN_FILE"
+# The tokens `serve` creates beside its default store (app.DEFAULT_STORE), the write token
+# first: run from the server's directory, every command finds one.
 DEFAULT_TOKEN_FILE = Path(".xdscp") / "admin-token"
+DEFAULT_TOKEN_FILES = (DEFAULT_TOKEN_FILE, DEFAULT_TOKEN_FILE.with_name("admin-read-token"))
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 RPC_TIMEOUT_SECONDS = 30.0
 
@@ -40,8 +44,9 @@ def add_server(parser: argparse.ArgumentParser) -> None:
         "--token-file",
         type=Path,
         default=None,
-        help="the server's write token, or its read token for reads only "
-        f"(env XDSCTL_TOKEN; default {DEFAULT_TOKEN_FILE} if present)",
+        help="file holding the server's write token, or its read token for reads only; "
+        f"else env {TOKEN_ENV} (the token), env {TOKEN_FILE_ENV} (a file), "
+        f"{DEFAULT_TOKEN_FILES[0]} or {DEFAULT_TOKEN_FILES[1]}, whichever comes first",
     )
     tls_flags = parser.add_argument_group("TLS to the admin port")
     for flag, env, help_text in (
@@ -73,15 +78,44 @@ def actor() -> str:
 
 
 def _token(args: argparse.Namespace) -> str | None:
-    if token := os.environ.get("XDSCTL_TOKEN", "").strip():
+    """The admin token, from the first source that names one (docs/operations.md):
+    --token-file, XDSCTL_TOKEN, XDSCTL_TOKEN_FILE, then the write token and the read token
+    that `serve` creates beside its default store; None if none does. A file named
+    explicitly must exist."""
+    if args.token_file is not None:
+        return _read_token(args.token_file, "--token-file")
+    if token := os.environ.get(TOKEN_ENV, "").strip():
         return token
-    path = args.token_file or DEFAULT_TOKEN_FILE
+    if named := os.environ.get(TOKEN_FILE_ENV, "").strip():
+        return _read_token(Path(named), TOKEN_FILE_ENV)
+    for path in DEFAULT_TOKEN_FILES:
+        if path.is_file():
+            return _read_token(path, "default")
+    return None
+
+
+def no_token_hint() -> str:
+    """What xdsctl says when it found no token: every place it looked."""
+    tried = [
+        "--token-file (not given)",
+        f"{TOKEN_ENV} (not set)",
+        f"{TOKEN_FILE_ENV} (not set)",
+        *(f"{path.absolute()} (no such file)" for path in DEFAULT_TOKEN_FILES),
+    ]
+    return f"xdsctl found no admin token; it tried {', '.join(tried)}"
+
+
+def _read_token(path: Path, source: str) -> str:
     try:
-        return path.read_text().strip() or None
+        token = path.read_text().strip()
     except FileNotFoundError:
-        if args.token_file is not None:
-            raise CommandError(f"token file {path} does not exist") from None
-        return None
+        raise CommandError(f"token file {path} ({source}) does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise CommandError(f"token file {path} ({source}): {reason}") from None
+    if not token:
+        raise CommandError(f"token file {path} ({source}) is empty")
+    return token
 
 
 def fetch_snapshot(
@@ -131,6 +165,8 @@ def call(args: argparse.Namespace, rpc: Callable) -> Any:  # type: ignore[type-a
             code, details = error.code(), error.details()  # type: ignore[attr-defined]
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise CommandError(f"cannot reach xdscp at {args.server}: {details}") from None
+            if code == grpc.StatusCode.UNAUTHENTICATED and token is None:
+                details = f"{details}. {no_token_hint()}"
             raise CommandError(f"{code.name.lower()}: {details}") from None
 
 

@@ -3,16 +3,26 @@
 The CLI maps flags onto calls and nothing more: `serve` builds an app.Config, the other
 commands call the admin gRPC API of a running server (--server or XDSCTL_SERVER). Each
 module registers its own commands: serving (serve, certgen, store-key), publishing,
-fleet (status, snapshots, get), authoring (validate, diff), rollouts (rollout, rollback).
+fleet (status, config-dump, snapshots, get), authoring (validate, diff), rollouts (rollout,
+rollback), completion. `manual` gives every command its description and examples.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
-from controlplane.cli import authoring, fleet, publishing, rollouts, serving
+from controlplane.cli import (
+    authoring,
+    completion,
+    fleet,
+    manual,
+    publishing,
+    rollouts,
+    serving,
+)
 from controlplane.cli.client import EXIT_FAILED, CommandError, add_server
 
 
@@ -30,13 +40,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xdsctl", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"xdsctl {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serving.add_commands(commands)
     publishing.add_commands(commands)
     fleet.add_commands(commands)
     authoring.add_commands(commands, add_server)
     rollouts.add_commands(commands)
+    completion.add_commands(commands)
+    manual.apply(parser)
     return parser
+
+
+def package_version() -> str:
+    """The installed xdscp package's version (pyproject.toml), or "unknown" when the code
+    runs from a checkout that was never installed."""
+    try:
+        return importlib.metadata.version("xdscp")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from google.protobuf import any_pb2
 
 from controlplane import resources
 from controlplane.admin.v1 import admin_pb2
@@ -21,13 +24,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def ago(timestamp: float, now: float | None = None) -> str:
+    return f"{since(timestamp, now)} ago" if timestamp else "-"
+
+
+def since(timestamp: float, now: float | None = None) -> str:
+    """How long ago `timestamp` was, in its largest unit: "42s", "5m", "3h", "2d"."""
     if not timestamp:
         return "-"
     seconds = max(0, int((now or time.time()) - timestamp))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
-            return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def short_type(type_url: str) -> str:
@@ -84,6 +92,132 @@ def fleet_status(response: admin_pb2.GetFleetStatusResponse) -> str:
         "ERROR",
     ]
     return table(headers, rows)
+
+
+def fleet_summary(response: admin_pb2.GetFleetStatusResponse) -> str:
+    """One line per connected node, like `istioctl proxy-status`."""
+    if not response.nodes:
+        return "no nodes connected"
+    rows = [
+        [
+            node.node_id,
+            _group(node),
+            "canary" if node.canary else "-",
+            node.protocol,
+            node.held_version or "-",
+            node.snapshot_version or "-",
+            node.state.replace("_", " ") or "-",
+            since(node.connected_at),
+            "; ".join(filter(None, [_stuck(node), _pending(node.types)])),
+        ]
+        for node in response.nodes
+    ]
+    headers = ["NODE", "GROUP", "ROLE", "XDS", "HOLDS", "EXPECTED", "STATE", "CONNECTED", "DETAIL"]
+    return table(headers, rows)
+
+
+def _group(node: admin_pb2.NodeStatus) -> str:
+    if node.served_group and node.served_group != node.group:
+        return f"{node.group or '-'} (uses {node.served_group})"
+    return node.group or "-"
+
+
+def _stuck(node: admin_pb2.NodeStatus) -> str:
+    return f"stuck since {ago(node.stuck_since)}: {'; '.join(node.missing)}" if node.stuck else ""
+
+
+def _pending(types: Sequence[admin_pb2.TypeStatus]) -> str:
+    """What keeps a node from SYNCED: each NACK with Envoy's text, then the other types."""
+    nacks = [f"{short_type(t.type_url)}: {t.nack_error}" for t in types if t.state == "NACKED"]
+    waiting = [
+        f"{short_type(t.type_url)} {t.state.replace('_', ' ')}"
+        for t in types
+        if t.state not in ("SYNCED", "NACKED")
+    ]
+    return "; ".join([*nacks, *waiting])
+
+
+def node_config(
+    response: admin_pb2.NodeConfigResponse,
+    resources_yaml: Callable[[Sequence[any_pb2.Any]], str] | None = None,
+) -> str:
+    """`xdsctl config-dump` as text: per stream of the node, per type, the versions and the
+    names it should hold (and the resources, with `resources_yaml`)."""
+    blocks = []
+    for stream in response.streams:
+        node = stream.node
+        lines = [
+            f"node {node.node_id}: group {_group(node)}, {'canary' if node.canary else 'not a canary'}, "
+            f"{node.protocol} stream {node.stream_id} connected {since(node.connected_at)}, "
+            f"Envoy {node.build_version or '-'}",
+            f"  state {node.state}: holds {node.held_version or '-'}, "
+            f"expected {node.snapshot_version or '-'}",
+        ]
+        rows = [
+            [
+                short_type(t.status.type_url),
+                t.status.state.replace("_", " "),
+                t.status.sent_version or "-",
+                ago(t.status.sent_at),
+                t.status.acked_version or "-",
+                t.status.expected_version or "-",
+                str(len(t.names)) + (" (all)" if t.wildcard else ""),
+            ]
+            for t in stream.types
+        ]
+        headers = ["TYPE", "STATE", "SENT", "SENT AT", "ACKED", "EXPECTED", "RESOURCES"]
+        lines.extend("  " + line for line in table(headers, rows).splitlines())
+        for t in stream.types:
+            if t.status.state == "NACKED" or t.status.nack_error:
+                lines.append(
+                    f"  {short_type(t.status.type_url)} NACKed {t.status.nacked_version}: "
+                    f"{t.status.nack_error}"
+                )
+            lines.append(f"  {short_type(t.status.type_url)} should hold:")
+            lines.extend(f"    {name}" for name in t.names)
+            if not t.names:
+                lines.append("    (nothing)")
+            if resources_yaml is not None and t.resources:
+                lines.extend("    " + line for line in resources_yaml(t.resources).splitlines())
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def node_config_tree(
+    response: admin_pb2.NodeConfigResponse,
+    resources_yaml: Callable[[Sequence[any_pb2.Any]], list[Any]],
+) -> dict[str, Any]:
+    """`xdsctl config-dump -o yaml`: the dump as plain data, resources in `publish`'s form."""
+    streams = []
+    for stream in response.streams:
+        node = stream.node
+        streams.append(
+            {
+                "node": node.node_id,
+                "group": node.group,
+                "served_group": node.served_group,
+                "canary": node.canary,
+                "protocol": node.protocol,
+                "stream_id": node.stream_id,
+                "state": node.state,
+                "held_version": node.held_version,
+                "expected_version": node.snapshot_version,
+                "types": [
+                    {
+                        "type": short_type(t.status.type_url),
+                        "state": t.status.state,
+                        "sent_version": t.status.sent_version,
+                        "acked_version": t.status.acked_version,
+                        "expected_version": t.status.expected_version,
+                        **({"nack_error": t.status.nack_error} if t.status.nack_error else {}),
+                        "names": list(t.names),
+                        "resources": resources_yaml(t.resources),
+                    }
+                    for t in stream.types
+                ],
+            }
+        )
+    return {"streams": streams}
 
 
 def history(response: admin_pb2.ListSnapshotsResponse) -> str:

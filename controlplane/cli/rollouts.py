@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from controlplane.cli import follow, render
+from controlplane.cli import follow, render, versions
 from controlplane.cli.client import (
     EXIT_FAILED,
     EXIT_OK,
@@ -28,7 +28,9 @@ def add_commands(commands: Any) -> None:
         dest="rollout_command", required=True, metavar="ACTION"
     )
     rollout_status = rollout_commands.add_parser("status", help="current or last rollout per group")
-    rollout_status.add_argument("--group", default="")
+    rollout_status.add_argument(
+        "--group", default="", help="only this group (default: every group)"
+    )
     rollout_status.add_argument(
         "--json", action="store_true", help="JSON (JSON lines with --watch)"
     )
@@ -46,18 +48,24 @@ def add_commands(commands: Any) -> None:
         ("abort", cmd_rollout_abort, "abort: canaries back to stable, candidate rejected"),
     ):
         command = rollout_commands.add_parser(action, help=help_text)
-        command.add_argument("--group", default="default")
-        command.add_argument("--reason", default="")
-        command.add_argument("--json", action="store_true")
+        command.add_argument("--group", default="default", help="the group whose rollout this is")
+        command.add_argument("--reason", default="", help="recorded in the history")
+        command.add_argument("--json", action="store_true", help="print the answer as JSON")
         add_server(command)
         command.set_defaults(handler=handler)
 
     rollback = commands.add_parser(
         "rollback", help="put last_good (or --to VERSION) on every node now, and wait for ACKs"
     )
-    rollback.add_argument("--group", default="default")
-    rollback.add_argument("--to", dest="to_version", default="", metavar="VERSION")
-    rollback.add_argument("--reason", default="")
+    rollback.add_argument("--group", default="default", help="the group to roll back")
+    rollback.add_argument(
+        "--to",
+        dest="to_version",
+        default="",
+        metavar="VERSION",
+        help="what to put on stable, if not last_good: " + versions.HELP,
+    )
+    rollback.add_argument("--reason", default="", help="recorded in the history")
     rollback.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for ACKs")
     rollback.add_argument(
         "--json", action="store_true", help="JSON lines: the rollback, each N/M, the end"
@@ -117,8 +125,9 @@ def _rollout_command(args: argparse.Namespace, method: str) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from controlplane.admin.v1 import admin_pb2
 
+    to_version = versions.resolve_arg(args, args.to_version, args.group) if args.to_version else ""
     request = admin_pb2.RollbackRequest(
-        group=args.group, to_version=args.to_version, actor=actor(), reason=args.reason
+        group=args.group, to_version=to_version, actor=actor(), reason=args.reason
     )
     done = call(
         args, lambda stub, md: stub.Rollback(request, timeout=RPC_TIMEOUT_SECONDS, metadata=md)

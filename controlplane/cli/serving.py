@@ -76,7 +76,12 @@ def add_commands(commands: Any) -> None:
         action="store_true",
         help="serve plaintext on a non-loopback address (warned at every start)",
     )
-    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="least severe log lines written",
+    )
     serve.add_argument("--drain-seconds", type=float, default=5.0, help="grace period on shutdown")
     serve.add_argument(
         "--warming-timeout",
@@ -115,7 +120,7 @@ def add_commands(commands: Any) -> None:
         "--canary", action="append", default=[], metavar="GROUP/ID", help="a canary node"
     )
     certgen.add_argument("--admin-client", action="store_true", help="a certificate for xdsctl")
-    certgen.add_argument("--days", type=int, default=365)
+    certgen.add_argument("--days", type=int, default=365, help="validity of the certificates")
     certgen.set_defaults(handler=cmd_certgen)
 
     store_key = commands.add_parser("store-key", help="the key that encrypts the store's secrets")

@@ -241,6 +241,10 @@ def test_compose_layout_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert (
             "envoy-canary" in xdsctl("status", "--token-file", str(read_token)).stdout
         )  # the table, as an operator reads it
+        # As the compose header says: `docker compose exec xdscp xdsctl ...` needs no token
+        # flag, and gets the write role (reading secrets needs it).
+        version = json.loads(xdsctl("snapshots", "--json").stdout)
+        assert xdsctl("get", version["entries"][0]["version"], "--show-secrets").returncode == 0
     finally:
         if envoy is not None:
             envoy.stop()

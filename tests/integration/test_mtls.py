@@ -172,7 +172,10 @@ def test_a_real_envoy_over_mtls_gets_its_config_and_serves_traffic(
         types = plane.node_types("edge-1")
         assert types and all(t["state"] == "SYNCED" for t in types.values())
         without_client_cert = xdsctl(
-            "status", "--server", plane.admin_address, "--tls-ca", str(pki.ca_path), check=False
+            "status",
+            *("--server", plane.admin_address, "--tls-ca", str(pki.ca_path)),
+            *("--token-file", str(plane.token_file)),  # a token, but no client certificate
+            check=False,
         )
         assert without_client_cert.returncode == 1
         assert "cannot reach xdscp" in without_client_cert.stderr

@@ -13,7 +13,7 @@ from controlplane import resources
 from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests import factories
 from tests.integration import edge_config
-from tests.integration.harness import XdsControlPlane, free_port
+from tests.integration.harness import REPO, XdsControlPlane, free_port
 
 
 def store_contents(path: Path) -> dict[str, list[tuple]]:  # type: ignore[type-arg]
@@ -172,6 +172,9 @@ def test_publish_without_the_admin_token_is_refused_and_changes_nothing(
     assert result.returncode == 1
     refusal = "missing" if token is None else "not accepted"
     assert f"unauthenticated: admin token {refusal}: set XDSCTL_TOKEN" in result.stderr
+    if token is None:  # and xdsctl says where it looked for one
+        assert "xdsctl found no admin token; it tried --token-file (not given)" in result.stderr
+        assert f"{REPO / '.xdscp/admin-read-token'} (no such file)" in result.stderr
     assert store_contents(published.store) == before
     # Reading needs a token too.
     args = ["snapshots", "--server", published.admin_address]

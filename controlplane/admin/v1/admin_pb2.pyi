@@ -127,7 +127,7 @@ class TypeStatus(_message.Message):
     def __init__(self, type_url: _Optional[str] = ..., state: _Optional[str] = ..., expected_version: _Optional[str] = ..., sent_version: _Optional[str] = ..., sent_at: _Optional[float] = ..., acked_version: _Optional[str] = ..., acked_at: _Optional[float] = ..., nacked_version: _Optional[str] = ..., nacked_at: _Optional[float] = ..., nack_error: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "group", "build_version", "user_agent", "protocol", "stream_id", "connected_at", "snapshot_version", "types", "stuck", "stuck_since", "missing", "started_empty")
+    __slots__ = ("node_id", "group", "build_version", "user_agent", "protocol", "stream_id", "connected_at", "snapshot_version", "types", "canary", "held_version", "state", "served_group", "stuck", "stuck_since", "missing", "started_empty")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     BUILD_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,10 @@ class NodeStatus(_message.Message):
     CONNECTED_AT_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     TYPES_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    HELD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SERVED_GROUP_FIELD_NUMBER: _ClassVar[int]
     STUCK_FIELD_NUMBER: _ClassVar[int]
     STUCK_SINCE_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
@@ -150,11 +154,15 @@ class NodeStatus(_message.Message):
     connected_at: float
     snapshot_version: str
     types: _containers.RepeatedCompositeFieldContainer[TypeStatus]
+    canary: bool
+    held_version: str
+    state: str
+    served_group: str
     stuck: bool
     stuck_since: float
     missing: _containers.RepeatedScalarFieldContainer[str]
     started_empty: bool
-    def __init__(self, node_id: _Optional[str] = ..., group: _Optional[str] = ..., build_version: _Optional[str] = ..., user_agent: _Optional[str] = ..., protocol: _Optional[str] = ..., stream_id: _Optional[int] = ..., connected_at: _Optional[float] = ..., snapshot_version: _Optional[str] = ..., types: _Optional[_Iterable[_Union[TypeStatus, _Mapping]]] = ..., stuck: _Optional[bool] = ..., stuck_since: _Optional[float] = ..., missing: _Optional[_Iterable[str]] = ..., started_empty: _Optional[bool] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., group: _Optional[str] = ..., build_version: _Optional[str] = ..., user_agent: _Optional[str] = ..., protocol: _Optional[str] = ..., stream_id: _Optional[int] = ..., connected_at: _Optional[float] = ..., snapshot_version: _Optional[str] = ..., types: _Optional[_Iterable[_Union[TypeStatus, _Mapping]]] = ..., canary: _Optional[bool] = ..., held_version: _Optional[str] = ..., state: _Optional[str] = ..., served_group: _Optional[str] = ..., stuck: _Optional[bool] = ..., stuck_since: _Optional[float] = ..., missing: _Optional[_Iterable[str]] = ..., started_empty: _Optional[bool] = ...) -> None: ...
 
 class GetFleetStatusResponse(_message.Message):
     __slots__ = ("nodes",)
@@ -365,3 +373,41 @@ class GetSnapshotResponse(_message.Message):
     resources: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
     next_offset: int
     def __init__(self, version: _Optional[str] = ..., resources: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ..., next_offset: _Optional[int] = ...) -> None: ...
+
+class NodeConfigRequest(_message.Message):
+    __slots__ = ("node_id", "type_url", "include_resources", "include_secrets")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_URL_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SECRETS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    type_url: str
+    include_resources: bool
+    include_secrets: bool
+    def __init__(self, node_id: _Optional[str] = ..., type_url: _Optional[str] = ..., include_resources: _Optional[bool] = ..., include_secrets: _Optional[bool] = ...) -> None: ...
+
+class NodeConfigType(_message.Message):
+    __slots__ = ("status", "names", "resources", "wildcard")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    WILDCARD_FIELD_NUMBER: _ClassVar[int]
+    status: TypeStatus
+    names: _containers.RepeatedScalarFieldContainer[str]
+    resources: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
+    wildcard: bool
+    def __init__(self, status: _Optional[_Union[TypeStatus, _Mapping]] = ..., names: _Optional[_Iterable[str]] = ..., resources: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ..., wildcard: _Optional[bool] = ...) -> None: ...
+
+class NodeConfigStream(_message.Message):
+    __slots__ = ("node", "types")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    TYPES_FIELD_NUMBER: _ClassVar[int]
+    node: NodeStatus
+    types: _containers.RepeatedCompositeFieldContainer[NodeConfigType]
+    def __init__(self, node: _Optional[_Union[NodeStatus, _Mapping]] = ..., types: _Optional[_Iterable[_Union[NodeConfigType, _Mapping]]] = ...) -> None: ...
+
+class NodeConfigResponse(_message.Message):
+    __slots__ = ("streams",)
+    STREAMS_FIELD_NUMBER: _ClassVar[int]
+    streams: _containers.RepeatedCompositeFieldContainer[NodeConfigStream]
+    def __init__(self, streams: _Optional[_Iterable[_Union[NodeConfigStream, _Mapping]]] = ...) -> None: ...

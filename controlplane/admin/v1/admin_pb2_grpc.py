@@ -79,6 +79,11 @@ class AdminStub:
                 request_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.WaitForConvergenceRequest.SerializeToString,
                 response_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.WaitForConvergenceResponse.FromString,
                 _registered_method=True)
+        self.GetNodeConfig = channel.unary_unary(
+                '/xdscp.admin.v1.Admin/GetNodeConfig',
+                request_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.NodeConfigRequest.SerializeToString,
+                response_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.NodeConfigResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -149,6 +154,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetNodeConfig(self, request, context):
+        """What one node was sent, ACKed and should hold, per type, with the names (or the
+        resources) it should hold: `xdsctl config-dump`. Key material is redacted unless
+        include_secrets, which needs the write role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +210,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.WaitForConvergence,
                     request_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.WaitForConvergenceRequest.FromString,
                     response_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.WaitForConvergenceResponse.SerializeToString,
+            ),
+            'GetNodeConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNodeConfig,
+                    request_deserializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.NodeConfigRequest.FromString,
+                    response_serializer=controlplane_dot_admin_dot_v1_dot_admin__pb2.NodeConfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -441,6 +460,33 @@ class Admin:
             '/xdscp.admin.v1.Admin/WaitForConvergence',
             controlplane_dot_admin_dot_v1_dot_admin__pb2.WaitForConvergenceRequest.SerializeToString,
             controlplane_dot_admin_dot_v1_dot_admin__pb2.WaitForConvergenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNodeConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xdscp.admin.v1.Admin/GetNodeConfig',
+            controlplane_dot_admin_dot_v1_dot_admin__pb2.NodeConfigRequest.SerializeToString,
+            controlplane_dot_admin_dot_v1_dot_admin__pb2.NodeConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
