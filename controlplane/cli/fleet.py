@@ -80,6 +80,9 @@ def add_commands(commands: Any) -> None:
     get.add_argument("--group", default="default", help="whose stable, candidate or last_good")
     get.add_argument("--type", default="", help=f"only this type: {_type_names()}")
     get.add_argument("--name", default="", help="only the resource of this name")
+    get.add_argument(
+        "--json", action="store_true", help="the same `resources:` as JSON, instead of YAML"
+    )
     _add_show_secrets(get)
     add_server(get)
     get.set_defaults(handler=cmd_get)
@@ -216,6 +219,9 @@ def cmd_get(args: argparse.Namespace) -> int:
     if not response.resources:
         raise CommandError(f"no resources in {response.version} match --type/--name")
     resources.load_all_descriptors()
+    if args.json:  # the JSON form of the same file, so it publishes back too
+        print(json.dumps({"resources": _plain(response.resources)}, indent=2))
+        return EXIT_OK
     print(f"# xdsctl get {response.version}")
     print(_yaml_of(response.resources), end="")
     return EXIT_OK

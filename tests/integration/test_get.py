@@ -1,6 +1,9 @@
-"""xdsctl get prints stored resources as Envoy v3 YAML that publishes back to the same version."""
+"""xdsctl get prints stored resources as Envoy v3 YAML (or JSON) that publishes back to the
+same version."""
 
 from __future__ import annotations
+
+import json
 
 import yaml
 
@@ -16,6 +19,11 @@ def test_get_round_trips_and_filters(control_plane, tmp_path) -> None:
     again = control_plane.xdsctl("publish", str(tmp_path / "again"))
     assert again.stdout.strip() == version
     assert "unchanged" in again.stderr
+    as_json = control_plane.xdsctl("get", version, "--json").stdout
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "all.json").write_text(as_json)
+    assert json.loads(as_json) == yaml.safe_load(everything)  # the same resources
+    assert control_plane.xdsctl("publish", str(tmp_path / "json")).stdout.strip() == version
 
     routes = yaml.safe_load(control_plane.xdsctl("get", version, "--type", "route").stdout)
     assert [r["name"] for r in routes["resources"]] == ["edge_routes"]

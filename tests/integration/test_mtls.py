@@ -314,6 +314,9 @@ def test_canaries_must_prove_it_before_their_acks_count(tmp_path, pki) -> None:
                 AckingNode(plane.xds_port, f"fake-{i}", "edge", {"canary": "true"}, credentials)
             )
         wait_for(lambda: len(plane.status()) == 2, what="both fakes connected")
+        _publish_clusters(tmp_path / "v0", plane, "z")  # a group's first publish: to stable
+        wait_for(lambda: all(CLUSTER_TYPE in c.acked for c in clients), what="v0 ACKed")
+        on_stable = [c.acked[CLUSTER_TYPE] for c in clients]
         first = _publish_clusters(tmp_path / "v1", plane, "a")
         wait_for(lambda: _rollout(plane).get("phase") == "canary", what="v1 staged")
         # Past the bake several times over, with both fakes ACKing whatever they get: nothing
@@ -323,7 +326,7 @@ def test_canaries_must_prove_it_before_their_acks_count(tmp_path, pki) -> None:
             rollout = _rollout(plane)
             assert rollout["phase"] == "canary", rollout
             time.sleep(0.2)
-        assert all(CLUSTER_TYPE not in c.acked for c in clients)  # never sent the candidate
+        assert [c.acked[CLUSTER_TYPE] for c in clients] == on_stable  # never the candidate
         assert plane.xdsctl("rollout", "abort", "--group", "edge").returncode == 0
 
         for i in (1, 2):
@@ -437,6 +440,7 @@ def test_with_tls_on_xds_the_fresh_probe_reaches_xdscp_over_its_unix_socket(tmp_
         tmp_path, *pki.serve_args(), "--rollout-policy", str(policy), xdsctl_args=pki.xdsctl_args()
     ).start()
     try:
+        _publish_clusters(tmp_path / "v0", plane, "z")  # a group's first publish: to stable
         _publish_clusters(tmp_path / "v1", plane, "a")
         rollout = wait_for(
             lambda: (r := _rollout(plane)).get("phase") in ("promoted", "aborted") and r,

@@ -49,18 +49,26 @@ def rollout(plane: XdsControlPlane) -> dict:  # type: ignore[type-arg]
     return listed["rollouts"][0]
 
 
+def held(plane: XdsControlPlane, node_id: str) -> str | None:
+    """The snapshot version `node_id` holds, by `xdsctl status` (None: not connected)."""
+    nodes = {n["node_id"]: n for n in plane.status()}
+    return nodes[node_id].get("held_version") if node_id in nodes else None
+
+
 def test_manual_promotion_abort_and_rollback_after_a_restart(plane, tmp_path) -> None:
     canary = AckingNode(plane.xds_port, "canary-1", "edge")
     other = AckingNode(plane.xds_port, "web-1", "edge")
     try:
+        v0 = publish(plane, tmp_path / "v0", "b")  # a group's first publish: straight to stable
+        wait_for(lambda: held(plane, "web-1") == v0, what="web-1 gets v0")
         v1 = publish(plane, tmp_path / "v1", "a")
         wait_for(lambda: rollout(plane)["phase"] == "awaiting_promotion", what="v1 verified")
         assert rollout(plane)["existing_acked"] == ["canary-1"]
-        assert other.acked == {}  # no stable yet: the ordinary node waits
+        assert held(plane, "web-1") == v0  # the ordinary node keeps stable meanwhile
 
         promoted = plane.xdsctl("rollout", "promote", "--group", "edge", "--reason", "ship it")
         assert "PROMOTED" in promoted.stdout and "ship it" in promoted.stdout
-        wait_for(lambda: len(set(other.acked.values())) == 2, what="web-1 gets v1")
+        wait_for(lambda: held(plane, "web-1") == v1, what="web-1 gets v1")
 
         v2 = publish(plane, tmp_path / "v2", "b")
         wait_for(lambda: rollout(plane)["candidate"] == v2, what="v2 staged")
@@ -98,6 +106,7 @@ def test_rollback_reports_nodes_that_do_not_ack(plane, tmp_path) -> None:
     """A node that never ACKs the rolled-back version is listed, and the exit status is 1."""
     canary = AckingNode(plane.xds_port, "canary-1", "edge")
     try:
+        publish(plane, tmp_path / "v0", "b")  # a group's first publish: straight to stable
         v1 = publish(plane, tmp_path / "v1", "a")
         wait_for(lambda: rollout(plane)["phase"] == "awaiting_promotion", what="v1 verified")
         plane.xdsctl("rollout", "promote", "--group", "edge")
