@@ -246,6 +246,8 @@ def test_a_probe_that_never_gets_ready_reports_the_tail_of_its_envoys_log(
 ) -> None:
     # Routes from a gRPC source that never answers, waited for forever: a fresh Envoy's
     # init never ends, and its log says why (the stream to the dead source keeps failing).
+    stable = write_config(tmp_path / "v0", free_port(), free_port())
+    gated.xdsctl("publish", str(stable))  # a group's first publish goes straight to stable
     config = write_config(tmp_path / "v1", free_port(), free_port(), fresh_fails=True)
     gated.xdsctl("publish", str(config))
 
@@ -286,6 +288,8 @@ def test_an_aborted_rollout_tears_its_probe_down_and_shows_it_cancelled(
     plane = XdsControlPlane(tmp_path, "--rollout-policy", str(policy))
     try:
         plane.start()
+        stable = write_config(tmp_path / "v0", free_port(), free_port())
+        plane.xdsctl("publish", str(stable))  # a group's first publish: straight to stable
         config = write_config(tmp_path / "v1", free_port(), free_port(), fresh_fails=True)
         plane.xdsctl("publish", str(config))
         probes = wait_for(lambda: probes_of(tmp_path / "xds.sock"), what="the probe running")
