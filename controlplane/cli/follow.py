@@ -7,7 +7,8 @@ and while the bake runs, every BAKE_STEP_SECONDS. Convergence is waited for in s
 WaitForConvergence steps, printing N/M when it moves. With --json each event is one JSON object on its own
 line (JSON lines), and the last one says how it ended.
 
-Exit status (for CI): 0 promoted (or converged), 1 aborted, 2 timed out.
+Exit status (for CI): 0 promoted (or converged), 1 aborted, 2 timed out (also when xdscp
+stopped answering: a follow keeps asking through a restart or a blip until its timeout).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any
 
+import grpc
 from google.protobuf import json_format
 
 from controlplane.cli import render
@@ -32,6 +34,8 @@ POLL_SECONDS = 1.0
 BAKE_STEP_SECONDS = 10.0
 CONVERGENCE_STEP_SECONDS = 1.0
 DEFAULT_TIMEOUT_SECONDS = 900.0
+# Errors after which a follow asks again (until its timeout) instead of giving up at once.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -69,8 +73,33 @@ def follow_rollout(
     last_key: tuple[Any, ...] | None = None
     last_bake_print = 0.0
     request = admin_pb2.ListRolloutsRequest(group=group)
+    unreachable = False
     while True:
-        listed = stub.ListRollouts(request, timeout=RPC_TIMEOUT_SECONDS, metadata=metadata)
+        try:
+            listed = stub.ListRollouts(request, timeout=RPC_TIMEOUT_SECONDS, metadata=metadata)
+        except grpc.RpcError as error:
+            if error.code() not in TRANSIENT:
+                raise
+            # A server restart or a network blip: the rollout goes on (or was aborted by
+            # the restart); keep asking until --timeout rather than report an outcome.
+            if not unreachable:
+                printer.event(
+                    "unreachable",
+                    f"cannot reach xdscp ({error.code().name}): trying again until --timeout",
+                    {"code": error.code().name},
+                )
+                unreachable = True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return _end(
+                    printer,
+                    "timeout",
+                    EXIT_TIMEOUT,
+                    f"gave up after {timeout:g}s (--timeout): xdscp did not answer",
+                )
+            time.sleep(min(POLL_SECONDS, remaining))
+            continue
+        unreachable = False
         status = next((r for r in listed.rollouts if r.group == group), None)
         if status is None:
             raise CommandError(f"group {group} has no rollout to follow")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import pytest
 
 from controlplane.admin.v1 import admin_pb2
@@ -89,3 +90,60 @@ def test_exits_2_when_the_timeout_passes(capsys) -> None:
 def test_another_candidate_is_an_error_not_a_result() -> None:
     with pytest.raises(CommandError, match="group edge is now rolling out c1, not c0"):
         follow.follow_rollout(Stub(status()), (), "edge", "c0", 60, follow.Printer(False))
+
+
+class Unavailable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+
+class Blinking(Stub):
+    """Unreachable for the first `down` questions, then answers as Stub does."""
+
+    def __init__(self, down: int, *statuses: admin_pb2.RolloutStatus) -> None:
+        super().__init__(*statuses)
+        self.down = down
+
+    def ListRollouts(self, request, timeout, metadata):  # type: ignore[no-untyped-def]
+        if self.down > 0:
+            self.down -= 1
+            raise Unavailable()
+        return super().ListRollouts(request, timeout, metadata)
+
+
+def test_a_server_that_stops_answering_for_a_while_is_asked_again(capsys) -> None:
+    stub = Blinking(3, status("promoted"))
+    code = follow.follow_rollout(stub, (), "edge", "c1", 60, follow.Printer(False))
+    assert code == follow.EXIT_PROMOTED
+    assert capsys.readouterr().out.splitlines() == [
+        "cannot reach xdscp (UNAVAILABLE): trying again until --timeout",  # said once
+        "PROMOTED c1, existing 0/1, fresh 0/0",
+        "promoted c1",
+    ]
+
+
+def test_a_server_that_never_answers_again_ends_as_a_timeout(
+    capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = iter(range(0, 10_000, 30))  # each look at the clock: 30 s later
+    monkeypatch.setattr(follow.time, "monotonic", lambda: float(next(clock)))
+    code = follow.follow_rollout(
+        Blinking(10_000, status()), (), "edge", "c1", 60, follow.Printer(False)
+    )
+    assert code == follow.EXIT_TIMEOUT
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "gave up after 60s (--timeout): xdscp did not answer"
+    )
+
+
+def test_an_error_that_will_not_pass_is_not_retried() -> None:
+    class Denied(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.PERMISSION_DENIED
+
+    class Refusing(Stub):
+        def ListRollouts(self, request, timeout, metadata):  # type: ignore[no-untyped-def]
+            raise Denied()
+
+    with pytest.raises(Denied):
+        follow.follow_rollout(Refusing(status()), (), "edge", "c1", 60, follow.Printer(False))
