@@ -27,6 +27,7 @@ from controlplane.redaction import redact_pem_keys, redact_resource
 from controlplane.resources import UnknownTypeError
 from controlplane.rollout.controller import NotFoundError, RolloutController, RolloutError
 from controlplane.rollout.gate import Rollout
+from controlplane.rollout.guard import Guard
 from controlplane.rollout.traffic import TrafficPolicy
 from controlplane.snapshot import ConsistencyError, DuplicateResourceError, Resource, Snapshot
 from controlplane.store import DEFAULT_GROUP, HistoryEntry, SnapshotStore
@@ -122,12 +123,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ListRolloutsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListRolloutsResponse:
         rollouts = self._controller.rollouts()
+        guards = self._controller.last_guards()
         return admin_pb2.ListRolloutsResponse(
             rollouts=[
                 self._rollout_status(r)
                 for group, r in sorted(rollouts.items())
                 if not request.group or group == request.group
-            ]
+            ],
+            guards=[
+                _guard_status(g, time.time())
+                for group, g in sorted(guards.items())
+                if not request.group or group == request.group
+            ],
         )
 
     async def Promote(
@@ -433,3 +440,18 @@ def _traffic_status(
             entry.evaluated_at = state.evaluated_at or 0.0
             if state.value is not None:
                 entry.value = state.value
+
+
+def _guard_status(guard: Guard, now: float) -> admin_pb2.GuardStatus:
+    return admin_pb2.GuardStatus(
+        group=guard.group,
+        version=guard.version,
+        rollback_to=guard.rollback_to,
+        phase=guard.phase.value,
+        started_at=guard.started_at,
+        seconds=guard.policy.seconds,
+        seconds_left=guard.remaining(now) if guard.ended_at is None else 0.0,
+        first_sync_seconds=guard.policy.first_sync_seconds,
+        reason=guard.reason,
+        ended_at=guard.ended_at or 0.0,
+    )

@@ -247,9 +247,20 @@ def history(response: admin_pb2.ListSnapshotsResponse) -> str:
 
 
 def rollouts(response: admin_pb2.ListRolloutsResponse) -> str:
-    if not response.rollouts:
-        return "no rollouts"
-    return "\n\n".join(rollout(r) for r in response.rollouts)
+    blocks = [rollout(r) for r in response.rollouts] + [guard(g) for g in response.guards]
+    return "\n\n".join(blocks) if blocks else "no rollouts"
+
+
+def guard(status: admin_pb2.GuardStatus) -> str:
+    """A group's guard after a promotion: watching (with time left), or how it ended."""
+    head = f"group {status.group}: guard {status.phase.upper()} on {status.version}"
+    if status.phase == "watching":
+        return (
+            f"{head}, {status.seconds_left:.0f}s of {status.seconds:g}s left\n"
+            f"  a NACK, or an Envoy starting on it not synced within "
+            f"{status.first_sync_seconds:g}s, rolls back to {status.rollback_to}"
+        )
+    return f"{head}, {ago(status.ended_at)}: {status.reason}"
 
 
 def bake_line(status: admin_pb2.RolloutStatus) -> str:

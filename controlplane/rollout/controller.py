@@ -112,6 +112,7 @@ class RolloutController:
         # group -> (version, command time, actor): rollbacks whose fleet-wide ACK is not seen
         self._rollbacks: dict[str, tuple[str, float, str]] = {}
         self._guards: dict[str, Guard] = {}  # watching only
+        self._last_guards: dict[str, Guard] = {}  # each group's newest guard, whatever its phase
         self._seen_generation = -1
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -278,7 +279,9 @@ class RolloutController:
             )
             self._assignments.set_stable(group, snapshot)
             self._rollbacks[group] = (target, started_at, actor)
-            self._guards.pop(group, None)  # what it watched is gone
+            ended = self._guards.pop(group, None)  # what it watched is gone
+            if ended is not None:
+                ended.cancel(self._clock(), f"rolled back to {target} by {actor}")
             self._metrics.rollouts.labels(group, "rolled_back").inc()
             log.warning(
                 "rollback",
@@ -353,6 +356,10 @@ class RolloutController:
         """The guards watching now, by group."""
         return {g: guard for g, guard in self._guards.items() if guard.phase is GuardPhase.WATCHING}
 
+    def last_guards(self) -> dict[str, Guard]:
+        """Each group's newest guard, watching or ended, by group."""
+        return dict(self._last_guards)
+
     def guarded_groups(self) -> set[str]:
         """Groups whose policy has a guard."""
         return {group for group, policy in self._policies.items() if policy.guard is not None}
@@ -410,7 +417,9 @@ class RolloutController:
         policy = self._policies.get(group)
         if policy is None or policy.guard is None:
             return
-        self._guards.pop(group, None)
+        replaced = self._guards.pop(group, None)
+        if replaced is not None:
+            replaced.cancel(self._clock(), f"{version} became stable")
         last_good = self._store.pointer(group, LAST_GOOD)
         if last_good is None or last_good == version:
             log.warning(
@@ -419,7 +428,8 @@ class RolloutController:
                 version=version,
             )
             return
-        self._guards[group] = Guard(group, version, last_good, self._clock(), policy.guard)
+        guard = Guard(group, version, last_good, self._clock(), policy.guard)
+        self._guards[group] = self._last_guards[group] = guard
         log.info(
             "guard watching",
             group=group,

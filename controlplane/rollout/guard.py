@@ -30,6 +30,7 @@ class GuardPhase(enum.Enum):
     WATCHING = "watching"
     PASSED = "passed"
     TRIPPED = "tripped"
+    CANCELLED = "cancelled"  # a rollback (or a newer stable) ended it first
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,10 @@ class Guard:
                 GuardPhase.PASSED, now, f"no NACK and no stuck node in {self.policy.seconds:g}s"
             )
         return None
+
+    def cancel(self, now: float, reason: str) -> None:
+        if self.phase is GuardPhase.WATCHING:
+            self._end(GuardPhase.CANCELLED, now, reason)
 
     def remaining(self, now: float) -> float:
         return max(0.0, self.started_at + self.policy.seconds - now)

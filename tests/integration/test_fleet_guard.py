@@ -135,6 +135,9 @@ def test_a_new_envoy_stuck_on_the_new_stable_shows_stuck_and_the_guard_rolls_bac
     )
     assert f"published {v2} to group edge" in stderr
     assert pointers(plane) == {"stable": v2, "last_good": v1}
+    watching = plane.xdsctl("rollout", "status", "--group", "edge").stdout
+    assert watching.startswith(f"group edge: guard WATCHING on {v2}, "), watching
+    assert watching.rstrip().endswith(f"rolls back to {v1}"), watching
     # The running Envoy accepts it: no NACK, the new cluster warming, traffic still served.
     bounded(
         lambda: STUCK in running.clusters("dynamic_warming_clusters"),
@@ -204,6 +207,8 @@ def test_a_new_envoy_stuck_on_the_new_stable_shows_stuck_and_the_guard_rolls_bac
         assert events[0]["seconds"] >= 0
         tripped = [e for e in plane.log_events() if e.get("event") == "guard tripped: rolling back"]
         assert tripped and tripped[0]["reason"] == rollback["message"]
+        [guard] = json.loads(plane.xdsctl("rollout", "status", "--json").stdout)["guards"]
+        assert (guard["phase"], guard["reason"]) == ("tripped", rollback["message"])
         _, metrics = http_get(f"http://127.0.0.1:{plane.http_port}/metrics")
         assert re.search(r'^xdscp_guard_trips_total\{group="edge"\} 1\.0$', metrics, re.M)
         assert re.search(r'^xdscp_guard_watching\{group="edge"\} 0\.0$', metrics, re.M)

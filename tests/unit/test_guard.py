@@ -193,6 +193,8 @@ async def test_a_node_stuck_starting_on_the_new_stable_rolls_the_group_back(tmp_
         "10s: never asked for LDS"
     )
     assert plane.controller._metrics.guard_trips.labels("edge")._value.get() == 1
+    [last] = plane.controller.last_guards().values()  # what `rollout status` shows
+    assert (last.phase, last.reason) == (GuardPhase.TRIPPED, entry.message)
 
 
 async def test_a_node_that_starts_and_initializes_on_the_new_stable_is_fine(tmp_path) -> None:
@@ -241,6 +243,11 @@ async def test_a_manual_rollback_ends_the_guard(tmp_path) -> None:
     outcome = await plane.controller.rollback("edge", to_version=None, actor="ops", reason="")
     assert outcome.version == V1.version
     assert plane.controller.guards() == {}
+    [last] = plane.controller.last_guards().values()
+    assert (last.phase, last.reason) == (
+        GuardPhase.CANCELLED,
+        f"rolled back to {V1.version} by ops",
+    )
 
 
 async def test_a_restart_guards_a_stable_that_is_not_last_good_again(tmp_path) -> None:
@@ -252,3 +259,23 @@ async def test_a_restart_guards_a_stable_that_is_not_last_good_again(tmp_path) -
     assert guard.started_at == restarted.clock.now
     unguarded = Plane(tmp_path, policies={})
     assert unguarded.controller.guards() == {}
+
+
+def test_rollout_status_shows_a_watching_guard_with_its_time_left_and_an_ended_one_why() -> None:
+    from controlplane.admin.v1 import admin_pb2
+    from controlplane.cli import render
+
+    watching = admin_pb2.GuardStatus(
+        group="edge", version="v2", rollback_to="v1", phase="watching",
+        seconds=300, seconds_left=241.6, first_sync_seconds=30,
+    )  # fmt: skip
+    assert render.rollouts(admin_pb2.ListRolloutsResponse(guards=[watching])) == (
+        "group edge: guard WATCHING on v2, 242s of 300s left\n"
+        "  a NACK, or an Envoy starting on it not synced within 30s, rolls back to v1"
+    )
+    tripped = admin_pb2.GuardStatus(
+        group="edge", version="v2", rollback_to="v1", phase="tripped",
+        reason="node e-1 NACKed v2: bad", ended_at=1000.0,
+    )  # fmt: skip
+    assert render.guard(tripped).startswith("group edge: guard TRIPPED on v2, ")
+    assert render.guard(tripped).endswith(" ago: node e-1 NACKed v2: bad")

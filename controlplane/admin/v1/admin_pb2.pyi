@@ -275,10 +275,36 @@ class TrafficCheckStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., value: _Optional[float] = ..., query: _Optional[str] = ..., detail: _Optional[str] = ..., passes: _Optional[int] = ..., failures: _Optional[int] = ..., evaluated_at: _Optional[float] = ..., max: _Optional[float] = ..., min: _Optional[float] = ...) -> None: ...
 
 class ListRolloutsResponse(_message.Message):
-    __slots__ = ("rollouts",)
+    __slots__ = ("rollouts", "guards")
     ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    GUARDS_FIELD_NUMBER: _ClassVar[int]
     rollouts: _containers.RepeatedCompositeFieldContainer[RolloutStatus]
-    def __init__(self, rollouts: _Optional[_Iterable[_Union[RolloutStatus, _Mapping]]] = ...) -> None: ...
+    guards: _containers.RepeatedCompositeFieldContainer[GuardStatus]
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[RolloutStatus, _Mapping]]] = ..., guards: _Optional[_Iterable[_Union[GuardStatus, _Mapping]]] = ...) -> None: ...
+
+class GuardStatus(_message.Message):
+    __slots__ = ("group", "version", "rollback_to", "phase", "started_at", "seconds", "seconds_left", "first_sync_seconds", "reason", "ended_at")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_TO_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SYNC_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    version: str
+    rollback_to: str
+    phase: str
+    started_at: float
+    seconds: float
+    seconds_left: float
+    first_sync_seconds: float
+    reason: str
+    ended_at: float
+    def __init__(self, group: _Optional[str] = ..., version: _Optional[str] = ..., rollback_to: _Optional[str] = ..., phase: _Optional[str] = ..., started_at: _Optional[float] = ..., seconds: _Optional[float] = ..., seconds_left: _Optional[float] = ..., first_sync_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., ended_at: _Optional[float] = ...) -> None: ...
 
 class RolloutCommand(_message.Message):
     __slots__ = ("group", "actor", "reason")
