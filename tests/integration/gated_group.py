@@ -126,8 +126,14 @@ class Group:
         )
 
 
-def xdsctl_background(plane: XdsControlPlane, *args: str) -> subprocess.Popen[str]:
-    """xdsctl against `plane` in the background, for commands that follow something."""
+def xdsctl_background(
+    plane: XdsControlPlane, *args: str, output: Path | None = None
+) -> subprocess.Popen[str]:
+    """xdsctl against `plane` in the background, for commands that follow something. With
+    `output`, its stdout goes to `output.out` and stderr to `output.err` (read them while it
+    runs), not to pipes."""
+    out: Any = subprocess.PIPE if output is None else output.with_suffix(".out").open("w")
+    err: Any = subprocess.PIPE if output is None else output.with_suffix(".err").open("w")
     return subprocess.Popen(
         [
             sys.executable,
@@ -140,8 +146,8 @@ def xdsctl_background(plane: XdsControlPlane, *args: str) -> subprocess.Popen[st
             str(plane.token_file),
         ],
         cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=out,
+        stderr=err,
         text=True,
     )
 
@@ -154,7 +160,7 @@ def finish(process: subprocess.Popen[str], timeout: float) -> tuple[int, str, st
         process.kill()
         out, err = process.communicate(timeout=5)
         pytest.fail(f"xdsctl still running after {timeout}s:\n{out}\n{err}")
-    return process.returncode, out, err
+    return process.returncode, out or "", err or ""  # "": it wrote to files (`output`)
 
 
 @contextlib.contextmanager

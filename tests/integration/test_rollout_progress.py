@@ -45,22 +45,42 @@ def test_publish_wait_exits_0_on_promotion_showing_the_bake_and_the_pending_cana
         edge.gate_on()
         wait_for(lambda: edge.synced("edge-canary-1", edge.v1), what="canary back on v1")
         directory = edge.write("v2", "b")
+        # Each state is held until both followers printed it: they poll once a second, and
+        # on an idle machine the canary can restart within that second.
+        waiting_to, watching_to = tmp_path / "waiting", tmp_path / "watching"
         waiting = xdsctl_background(
-            edge.plane, "publish", str(directory), "--group", "edge", "--wait", "--timeout", "120"
-        )
+            edge.plane, "publish", str(directory), "--group", "edge", "--wait", "--timeout", "120",
+            output=waiting_to,
+        )  # fmt: skip
         wait_for(
-            lambda: edge.rollout().get("existing_acked") == ["edge-canary-1"],
-            what="the running canary ACKs v2",
+            lambda: ", existing 1/1, fresh 0/1" in waiting_to.with_suffix(".err").read_text(),
+            timeout=30,
+            what="publish --wait shows the running canary's ACK of v2",
         )
         watching = xdsctl_background(
-            edge.plane, "rollout", "status", "--watch", "--json", "--timeout", "120"
+            edge.plane, "rollout", "status", "--watch", "--json", "--timeout", "120",
+            output=watching_to,
+        )  # fmt: skip
+        wait_for(
+            lambda: '"existing_acked"' in watching_to.with_suffix(".out").read_text(),
+            timeout=30,
+            what="rollout status --watch following",
         )
         canary.stop()
-        wait_for(lambda: edge.rollout().get("pending"), what="the canary shown pending")
+        wait_for(
+            lambda: (
+                "waiting for edge-canary-1: reconnect (disconnected "
+                in waiting_to.with_suffix(".err").read_text()
+                and '"waiting_for": "reconnect"' in watching_to.with_suffix(".out").read_text()
+            ),
+            timeout=30,
+            what="both followers show the canary pending",
+        )
         canary.admin_address_path.unlink()  # start() then waits for the new process
         canary.start()
 
-        code, out, err = finish(waiting, timeout=90)
+        code, _, _ = finish(waiting, timeout=90)
+        out, err = (waiting_to.with_suffix(s).read_text() for s in (".out", ".err"))
         assert code == 0, err
         v2 = out.splitlines()[0]
         assert edge.rollout()["candidate"] == v2
@@ -69,7 +89,8 @@ def test_publish_wait_exits_0_on_promotion_showing_the_bake_and_the_pending_cana
         assert re.search(r"fresh 1/1, bake: [123]s of 3s left", err), err
         assert err.rstrip().endswith(f"promoted {v2}"), err
 
-        code, out, err = finish(watching, timeout=30)
+        code, _, _ = finish(watching, timeout=30)
+        out, err = (watching_to.with_suffix(s).read_text() for s in (".out", ".err"))
         assert code == 0, err
         events = json_lines(out)
         assert events[-1] == {
