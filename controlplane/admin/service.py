@@ -29,7 +29,7 @@ from controlplane.rollout.controller import NotFoundError, RolloutController, Ro
 from controlplane.rollout.gate import Rollout
 from controlplane.rollout.traffic import TrafficPolicy
 from controlplane.snapshot import ConsistencyError, DuplicateResourceError, Resource, Snapshot
-from controlplane.store import DEFAULT_GROUP, HistoryEntry, SnapshotStore
+from controlplane.store import DEFAULT_GROUP, HistoryEntry, SnapshotStore, StoreError
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet, NodeStatus
 
@@ -83,7 +83,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         except _INVALID as error:
             log.warning("publish refused", group=group, error=str(error))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except RolloutError as error:
+        except (RolloutError, StoreError) as error:  # StoreError: e.g. the database is down
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         log.info(
             "publish",
@@ -150,7 +150,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             rollout = await command(
                 request.group or DEFAULT_GROUP, actor=request.actor, reason=request.reason
             )
-        except RolloutError as error:
+        except (RolloutError, StoreError) as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         return self._rollout_status(rollout)
 
@@ -166,7 +166,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             )
         except NotFoundError as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        except RolloutError as error:
+        except (RolloutError, StoreError) as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         return admin_pb2.RollbackResponse(
             version=outcome.version,

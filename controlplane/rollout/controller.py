@@ -161,7 +161,7 @@ class RolloutController:
         self, group: str, snapshot: Snapshot, *, message: str, actor: str
     ) -> PublishOutcome:
         async with self._lock:
-            stable = self._store.pointer(group, STABLE)
+            stable = await asyncio.to_thread(self._store.pointer, group, STABLE)
             policy = self._policies.get(group)
             if policy is None or policy.canary is None or stable is None:
                 # With no stable yet there is nothing to canary against and nothing to go
@@ -249,7 +249,7 @@ class RolloutController:
         async with self._lock:
             # Mid-rollout, last_good is usually stable itself: aborting is the rollback.
             target = to_version or (
-                self._store.pointer(group, LAST_GOOD)
+                await asyncio.to_thread(self._store.pointer, group, LAST_GOOD)
                 if self._active(group)
                 else self._previous_good(group)
             )
@@ -266,7 +266,7 @@ class RolloutController:
             if rollout is not None:
                 rollout.abort(started_at, f"rollback by {actor}: {reason}".rstrip(": "))
                 await self._apply(group, rollout, Decision.ABORT, actor)
-            previous = self._store.pointer(group, STABLE)
+            previous = await asyncio.to_thread(self._store.pointer, group, STABLE)
             await asyncio.to_thread(
                 self._store.transition,
                 group,

@@ -8,7 +8,7 @@ database uses `redact` or `describe`, never the URL itself.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SCHEMES = ("postgresql://", "postgres://")
 MAX_URL_CHARS = 4096  # a connection URL longer than this is refused, not parsed
@@ -42,11 +42,11 @@ def redact(url: str) -> str:
 
 @dataclass(frozen=True)
 class DatabaseUrl:
-    url: str  # secret: never print it
+    url: str = field(repr=False)  # secret: never print it
     host: str
     port: str
     dbname: str
-    password: str | None
+    password: str | None = field(repr=False)
 
     @classmethod
     def parse(cls, url: str) -> DatabaseUrl:
