@@ -105,7 +105,7 @@ class PostgresStore:
             db = self._connection()
             try:
                 with self._errors("open"), db.transaction():
-                    self._migrate(db)
+                    migrate(db, self.name)
                     self._check_key(db)
                 self._report_plain_secrets(db)
             except BaseException:
@@ -312,28 +312,6 @@ class PostgresStore:
         if db is not None:
             db.close()
 
-    def _migrate(self, db: psycopg.Connection[Any]) -> None:
-        db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            "version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
-        )
-        (found,) = db.execute(
-            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
-        ).fetchone() or (0,)
-        if found > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.name}: schema version {found} is newer than this xdscp's "
-                f"({SCHEMA_VERSION}); run a newer xdscp"
-            )
-        for version in range(found + 1, SCHEMA_VERSION + 1):
-            db.execute(_MIGRATIONS[version - 1])
-            db.execute(
-                "INSERT INTO schema_migrations (version, applied_at) VALUES (%s, %s)",
-                (version, time.time()),
-            )
-            log.info("store schema migrated", store=self.name, schema_version=version)
-
     def _check_key(self, db: psycopg.Connection[Any]) -> None:
         """A keyed store opens only with its key; the first key given to a store is its key."""
         row = db.execute("SELECT check_value FROM store_key").fetchone()
@@ -482,3 +460,27 @@ def _pointer(db: psycopg.Connection[Any], group: str, name: str) -> str | None:
         "SELECT version FROM pointers WHERE grp = %s AND name = %s", (group, name)
     ).fetchone()
     return row[0] if row else None
+
+
+def migrate(db: psycopg.Connection[Any], name: str) -> None:
+    """Bring the schema to SCHEMA_VERSION; call inside a transaction (it takes the
+    migration lock until that transaction ends). `name`: the database, for messages."""
+    db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        "version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+    )
+    row = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
+    found = row[0] if row else 0
+    if found > SCHEMA_VERSION:
+        raise StoreError(
+            f"{name}: schema version {found} is newer than this xdscp's "
+            f"({SCHEMA_VERSION}); run a newer xdscp"
+        )
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        db.execute(_MIGRATIONS[version - 1])
+        db.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (%s, %s)",
+            (version, time.time()),
+        )
+        log.info("store schema migrated", store=name, schema_version=version)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import Envoy, HttpUpstream, XdsControlPlane
+from tests.integration.postgres import database_url, postgres_server  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
