@@ -62,6 +62,12 @@ class DatabaseUrl:
             raise StoreUrlError(
                 f"--store {redact(url)} is not a valid PostgreSQL URL: {_hide(reason, url)}"
             ) from None
+        for port in str(params.get("port") or "5432").split(","):
+            if not (port.isdigit() and 0 < int(port) < 65536):
+                raise StoreUrlError(
+                    f"--store {redact(url)} is not a valid PostgreSQL URL: port {port!r} is "
+                    "not a number from 1 to 65535"
+                )
         password = params.get("password")
         return cls(
             url=url,

@@ -102,7 +102,7 @@ class PostgresStore:
         self._lock = threading.Lock()
         self._db: psycopg.Connection[Any] | None = None
         with self._lock:
-            db = self._connection()
+            db = self._connection("open")
             try:
                 with self._errors("open"), db.transaction():
                     migrate(db, self.name)
@@ -225,7 +225,7 @@ class PostgresStore:
     ) -> _T:
         """`work` in one transaction on the (re)connected connection, under the lock."""
         with self._lock:
-            db = self._connection()
+            db = self._connection(what)
             with self._errors(what, write=write), db.transaction():
                 return work(db)
 
@@ -251,7 +251,7 @@ class PostgresStore:
         lines = [line for line in str(error).splitlines() if line.strip()]
         return self.url.hide(lines[-1] if lines else type(error).__name__)
 
-    def _connection(self) -> psycopg.Connection[Any]:
+    def _connection(self, what: str) -> psycopg.Connection[Any]:
         if self._db is not None and not self._db.closed and not self._db.broken:
             return self._db
         self._drop()
@@ -267,7 +267,9 @@ class PostgresStore:
                 ),
             )
         except psycopg.Error as error:
-            raise StoreError(f"cannot connect to {self.name}: {self._reason(error)}") from None
+            raise StoreError(
+                f"{self.name}: {what} failed, the database is unavailable: {self._reason(error)}"
+            ) from None
         try:
             # Durable before a publish returns, whatever the server's default is.
             db.execute("SET synchronous_commit TO on")
@@ -283,7 +285,9 @@ class PostgresStore:
                 )
         except psycopg.Error as error:
             db.close()
-            raise StoreError(f"cannot use {self.name}: {self._reason(error)}") from None
+            raise StoreError(
+                f"{self.name}: {what} failed, the database is unavailable: {self._reason(error)}"
+            ) from None
         except BaseException:
             db.close()
             raise
