@@ -251,7 +251,7 @@ class RolloutController:
             target = to_version or (
                 await asyncio.to_thread(self._store.pointer, group, LAST_GOOD)
                 if self._active(group)
-                else self._previous_good(group)
+                else await asyncio.to_thread(self._previous_good, group)
             )
             if target is None:
                 raise RolloutError(
@@ -549,7 +549,7 @@ class RolloutController:
 
     async def _record_last_good(self) -> None:
         """last_good: the stable version once every connected node of its group ACKed it."""
-        pointers = self._store.pointers()
+        pointers = await asyncio.to_thread(self._store.pointers)
         for group in self._assignments.groups():
             stable = pointers.get(group, {}).get(STABLE)
             if (

@@ -47,6 +47,7 @@ class DatabaseUrl:
     port: str
     dbname: str
     password: str | None = field(repr=False)
+    options: frozenset[str] = frozenset()  # the libpq options the URL sets
 
     @classmethod
     def parse(cls, url: str) -> DatabaseUrl:
@@ -75,6 +76,7 @@ class DatabaseUrl:
             port=str(params.get("port") or "5432"),
             dbname=str(params.get("dbname") or params.get("user") or "(user's database)"),
             password=str(password) if password else None,
+            options=frozenset(params),
         )
 
     def describe(self) -> str:

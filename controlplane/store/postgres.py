@@ -38,7 +38,16 @@ log = structlog.get_logger("store")
 # Advisory lock keys (pg_advisory_lock(bigint)): "xdscp" + a role, as ASCII.
 SERVER_LOCK_KEY = 0x7864736370_01  # held by the one server using the database
 MIGRATION_LOCK_KEY = 0x7864736370_02  # held while the schema is migrated
-CONNECT_TIMEOUT_SECONDS = 10  # unless the URL sets connect_timeout
+# libpq options, unless the URL sets them: a connection attempt waits at most 10 s, and a
+# connection to a server that stopped answering is found dead within about 30 s.
+CONNECTION_DEFAULTS = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",  # ms: unacknowledged data
+}
 _T = TypeVar("_T")
 
 # Version N is _MIGRATIONS[N - 1]; append, never edit one that has shipped.
@@ -260,11 +269,7 @@ class PostgresStore:
                 self.url.url,
                 autocommit=True,  # each call is an explicit transaction (db.transaction())
                 application_name=f"xdscp serve pid {os.getpid()}",
-                **(
-                    {}
-                    if "connect_timeout" in self.url.url
-                    else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
-                ),
+                **{k: v for k, v in CONNECTION_DEFAULTS.items() if k not in self.url.options},
             )
         except psycopg.Error as error:
             raise StoreError(

@@ -148,6 +148,10 @@ def test_a_postgresql_restart_while_serving_keeps_envoy_served_and_loses_nothing
         assert f"database {name}: " in failed.stderr
         assert "the database is unavailable" in failed.stderr
         assert own_postgres.password not in failed.stderr
+        listed = plane.xdsctl("snapshots", check=False)
+        assert listed.returncode != 0 and "the database is unavailable" in listed.stderr
+        status, metrics = http_get(f"http://127.0.0.1:{plane.http_port}/metrics")
+        assert status == 200 and "xdscp_nodes_out_of_sync" in metrics
         assert serving(hello, "backend=a path=/hello")
 
         own_postgres.start()
