@@ -15,7 +15,6 @@ transition is one transaction, committed with synchronous_commit on before it re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -28,10 +27,10 @@ import psycopg
 import structlog
 
 from controlplane.resources import SECRET
-from controlplane.snapshot import Resource, Snapshot
+from controlplane.snapshot import Snapshot
 from controlplane.store import KEEP, STABLE, HistoryEntry, PublishResult, StoreError, _Keep
 from controlplane.store.pg_url import DatabaseUrl
-from controlplane.store.sealing import Sealer, SealError
+from controlplane.store.sealing import Sealer, StoreSealing
 
 log = structlog.get_logger("store")
 
@@ -108,6 +107,7 @@ class PostgresStore:
         self.url = url
         self.name = f"database {url.describe()}"
         self._sealer = sealer
+        self._sealing = StoreSealing(sealer, self.name)
         self._lock = threading.Lock()
         self._db: psycopg.Connection[Any] | None = None
         with self._lock:
@@ -115,7 +115,11 @@ class PostgresStore:
             try:
                 with self._errors("open"), db.transaction():
                     migrate(db, self.name)
-                    self._check_key(db)
+                    row = db.execute("SELECT check_value FROM store_key").fetchone()
+                    if check := self._sealing.check_key(bytes(row[0]) if row else None):
+                        db.execute(
+                            "INSERT INTO store_key (id, check_value) VALUES (1, %s)", (check,)
+                        )
                 self._report_plain_secrets(db)
             except BaseException:
                 self._drop()
@@ -189,7 +193,7 @@ class PostgresStore:
         if not known:
             return None
         snapshot = Snapshot.from_serialized(
-            (t, n, self._plaintext(h, bytes(b), sealed)) for t, n, h, b, sealed in rows
+            (t, n, self._sealing.plaintext(h, bytes(b), sealed)) for t, n, h, b, sealed in rows
         )
         if snapshot.version != version:
             raise StoreError(f"{self.name}: snapshot {version} reads back as {snapshot.version}")
@@ -321,26 +325,6 @@ class PostgresStore:
         if db is not None:
             db.close()
 
-    def _check_key(self, db: psycopg.Connection[Any]) -> None:
-        """A keyed store opens only with its key; the first key given to a store is its key."""
-        row = db.execute("SELECT check_value FROM store_key").fetchone()
-        if row is None:
-            if self._sealer is not None:
-                db.execute(
-                    "INSERT INTO store_key (id, check_value) VALUES (1, %s)",
-                    (self._sealer.check_value(),),
-                )
-        elif self._sealer is None:
-            raise StoreError(
-                f"{self.name} keeps its secrets encrypted: start xdsctl serve with "
-                "--store-key-file FILE, the key it was first opened with"
-            )
-        elif not self._sealer.matches(bytes(row[0])):
-            raise StoreError(
-                f"--store-key-file {self._sealer.source} is not the key of {self.name}: "
-                "its secrets were encrypted with another key"
-            )
-
     def _report_plain_secrets(self, db: psycopg.Connection[Any]) -> None:
         if self._sealer is None:
             return
@@ -355,23 +339,6 @@ class PostgresStore:
                 store=self.name,
                 plaintext_secrets=plain,
             )
-
-    def _blob(self, resource: Resource) -> tuple[str, bytes, bool]:
-        """(id, stored bytes, sealed?) of a resource's body: a secret is sealed if we can."""
-        if self._sealer is not None and resource.type_url == SECRET:
-            blob_id, sealed = self._sealer.seal(resource.body)
-            return blob_id, sealed, True
-        return hashlib.sha256(resource.body).hexdigest(), resource.body, False
-
-    def _plaintext(self, blob_id: str, body: bytes, sealed: bool) -> bytes:
-        if not sealed:
-            return body
-        if self._sealer is None:  # only rows copied in from a keyed store: see _check_key
-            raise StoreError(f"{self.name}: blob {blob_id} is sealed and the store has no key")
-        try:
-            return self._sealer.open(blob_id, body)
-        except SealError as error:
-            raise StoreError(f"{self.name}: {error}") from None
 
     def _latest_entry(self, db: psycopg.Connection[Any], group: str) -> HistoryEntry:
         row = db.execute(
@@ -429,7 +396,7 @@ class PostgresStore:
         blobs: list[tuple[str, bytes, bool]] = []
         rows: list[tuple[str, str, str, str]] = []
         for resource in snapshot.all_resources():
-            blob_hash, stored, sealed = self._blob(resource)
+            blob_hash, stored, sealed = self._sealing.blob(resource)
             blobs.append((blob_hash, stored, sealed))
             rows.append((snapshot.version, resource.type_url, resource.name, blob_hash))
         with db.cursor() as cursor:
