@@ -103,8 +103,9 @@ class PostgresServer:
         )
         wait_for(self._accepts, timeout=START_TIMEOUT_SECONDS, what="postgres accepting")
 
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+    def stop(self, mode: str = "fast") -> None:
+        """`mode` "immediate" is a crash: no checkpoint, recovery from the WAL at start."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
 
     def _accepts(self) -> bool:
         try:
@@ -130,6 +131,20 @@ class PostgresServer:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer().init()
+    server.start()
+    try:
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            server.remove()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A server of the test's own, which it may stop and start (left running)."""
     server = PostgresServer().init()
     server.start()
     try:

@@ -16,7 +16,6 @@ import pytest
 from controlplane.store.pg_url import DatabaseUrl, redact
 from tests.integration import edge_config
 from tests.integration.harness import REPO, XdsControlPlane, http_get, wait_for
-from tests.integration.postgres import PostgresServer
 from tests.integration.test_envoy_sotw import all_synced, publish_edge, serving, start_edge
 
 
@@ -25,18 +24,6 @@ def pg_plane(tmp_path: Path, database_url: str) -> Iterator[XdsControlPlane]:
     plane = XdsControlPlane(tmp_path, database_url=database_url).start()
     yield plane
     plane.stop()
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    """A server of this test's own, which it may stop and start."""
-    server = PostgresServer().init()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        server.remove()
 
 
 def serve(store: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -264,3 +264,25 @@ def test_a_lost_connection_fails_one_call_and_the_next_reconnects_and_relocks(
     assert store.pointer("edge", STABLE) == v1.version  # reconnected
     with pytest.raises(StoreError, match="in use by another xdscp server"):
         PostgresStore(DatabaseUrl.parse(database_url))  # and holds the lock again
+
+
+def test_a_publish_is_durable_before_it_returns_a_crash_right_after_keeps_it(
+    own_postgres, tmp_path, material
+) -> None:
+    """fsync is on: PostgreSQL killed without a checkpoint right after `publish` returned
+    recovers the snapshot, its history and the pointer move from its WAL."""
+    url = DatabaseUrl.parse(own_postgres.create_database())
+    store = PostgresStore(url, sealer=sealer(key_file(tmp_path / "store.key")))
+    snapshot = snapshot_with_secret(material)
+    store.publish("edge", snapshot, message="just before the crash", actor="a")
+    own_postgres.stop(mode="immediate")
+    store.close()
+    own_postgres.start()
+    reopened = PostgresStore(url, sealer=sealer(tmp_path / "store.key"))
+    try:
+        assert reopened.pointer("edge", STABLE) == snapshot.version
+        assert [e.message for e in reopened.history("edge")] == ["just before the crash"]
+        loaded = reopened.get(snapshot.version)
+        assert loaded is not None and private_key_of(loaded) == material.key_pem
+    finally:
+        reopened.close()
