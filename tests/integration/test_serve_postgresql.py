@@ -16,6 +16,10 @@ import pytest
 from controlplane.store.pg_url import DatabaseUrl, redact
 from tests.integration import edge_config
 from tests.integration.harness import REPO, XdsControlPlane, http_get, wait_for
+from tests.integration.test_canary_rollout import (  # noqa: F401 (run here on PostgreSQL)
+    Fleet,
+    test_a_good_candidate_is_promoted_to_all_and_rollback_restores_the_previous_one,
+)
 from tests.integration.test_envoy_sotw import all_synced, publish_edge, serving, start_edge
 
 
@@ -24,6 +28,15 @@ def pg_plane(tmp_path: Path, database_url: str) -> Iterator[XdsControlPlane]:
     plane = XdsControlPlane(tmp_path, database_url=database_url).start()
     yield plane
     plane.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, start_envoy, database_url: str) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
+    """test_canary_rollout's gated fleet, with its store in PostgreSQL: the canary rollout,
+    its promotion (stage, promote and last_good transitions) and a rollback, imported above."""
+    fleet = Fleet(tmp_path, start_envoy, database_url=database_url)
+    yield fleet
+    fleet.plane.stop()
 
 
 def serve(store: str, *args: str) -> subprocess.CompletedProcess[str]:
