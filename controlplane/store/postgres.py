@@ -121,6 +121,11 @@ class PostgresStore:
                             "INSERT INTO store_key (id, check_value) VALUES (1, %s)", (check,)
                         )
                 self._report_plain_secrets(db)
+            except psycopg.Error as error:  # e.g. no right to create the tables
+                self._drop()
+                raise StoreError(
+                    f"{self.name}: cannot open the store: {self._reason(error)}"
+                ) from None
             except BaseException:
                 self._drop()
                 raise
@@ -262,7 +267,7 @@ class PostgresStore:
 
     def _reason(self, error: BaseException) -> str:
         lines = [line for line in str(error).splitlines() if line.strip()]
-        return self.url.hide(lines[-1] if lines else type(error).__name__)
+        return self.url.hide(lines[0].strip() if lines else type(error).__name__)
 
     def _connection(self, what: str) -> psycopg.Connection[Any]:
         if self._db is not None and not self._db.closed and not self._db.broken:

@@ -4,6 +4,7 @@ check, versioned migrations, the one-server lock, and a lost connection."""
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -286,3 +287,15 @@ def test_a_publish_is_durable_before_it_returns_a_crash_right_after_keeps_it(
         assert loaded is not None and private_key_of(loaded) == material.key_pem
     finally:
         reopened.close()
+
+
+def test_a_database_the_user_may_not_create_tables_in_is_refused_with_the_reason(
+    postgres_server, database_url
+) -> None:
+    reader = f"reader_{secrets.token_hex(4)}"  # roles belong to the whole server
+    query(database_url, f"CREATE ROLE {reader} LOGIN PASSWORD 'r3ader'")
+    query(database_url, "REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    url = database_url.replace(f"xdscp_test:{postgres_server.password}", f"{reader}:r3ader")
+    name = DatabaseUrl.parse(url).describe()
+    with pytest.raises(StoreError, match=f"database {name}: cannot open the store: .*permission"):
+        PostgresStore(DatabaseUrl.parse(url))
