@@ -40,7 +40,7 @@ from controlplane.rollout.policy import PROBE_METADATA_KEY, RolloutPolicy
 from controlplane.rollout.probe import ProbeResult, XdsEndpoint, run_probe
 from controlplane.rollout.traffic import PrometheusClient, evaluate
 from controlplane.snapshot import Snapshot
-from controlplane.store import CANDIDATE, LAST_GOOD, STABLE, SnapshotStore
+from controlplane.store import CANDIDATE, LAST_GOOD, STABLE, SnapshotStore, StoreError
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet
 from controlplane.xds.stream import XdsStream
@@ -113,6 +113,7 @@ class RolloutController:
         self._rollbacks: dict[str, tuple[str, float, str]] = {}
         self._guards: dict[str, Guard] = {}  # watching only
         self._seen_generation = -1
+        self._last_good_failing = False  # warned once until it works again
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -381,7 +382,15 @@ class RolloutController:
                     await self._apply(group, rollout, decision, GATE_ACTOR)
             tripped = self._watch_guards(now)
             if fleet_moved:  # both walk the fleet: only worth it when something happened
-                await self._record_last_good()
+                try:
+                    await self._record_last_good()
+                except StoreError as error:  # e.g. the database is down: retry next tick
+                    self._seen_generation = -1
+                    if not self._last_good_failing:
+                        log.warning("last_good not recorded, retrying", error=str(error))
+                    self._last_good_failing = True
+                else:
+                    self._last_good_failing = False
                 self._record_rollback_durations()
         await self._roll_back_tripped(tripped)
 
