@@ -256,7 +256,7 @@ class PostgresStore:
         except psycopg.OperationalError as error:
             self._drop()
             outcome = (
-                " (if it failed while committing, it may have been committed: see `xdsctl history`)"
+                " (if it failed while committing, it may have been committed: see `xdsctl snapshots`)"
                 if write
                 else ""
             )
