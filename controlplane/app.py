@@ -26,7 +26,9 @@ from controlplane.observability.metrics import CONTENT_TYPE, Metrics
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.policy import RolloutPolicy
 from controlplane.rollout.probe import XdsEndpoint
+from controlplane.store import SnapshotStore
 from controlplane.store.lock import StoreLock
+from controlplane.store.pg_url import DatabaseUrl, redact
 from controlplane.store.sealing import Sealer
 from controlplane.store.sqlite import SQLiteStore
 from controlplane.xds.assignments import Assignments
@@ -75,6 +77,11 @@ class Config:
     admin_address: Address = Address("127.0.0.1", 18001)
     http_address: Address = Address("127.0.0.1", 18002)
     store_path: Path = DEFAULT_STORE
+    # --store postgresql://...: the store is this database, and store_path is unused.
+    database: DatabaseUrl | None = None
+    # Tokens and the xDS Unix socket: beside the SQLite file, or here (default .xdscp)
+    # when the store is a database.
+    state_dir: Path | None = None
     drain_seconds: float = 5.0
     # How long listeners and routes wait for Envoy to ACK (warm) the clusters sent before them.
     warming_timeout: float = DEFAULT_WARMING_TIMEOUT_SECONDS
@@ -99,6 +106,13 @@ class Config:
         directory of its own); refuse combinations that would serve less securely than
         they read."""
         object.__setattr__(self, "store_path", Path(os.path.abspath(self.store_path)))
+        if self.state_dir is not None and self.database is None:
+            raise ValueError(
+                "--state-dir is for a database --store: with a SQLite file, tokens and the "
+                "socket sit beside it"
+            )
+        state_dir = self.state_dir or DEFAULT_STORE.parent
+        object.__setattr__(self, "state_dir", Path(os.path.abspath(state_dir)))
         if self.xds_socket is not None:
             object.__setattr__(self, "xds_socket", Path(os.path.abspath(self.xds_socket)))
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -123,6 +137,19 @@ class Config:
                     )
 
     @property
+    def local_dir(self) -> Path:
+        """Where this server's own files go: tokens and the xDS Unix socket."""
+        if self.database is None:
+            return self.store_path.parent
+        assert self.state_dir is not None  # made absolute in __post_init__
+        return self.state_dir
+
+    @property
+    def store_name(self) -> str:
+        """The store as logs show it: the file, or the URL without its password."""
+        return str(self.store_path) if self.database is None else redact(self.database.url)
+
+    @property
     def mtls(self) -> bool:
         return self.xds_client_ca is not None
 
@@ -136,16 +163,16 @@ class Config:
         # With TLS on xDS the probe (which has no certificate) uses the Unix socket.
         probes = any(p.fresh_probe is not None for p in self.policies.values())
         if self.xds_socket is None and (isolated or (self.tls_cert is not None and probes)):
-            return self.store_path.parent / "xds.sock"
+            return self.local_dir / "xds.sock"
         return self.xds_socket
 
     @property
     def token_path(self) -> Path:
-        return self.admin_token_file or self.store_path.parent / "admin-token"
+        return self.admin_token_file or self.local_dir / "admin-token"
 
     @property
     def read_token_path(self) -> Path:
-        return self.admin_read_token_file or self.store_path.parent / "admin-read-token"
+        return self.admin_read_token_file or self.local_dir / "admin-read-token"
 
 
 class BindError(RuntimeError):
@@ -157,15 +184,7 @@ class ControlPlane:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        key_file = config.store_key_file
-        self.store_lock = StoreLock.acquire(config.store_path)  # one server per store
-        try:
-            self.store = SQLiteStore(
-                config.store_path, sealer=Sealer.from_key_file(key_file) if key_file else None
-            )
-        except BaseException:
-            self.store_lock.release()
-            raise
+        self.store_lock, self.store = _open_store(config)
         self.assignments = Assignments()
         self.fleet = Fleet()
         self.assignments.subscribe(self.fleet.wake_all)
@@ -273,7 +292,7 @@ class ControlPlane:
         log.info(
             "serving",
             xds_socket=str(self.config.unix_socket or ""),
-            store=str(self.config.store_path),
+            store=self.config.store_name,
             groups=self.assignments.groups(),
             rollout_policies=sorted(self.config.policies),
             admin_token_file=str(self.config.token_path),
@@ -334,9 +353,26 @@ class ControlPlane:
             self._xds.stop(self.config.drain_seconds), self._admin.stop(self.config.drain_seconds)
         )
         await self._http.stop()
-        self.store.close()
-        self.store_lock.release()
+        self.store.close()  # a PostgreSQL store's server lock goes with its connection
+        if self.store_lock is not None:
+            self.store_lock.release()
         log.info("stopped")
+
+
+def _open_store(config: Config) -> tuple[StoreLock | None, SnapshotStore]:
+    """The store `config` names, held by this server alone (see lock.py, postgres.py)."""
+    key_file = config.store_key_file
+    sealer = Sealer.from_key_file(key_file) if key_file else None
+    if config.database is not None:
+        from controlplane.store.postgres import PostgresStore  # psycopg only when used
+
+        return None, PostgresStore(config.database, sealer=sealer)
+    lock = StoreLock.acquire(config.store_path)  # one server per store
+    try:
+        return lock, SQLiteStore(config.store_path, sealer=sealer)
+    except BaseException:
+        lock.release()
+        raise
 
 
 async def run(config: Config) -> None:

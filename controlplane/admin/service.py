@@ -30,7 +30,7 @@ from controlplane.rollout.gate import Rollout
 from controlplane.rollout.guard import Guard
 from controlplane.rollout.traffic import TrafficPolicy
 from controlplane.snapshot import ConsistencyError, DuplicateResourceError, Resource, Snapshot
-from controlplane.store import DEFAULT_GROUP, HistoryEntry, SnapshotStore
+from controlplane.store import DEFAULT_GROUP, HistoryEntry, SnapshotStore, StoreError
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet, NodeStatus
 
@@ -74,8 +74,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.PublishRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.PublishResponse:
         group = request.group or DEFAULT_GROUP
-        if not request.create_group and (unknown := self._unknown_group(group)):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, unknown)
+        if not request.create_group:
+            try:
+                unknown = await asyncio.to_thread(self._unknown_group, group)
+            except StoreError as error:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            if unknown:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, unknown)
         try:
             snapshot = await build_snapshot(request.resources)
             outcome = await self._controller.publish(
@@ -84,7 +89,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         except _INVALID as error:
             log.warning("publish refused", group=group, error=str(error))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except RolloutError as error:
+        except (RolloutError, StoreError) as error:  # StoreError: e.g. the database is down
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         log.info(
             "publish",
@@ -157,7 +162,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             rollout = await command(
                 request.group or DEFAULT_GROUP, actor=request.actor, reason=request.reason
             )
-        except RolloutError as error:
+        except (RolloutError, StoreError) as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         return self._rollout_status(rollout)
 
@@ -173,7 +178,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             )
         except NotFoundError as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        except RolloutError as error:
+        except (RolloutError, StoreError) as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         return admin_pb2.RollbackResponse(
             version=outcome.version,
@@ -244,7 +249,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.WaitForConvergenceRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.WaitForConvergenceResponse:
         group = request.group or DEFAULT_GROUP
-        version = request.version or self._store.pointer(group) or ""
+        version = request.version or await asyncio.to_thread(self._store.pointer, group) or ""
         convergence = await self._controller.wait_for_convergence(
             group,
             version,
@@ -308,10 +313,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ListSnapshots(
         self, request: admin_pb2.ListSnapshotsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListSnapshotsResponse:
-        entries = self._store.history(request.group or None, request.limit or 100)
+        try:
+            entries = await asyncio.to_thread(
+                self._store.history, request.group or None, request.limit or 100
+            )
+            pointers_of = await asyncio.to_thread(self._store.pointers)
+        except StoreError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         groups = {
             group: admin_pb2.GroupPointers(pointers=pointers)
-            for group, pointers in self._store.pointers().items()
+            for group, pointers in pointers_of.items()
             if not request.group or group == request.group
         }
         return admin_pb2.ListSnapshotsResponse(

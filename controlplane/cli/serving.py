@@ -23,7 +23,17 @@ def add_commands(commands: Any) -> None:
     serve.add_argument("--admin-address", default="127.0.0.1:18001", help="admin gRPC (xdsctl)")
     serve.add_argument("--http-address", default="127.0.0.1:18002", help="/healthz, /readyz")
     serve.add_argument(
-        "--store", type=Path, default=None, help="SQLite file (default .xdscp/xdscp.db)"
+        "--store",
+        default=None,
+        help="SQLite file (default .xdscp/xdscp.db), or a PostgreSQL URL postgresql://USER@HOST"
+        ":PORT/DBNAME (a password is better in ~/.pgpass or PGPASSWORD than in the URL)",
+    )
+    serve.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="with a PostgreSQL --store: where the admin tokens and the xDS Unix socket go "
+        "(default .xdscp)",
     )
     serve.add_argument(
         "--store-key-file",
@@ -172,12 +182,17 @@ def serve_config(args: argparse.Namespace) -> app.Config:
     refuses them (e.g. plaintext on a non-loopback address). Also used by the deploy tests."""
     from controlplane import app
     from controlplane.rollout.policy import load_policies
+    from controlplane.store import pg_url
 
+    store = args.store or str(app.DEFAULT_STORE)
+    database = pg_url.DatabaseUrl.parse(store) if pg_url.is_database_url(store) else None
     return app.Config(
         xds_address=app.Address.parse(args.xds_address),
         admin_address=app.Address.parse(args.admin_address),
         http_address=app.Address.parse(args.http_address),
-        store_path=args.store or app.DEFAULT_STORE,
+        store_path=app.DEFAULT_STORE if database else Path(store),
+        database=database,
+        state_dir=args.state_dir,
         drain_seconds=args.drain_seconds,
         xds_socket=args.xds_socket,
         policies=load_policies(args.rollout_policy) if args.rollout_policy else {},

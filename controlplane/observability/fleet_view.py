@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 
+import structlog
+
 from controlplane.rollout.controller import RolloutController
-from controlplane.store import SnapshotStore
+from controlplane.store import SnapshotStore, StoreError
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet
+
+log = structlog.get_logger("metrics")
 
 
 class ControlPlaneView:
@@ -39,7 +43,15 @@ class ControlPlaneView:
         return {group: (connected[group], lagging[group]) for group in sorted(groups)}
 
     def pointers(self) -> dict[str, dict[str, str]]:
-        return self._store.pointers()
+        """From the store; {} (and a warning) while it is unavailable: a scrape then lacks
+        xdscp_group_version_info rather than failing whole."""
+        try:
+            return self._store.pointers()
+        except StoreError as error:
+            log.warning(
+                "metrics without group versions: the store is unavailable", error=str(error)
+            )
+            return {}
 
     def stable_sizes(self) -> dict[str, int]:
         return {

@@ -40,7 +40,7 @@ from controlplane.rollout.policy import PROBE_METADATA_KEY, RolloutPolicy
 from controlplane.rollout.probe import ProbeResult, XdsEndpoint, run_probe
 from controlplane.rollout.traffic import PrometheusClient, evaluate
 from controlplane.snapshot import Snapshot
-from controlplane.store import CANDIDATE, LAST_GOOD, STABLE, SnapshotStore
+from controlplane.store import CANDIDATE, LAST_GOOD, STABLE, SnapshotStore, StoreError
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet
 from controlplane.xds.stream import XdsStream
@@ -114,6 +114,7 @@ class RolloutController:
         self._guards: dict[str, Guard] = {}  # watching only
         self._last_guards: dict[str, Guard] = {}  # each group's newest guard, whatever its phase
         self._seen_generation = -1
+        self._last_good_failing = False  # warned once until it works again
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -162,7 +163,7 @@ class RolloutController:
         self, group: str, snapshot: Snapshot, *, message: str, actor: str
     ) -> PublishOutcome:
         async with self._lock:
-            stable = self._store.pointer(group, STABLE)
+            stable = await asyncio.to_thread(self._store.pointer, group, STABLE)
             policy = self._policies.get(group)
             if policy is None or policy.canary is None or stable is None:
                 # With no stable yet there is nothing to canary against and nothing to go
@@ -250,9 +251,9 @@ class RolloutController:
         async with self._lock:
             # Mid-rollout, last_good is usually stable itself: aborting is the rollback.
             target = to_version or (
-                self._store.pointer(group, LAST_GOOD)
+                await asyncio.to_thread(self._store.pointer, group, LAST_GOOD)
                 if self._active(group)
-                else self._previous_good(group)
+                else await asyncio.to_thread(self._previous_good, group)
             )
             if target is None:
                 raise RolloutError(
@@ -267,7 +268,7 @@ class RolloutController:
             if rollout is not None:
                 rollout.abort(started_at, f"rollback by {actor}: {reason}".rstrip(": "))
                 await self._apply(group, rollout, Decision.ABORT, actor)
-            previous = self._store.pointer(group, STABLE)
+            previous = await asyncio.to_thread(self._store.pointer, group, STABLE)
             await asyncio.to_thread(
                 self._store.transition,
                 group,
@@ -388,7 +389,15 @@ class RolloutController:
                     await self._apply(group, rollout, decision, GATE_ACTOR)
             tripped = self._watch_guards(now)
             if fleet_moved:  # both walk the fleet: only worth it when something happened
-                await self._record_last_good()
+                try:
+                    await self._record_last_good()
+                except StoreError as error:  # e.g. the database is down: retry next tick
+                    self._seen_generation = -1
+                    if not self._last_good_failing:
+                        log.warning("last_good not recorded, retrying", error=str(error))
+                    self._last_good_failing = True
+                else:
+                    self._last_good_failing = False
                 self._record_rollback_durations()
         await self._roll_back_tripped(tripped)
 
@@ -559,7 +568,7 @@ class RolloutController:
 
     async def _record_last_good(self) -> None:
         """last_good: the stable version once every connected node of its group ACKed it."""
-        pointers = self._store.pointers()
+        pointers = await asyncio.to_thread(self._store.pointers)
         for group in self._assignments.groups():
             stable = pointers.get(group, {}).get(STABLE)
             if (

@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from controlplane.resources import SECRET
+from controlplane.snapshot import Resource
 from controlplane.store import StoreError
 
 KEY_BYTES = 32
@@ -138,6 +140,50 @@ class Sealer:
         except InvalidTag:
             return False
         return True
+
+
+class StoreSealing:
+    """What a store backend does with its key, or with none: which bodies it seals, how it
+    opens them, and the key check. `name` names the store in errors."""
+
+    def __init__(self, sealer: Sealer | None, name: str) -> None:
+        self.sealer = sealer
+        self.name = name
+
+    def blob(self, resource: Resource) -> tuple[str, bytes, bool]:
+        """(id, stored bytes, sealed?) of a resource's body: a secret is sealed if we can."""
+        if self.sealer is not None and resource.type_url == SECRET:
+            blob_id, sealed = self.sealer.seal(resource.body)
+            return blob_id, sealed, True
+        return hashlib.sha256(resource.body).hexdigest(), resource.body, False
+
+    def plaintext(self, blob_id: str, body: bytes, sealed: bool) -> bytes:
+        if not sealed:
+            return body
+        if self.sealer is None:  # only rows copied in from a keyed store: see check_key
+            raise StoreError(f"{self.name}: blob {blob_id} is sealed and the store has no key")
+        try:
+            return self.sealer.open(blob_id, body)
+        except SealError as error:
+            raise StoreError(f"{self.name}: {error}") from None
+
+    def check_key(self, stored: bytes | None) -> bytes | None:
+        """A keyed store opens only with its key; the first key given to a store is its key.
+        `stored`: the store's check value, if it has one. Returns the check value to store
+        now (the first key), or None."""
+        if stored is None:
+            return self.sealer.check_value() if self.sealer is not None else None
+        if self.sealer is None:
+            raise StoreError(
+                f"{self.name} keeps its secrets encrypted: start xdsctl serve with "
+                "--store-key-file FILE, the key it was first opened with"
+            )
+        if not self.sealer.matches(stored):
+            raise StoreError(
+                f"--store-key-file {self.sealer.source} is not the key of {self.name}: "
+                "its secrets were encrypted with another key"
+            )
+        return None
 
 
 def _derive(key: bytes, purpose: bytes) -> bytes:

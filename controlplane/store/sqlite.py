@@ -11,7 +11,6 @@ The schema version is SQLite's user_version; older stores are upgraded at open.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -23,9 +22,9 @@ from typing import Any
 import structlog
 
 from controlplane.resources import SECRET
-from controlplane.snapshot import Resource, Snapshot
+from controlplane.snapshot import Snapshot
 from controlplane.store import KEEP, STABLE, HistoryEntry, PublishResult, StoreError, _Keep, files
-from controlplane.store.sealing import Sealer, SealError
+from controlplane.store.sealing import Sealer, StoreSealing
 
 log = structlog.get_logger("store")
 
@@ -89,6 +88,7 @@ class SQLiteStore:
         """`sealer`: seal secrets with this key (`serve --store-key-file`)."""
         self.path = Path(path)
         self._sealer = sealer
+        self._sealing = StoreSealing(sealer, str(self.path))
         files.prepare(self.path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -99,7 +99,11 @@ class SQLiteStore:
             self._db.execute("PRAGMA busy_timeout=5000")
             with self._transaction():
                 self._upgrade_schema()
-                self._check_key()
+                row = self._db.execute("SELECT check_value FROM store_key").fetchone()
+                if check := self._sealing.check_key(bytes(row[0]) if row else None):
+                    self._db.execute(
+                        "INSERT INTO store_key (id, check_value) VALUES (1, ?)", (check,)
+                    )
             self._report_plain_secrets()
         except BaseException:
             self._db.close()
@@ -163,7 +167,7 @@ class SQLiteStore:
         if known is None:
             return None
         snapshot = Snapshot.from_serialized(
-            (t, n, self._plaintext(h, bytes(b), sealed)) for t, n, h, b, sealed in rows
+            (t, n, self._sealing.plaintext(h, bytes(b), sealed)) for t, n, h, b, sealed in rows
         )
         if snapshot.version != version:
             raise StoreError(f"{self.path}: snapshot {version} reads back as {snapshot.version}")
@@ -213,26 +217,6 @@ class SQLiteStore:
                 self._db.execute(statement)
         self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
-    def _check_key(self) -> None:
-        """A keyed store opens only with its key; the first key given to a store is its key."""
-        row = self._db.execute("SELECT check_value FROM store_key").fetchone()
-        if row is None:
-            if self._sealer is not None:
-                self._db.execute(
-                    "INSERT INTO store_key (id, check_value) VALUES (1, ?)",
-                    (self._sealer.check_value(),),
-                )
-        elif self._sealer is None:
-            raise StoreError(
-                f"{self.path} keeps its secrets encrypted: start xdsctl serve with "
-                "--store-key-file FILE, the key it was first opened with"
-            )
-        elif not self._sealer.matches(bytes(row[0])):
-            raise StoreError(
-                f"--store-key-file {self._sealer.source} is not the key of {self.path}: "
-                "its secrets were encrypted with another key"
-            )
-
     def _report_plain_secrets(self) -> None:
         if self._sealer is None:
             return
@@ -247,23 +231,6 @@ class SQLiteStore:
                 store=str(self.path),
                 plaintext_secrets=plain,
             )
-
-    def _blob(self, resource: Resource) -> tuple[str, bytes, bool]:
-        """(id, stored bytes, sealed?) of a resource's body: a secret is sealed if we can."""
-        if self._sealer is not None and resource.type_url == SECRET:
-            blob_id, sealed = self._sealer.seal(resource.body)
-            return blob_id, sealed, True
-        return hashlib.sha256(resource.body).hexdigest(), resource.body, False
-
-    def _plaintext(self, blob_id: str, body: bytes, sealed: bool) -> bytes:
-        if not sealed:
-            return body
-        if self._sealer is None:  # only rows copied in from a keyed store: see _check_key
-            raise StoreError(f"{self.path}: blob {blob_id} is sealed and the store has no key")
-        try:
-            return self._sealer.open(blob_id, body)
-        except SealError as error:
-            raise StoreError(f"{self.path}: {error}") from None
 
     def _pointer(self, group: str, name: str) -> str | None:
         row = self._db.execute(
@@ -323,7 +290,7 @@ class SQLiteStore:
             (snapshot.version, time.time(), snapshot.size_bytes),
         )
         for resource in snapshot.all_resources():
-            blob_hash, stored, sealed = self._blob(resource)
+            blob_hash, stored, sealed = self._sealing.blob(resource)
             self._db.execute(
                 "INSERT OR IGNORE INTO blobs (hash, body, sealed) VALUES (?, ?, ?)",
                 (blob_hash, stored, sealed),

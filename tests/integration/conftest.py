@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import Envoy, HttpUpstream, XdsControlPlane
+from tests.integration.postgres import (  # noqa: F401 (fixtures)
+    database_url,
+    own_postgres,
+    postgres_server,
+)
 
 
 @pytest.fixture

@@ -89,12 +89,20 @@ def http_get(
 class XdsControlPlane:
     """`xdsctl serve` in its own process, on fresh ports, with a store under `workdir`."""
 
-    def __init__(self, workdir: Path, *extra_args: str, xdsctl_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *extra_args: str,
+        xdsctl_args: tuple[str, ...] = (),
+        database_url: str | None = None,
+    ) -> None:
         """`extra_args` go to `xdsctl serve` (e.g. --rollout-policy FILE), `xdsctl_args` to
-        every other xdsctl command (e.g. --tls-ca FILE)."""
+        every other xdsctl command (e.g. --tls-ca FILE). With `database_url` the store is
+        that PostgreSQL database, and tokens go to `workdir` (--state-dir)."""
         self.workdir = workdir
         self.xdsctl_args = xdsctl_args
         self.store = workdir / "xdscp.db"
+        self.database_url = database_url
         # Created by the server beside its store: the write role's token and the read role's.
         self.token_file = workdir / "admin-token"
         self.read_token_file = workdir / "admin-read-token"
@@ -125,7 +133,8 @@ class XdsControlPlane:
                 "--http-address",
                 f"127.0.0.1:{self.http_port}",
                 "--store",
-                str(self.store),
+                self.database_url or str(self.store),
+                *(("--state-dir", str(self.workdir)) if self.database_url else ()),
                 "--log-level",
                 "debug",
                 *self.extra_args,

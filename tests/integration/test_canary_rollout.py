@@ -51,9 +51,9 @@ class Fleet:
     team adopting the gate would do; every later publish goes through the gate.
     """
 
-    def __init__(self, tmp_path: Path, start_envoy) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, tmp_path: Path, start_envoy, database_url: str | None = None) -> None:  # type: ignore[no-untyped-def]
         self.tmp_path = tmp_path
-        self.plane = XdsControlPlane(tmp_path).start()
+        self.plane = XdsControlPlane(tmp_path, database_url=database_url).start()
         self.port = free_port()
         self.backends = {"a": free_port(), "b": free_port(), "c": free_port()}
         self.v1 = self.publish("v1", route_to="a", expect="published")

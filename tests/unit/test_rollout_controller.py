@@ -15,7 +15,7 @@ from controlplane.resources import CLUSTER, LISTENER
 from controlplane.rollout.controller import NotFoundError, RolloutController, RolloutError
 from controlplane.rollout.gate import Phase
 from controlplane.rollout.policy import CanarySelector, RolloutPolicy
-from controlplane.store import CANDIDATE, LAST_GOOD, STABLE
+from controlplane.store import CANDIDATE, LAST_GOOD, STABLE, StoreError
 from controlplane.store.sqlite import SQLiteStore
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet
@@ -140,6 +140,25 @@ async def test_group_without_policy_publishes_straight_to_stable_and_records_las
     await p.advance(1)
     assert p.store.pointers()["edge"] == {STABLE: V1.version, LAST_GOOD: V1.version}
     assert await p.publish(V1) == "unchanged"
+
+
+async def test_last_good_not_recorded_while_the_store_fails_is_recorded_once_it_works(
+    tmp_path, monkeypatch
+) -> None:
+    p = Plane(tmp_path, policies={})
+    await p.publish(V1)
+    SimEnvoy(p, "web-1", canary=False)
+    working = p.store.pointers
+
+    def down() -> dict[str, dict[str, str]]:
+        raise StoreError("database db:5432/x: read pointers failed, the database is unavailable")
+
+    monkeypatch.setattr(p.store, "pointers", down)
+    await p.advance(1)
+    monkeypatch.setattr(p.store, "pointers", working)
+    assert LAST_GOOD not in p.store.pointers()["edge"]
+    await p.advance(1)  # the fleet has not moved since: the ACK is not forgotten
+    assert p.store.pointers()["edge"] == {STABLE: V1.version, LAST_GOOD: V1.version}
 
 
 async def test_the_first_publish_of_a_group_with_a_policy_goes_straight_to_stable(

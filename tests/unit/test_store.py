@@ -6,22 +6,41 @@ from controlplane.store import STABLE
 from controlplane.store.sqlite import SQLiteStore
 from tests import factories
 
+# The tests that take `open_store` or `store` are the contract of every backend:
+# tests/integration/test_store_postgresql.py runs them against PostgreSQL too.
+
 
 @pytest.fixture
-def store(tmp_path):
-    s = SQLiteStore(tmp_path / "xdscp.db")
-    yield s
-    s.close()
+def open_store(tmp_path):
+    """Opens (or reopens) the one store of this test."""
+    opened = []
+
+    def open_store(sealer=None):
+        opened.append(SQLiteStore(tmp_path / "xdscp.db", sealer=sealer))
+        return opened[-1]
+
+    yield open_store
+    for s in opened:
+        s.close()
 
 
-def test_publish_is_durable_across_reopen(tmp_path) -> None:
-    path = tmp_path / "xdscp.db"
+@pytest.fixture
+def integrity_error():
+    return sqlite3.IntegrityError
+
+
+@pytest.fixture
+def store(open_store):
+    return open_store()
+
+
+def test_publish_is_durable_across_reopen(open_store) -> None:
     snapshot = factories.edge_snapshot()
-    first = SQLiteStore(path)
+    first = open_store()
     result = first.publish("edge", snapshot, message="first", actor="alice")
     first.close()
 
-    reopened = SQLiteStore(path)
+    reopened = open_store()
     assert result.changed
     assert reopened.pointer("edge", STABLE) == snapshot.version
     loaded = reopened.get(snapshot.version)
@@ -79,11 +98,10 @@ def test_unknown_version_is_none(store) -> None:
     assert store.get("0000000000000000") is None
 
 
-def test_transition_moves_pointers_and_rollout_record_atomically(tmp_path) -> None:
+def test_transition_moves_pointers_and_rollout_record_atomically(open_store) -> None:
     from controlplane.store import CANDIDATE, LAST_GOOD
 
-    path = tmp_path / "xdscp.db"
-    store = SQLiteStore(path)
+    store = open_store()
     v1, v2 = factories.edge_snapshot(), factories.edge_snapshot(prefix="/v2")
     store.publish("edge", v1, message="", actor="a")
     store.transition(
@@ -98,7 +116,7 @@ def test_transition_moves_pointers_and_rollout_record_atomically(tmp_path) -> No
     )
     store.close()
 
-    store = SQLiteStore(path)
+    store = open_store()
     assert store.pointers()["edge"] == {
         STABLE: v1.version,
         CANDIDATE: v2.version,
@@ -127,10 +145,12 @@ def test_transition_moves_pointers_and_rollout_record_atomically(tmp_path) -> No
     store.close()
 
 
-def test_pointer_to_an_unknown_version_is_refused_and_nothing_changes(store) -> None:
+def test_pointer_to_an_unknown_version_is_refused_and_nothing_changes(
+    store, integrity_error
+) -> None:
     v1 = factories.edge_snapshot()
     store.publish("edge", v1, message="", actor="a")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(integrity_error):
         store.transition(
             "edge",
             action="rollback",
