@@ -167,7 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         config = serve_config(args)
-        check_probe_binaries(args.rollout_policy, config.policies)  # runs `envoy --version`
+        check_probe_binaries(args.rollout_policy, config.policies)  # envoy --version, unshare
     except ValueError as error:
         raise CommandError(str(error)) from None
     try:

@@ -58,7 +58,12 @@ from typing import Any
 
 import yaml
 
-from controlplane.rollout.probe import HttpCheck, ProbeConfig, envoy_binary_problem
+from controlplane.rollout.probe import (
+    HttpCheck,
+    ProbeConfig,
+    envoy_binary_problem,
+    network_isolation_problem,
+)
 from controlplane.rollout.traffic import (
     CHECK_NAME,
     MAX_CHECKS,
@@ -322,8 +327,9 @@ def _check(reader: _Reader, spec: Any, where: str) -> TrafficCheck:
 
 
 def check_probe_binaries(policy_file: str | Path, policies: Mapping[str, RolloutPolicy]) -> None:
-    """Raise PolicyError unless every fresh probe's Envoy binary runs `--version`; the error
-    names the policy file, the group, the key and the resolved path."""
+    """Raise PolicyError unless every fresh probe's Envoy binary runs `--version` and, where
+    the probe isolates its network, a namespace can be made; the error names the policy
+    file, the group, the key and (for the binary) the resolved path."""
     for group, policy in policies.items():
         if policy.fresh_probe is None:
             continue
@@ -332,6 +338,11 @@ def check_probe_binaries(policy_file: str | Path, policies: Mapping[str, Rollout
         if problem is not None:
             where = f"groups.{group}.fresh_probe.envoy_binary"
             raise PolicyError(f"{policy_file}: {where}: {binary}: {problem}")
+        if policy.fresh_probe.isolate_network:
+            problem = network_isolation_problem()
+            if problem is not None:
+                where = f"groups.{group}.fresh_probe.isolate_network"
+                raise PolicyError(f"{policy_file}: {where}: {problem}")
 
 
 class _Reader:

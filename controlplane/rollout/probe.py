@@ -385,6 +385,15 @@ def _preflight_problem(config: ProbeConfig) -> str | None:
     return None
 
 
+def network_isolation_problem() -> str | None:
+    """Why a probe cannot get a network namespace of its own here (start-up check), or None.
+    Call it where no event loop runs."""
+    missing = [tool for tool in ("unshare", "ip") if shutil.which(tool) is None]
+    if missing:
+        return f"needs {' and '.join(missing)} on PATH (util-linux, iproute2)"
+    return asyncio.run(_isolation_problem())
+
+
 async def _isolation_problem() -> str | None:
     """Why a network namespace cannot be made here, or None if it can."""
     try:

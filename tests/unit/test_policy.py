@@ -195,3 +195,22 @@ def test_the_example_policys_commented_guard_loads_when_uncommented(tmp_path) ->
     assert policy.guard is not None
     assert (policy.guard.seconds, policy.guard.first_sync_seconds) == (300.0, 30.0)
     assert policy.stages
+
+
+def test_a_probe_that_cannot_isolate_its_network_is_refused_at_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    envoy = fake_envoy(tmp_path / "bin" / "envoy", 'test "$1" = --version')
+    policy_file = write(
+        tmp_path,
+        f"groups:\n  edge:\n    canary: {{node_id: c-*}}\n"
+        f"    fresh_probe: {{envoy_binary: {envoy}, isolate_network: true}}\n",
+    )
+    policies = load_policies(policy_file)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no unshare, no ip
+    with pytest.raises(PolicyError) as caught:
+        check_probe_binaries(policy_file, policies)
+    assert str(caught.value) == (
+        f"{policy_file}: groups.edge.fresh_probe.isolate_network: needs unshare and ip on PATH "
+        "(util-linux, iproute2)"
+    )
