@@ -145,14 +145,34 @@ def follow_convergence(
 
     deadline = time.monotonic() + timeout
     last: tuple[int, int] | None = None
+    answer: admin_pb2.WaitForConvergenceResponse | None = None
+    unreachable = False
     while True:
         step = max(0.0, min(CONVERGENCE_STEP_SECONDS, deadline - time.monotonic()))
         request = admin_pb2.WaitForConvergenceRequest(
             group=group, version=version, since=since, timeout_seconds=step
         )
-        answer = stub.WaitForConvergence(
-            request, timeout=step + RPC_TIMEOUT_SECONDS, metadata=metadata
-        )
+        try:
+            answer = stub.WaitForConvergence(
+                request, timeout=step + RPC_TIMEOUT_SECONDS, metadata=metadata
+            )
+        except grpc.RpcError as error:
+            # What was asked for is done (published, rolled back); only the ACK count is
+            # missing: ask again until the timeout, then answer with the last count seen.
+            if error.code() not in TRANSIENT or (answer is None and time.monotonic() >= deadline):
+                raise
+            if answer is not None and time.monotonic() >= deadline:
+                return answer
+            if not unreachable:
+                printer.event(
+                    "unreachable",
+                    f"cannot reach xdscp ({error.code().name}): trying again until --timeout",
+                    {"code": error.code().name},
+                )
+                unreachable = True
+            time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            continue
+        unreachable = False
         counts = (answer.acked_nodes, answer.total_nodes)
         if counts != last:
             printer.event(

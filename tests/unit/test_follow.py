@@ -147,3 +147,60 @@ def test_an_error_that_will_not_pass_is_not_retried() -> None:
 
     with pytest.raises(Denied):
         follow.follow_rollout(Refusing(status()), (), "edge", "c1", 60, follow.Printer(False))
+
+
+class Converging:
+    """WaitForConvergence: `answers` in turn (the last one forever); an answer that is an
+    exception is raised instead."""
+
+    def __init__(self, *answers: object) -> None:
+        self.answers = list(answers)
+
+    def WaitForConvergence(self, request, timeout, metadata):  # type: ignore[no-untyped-def]
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def acked(n: int, of: int) -> admin_pb2.WaitForConvergenceResponse:
+    lagging = [admin_pb2.LaggingNode(node_id=f"e-{i}", state="STALE") for i in range(of - n)]
+    return admin_pb2.WaitForConvergenceResponse(
+        version="v1", total_nodes=of, acked_nodes=n, lagging=lagging
+    )
+
+
+def test_convergence_is_asked_again_when_the_server_blips(capsys) -> None:
+    stub = Converging(acked(1, 2), Unavailable(), Unavailable(), acked(2, 2))
+    answer = follow.follow_convergence(stub, (), "edge", "v1", 0.0, 60, follow.Printer(False))
+    assert (answer.acked_nodes, answer.total_nodes) == (2, 2)
+    assert capsys.readouterr().out.splitlines() == [
+        "1/2 nodes ACKed v1",
+        "cannot reach xdscp (UNAVAILABLE): trying again until --timeout",
+        "2/2 nodes ACKed v1",
+    ]
+
+
+def test_convergence_ends_with_the_last_count_seen_if_the_server_never_returns(
+    capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = iter(range(0, 10_000, 10))  # each look at the clock: 10 s later
+    monkeypatch.setattr(follow.time, "monotonic", lambda: float(next(clock)))
+    stub = Converging(acked(1, 2), Unavailable())
+    answer = follow.follow_convergence(stub, (), "edge", "v1", 0.0, 60, follow.Printer(False))
+    assert (answer.acked_nodes, [n.node_id for n in answer.lagging]) == (1, ["e-0"])
+    assert capsys.readouterr().out.splitlines() == [
+        "1/2 nodes ACKed v1",
+        "cannot reach xdscp (UNAVAILABLE): trying again until --timeout",
+    ]
+
+
+def test_convergence_never_answered_is_the_servers_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(follow.time, "monotonic", lambda: float(next(clock)))
+    with pytest.raises(Unavailable):
+        follow.follow_convergence(
+            Converging(Unavailable()), (), "edge", "v1", 0.0, 60, follow.Printer(False)
+        )
