@@ -73,33 +73,23 @@ def follow_rollout(
     last_key: tuple[Any, ...] | None = None
     last_bake_print = 0.0
     request = admin_pb2.ListRolloutsRequest(group=group)
-    unreachable = False
+    reach = _Reachability(printer)
     while True:
         try:
             listed = stub.ListRollouts(request, timeout=RPC_TIMEOUT_SECONDS, metadata=metadata)
         except grpc.RpcError as error:
-            if error.code() not in TRANSIENT:
-                raise
-            # A server restart or a network blip: the rollout goes on (or was aborted by
-            # the restart); keep asking until --timeout rather than report an outcome.
-            if not unreachable:
-                printer.event(
-                    "unreachable",
-                    f"cannot reach xdscp ({error.code().name}): trying again until --timeout",
-                    {"code": error.code().name},
-                )
-                unreachable = True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            # The rollout goes on (or a restart aborted it): not an outcome to report.
+            reach.failed(error)
+            if time.monotonic() >= deadline:
                 return _end(
                     printer,
                     "timeout",
                     EXIT_TIMEOUT,
                     f"gave up after {timeout:g}s (--timeout): xdscp did not answer",
                 )
-            time.sleep(min(POLL_SECONDS, remaining))
+            _pause(deadline)
             continue
-        unreachable = False
+        reach.answered()
         status = next((r for r in listed.rollouts if r.group == group), None)
         if status is None:
             raise CommandError(f"group {group} has no rollout to follow")
@@ -146,7 +136,7 @@ def follow_convergence(
     deadline = time.monotonic() + timeout
     last: tuple[int, int] | None = None
     answer: admin_pb2.WaitForConvergenceResponse | None = None
-    unreachable = False
+    reach = _Reachability(printer)
     while True:
         step = max(0.0, min(CONVERGENCE_STEP_SECONDS, deadline - time.monotonic()))
         request = admin_pb2.WaitForConvergenceRequest(
@@ -158,21 +148,15 @@ def follow_convergence(
             )
         except grpc.RpcError as error:
             # What was asked for is done (published, rolled back); only the ACK count is
-            # missing: ask again until the timeout, then answer with the last count seen.
-            if error.code() not in TRANSIENT or (answer is None and time.monotonic() >= deadline):
-                raise
-            if answer is not None and time.monotonic() >= deadline:
+            # missing: at the timeout, answer with the last count seen.
+            reach.failed(error)
+            if time.monotonic() >= deadline:
+                if answer is None:
+                    raise
                 return answer
-            if not unreachable:
-                printer.event(
-                    "unreachable",
-                    f"cannot reach xdscp ({error.code().name}): trying again until --timeout",
-                    {"code": error.code().name},
-                )
-                unreachable = True
-            time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            _pause(deadline)
             continue
-        unreachable = False
+        reach.answered()
         counts = (answer.acked_nodes, answer.total_nodes)
         if counts != last:
             printer.event(
@@ -246,6 +230,34 @@ def _key(status: admin_pb2.RolloutStatus) -> tuple[Any, ...]:
         tuple((p.node_id, p.waiting_for, tuple(p.types)) for p in status.pending),
         tuple((c.name, c.state, c.passes, c.failures) for c in status.traffic_checks),
     )
+
+
+class _Reachability:
+    """A follow's view of whether xdscp answers: a transient error (a restart, a blip) is
+    said once and asked again; any other error is raised."""
+
+    def __init__(self, printer: Printer) -> None:
+        self._printer = printer
+        self._down = False
+
+    def failed(self, error: grpc.RpcError) -> None:
+        if error.code() not in TRANSIENT:
+            raise error
+        if not self._down:
+            name = error.code().name
+            self._printer.event(
+                "unreachable",
+                f"cannot reach xdscp ({name}): trying again until --timeout",
+                {"code": name},
+            )
+            self._down = True
+
+    def answered(self) -> None:
+        self._down = False
+
+
+def _pause(deadline: float) -> None:
+    time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
 
 
 def _end(printer: Printer, outcome: str, code: int, text: str) -> int:
