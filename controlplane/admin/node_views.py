@@ -31,7 +31,7 @@ from controlplane.snapshot import Resource, Snapshot
 from controlplane.store import DEFAULT_GROUP, SnapshotStore
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet, SyncState
-from controlplane.xds.stream import TypeState, XdsStream
+from controlplane.xds.stream import TypeState, XdsStream, names_to_send
 
 # Worst first: the state a node shows is the first of these any of its types is in.
 STATE_ORDER = (
@@ -64,9 +64,8 @@ def subscribed_names(state: TypeState, snapshot: Snapshot | None) -> list[str]:
     if snapshot is None:
         return []
     by_name = snapshot.resources(state.type_url)
-    if state.wildcard:
-        return sorted(by_name)
-    return sorted(name for name in state.names if name in by_name)
+    wanted = names_to_send(state)
+    return sorted(by_name if wanted is None else (name for name in wanted if name in by_name))
 
 
 TypeVersions = Mapping[str, str]  # type URL -> type version, as a node is served it

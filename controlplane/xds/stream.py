@@ -162,6 +162,12 @@ _NAME_SETS: ByteBoundedCache[frozenset[str], frozenset[str]] = ByteBoundedCache(
 )
 
 
+def names_to_send(state: TypeState) -> frozenset[str] | None:
+    """The resources of its type a subscription gets: None for every one (wildcard), else
+    the names it asked for (those the snapshot has)."""
+    return None if state.wildcard else state.names
+
+
 def shared_names(names: frozenset[str]) -> frozenset[str]:
     """One object for each distinct subscription: a fleet asks for the same names over and
     over, and thousands of streams need not each keep their own copy."""
@@ -515,10 +521,6 @@ class XdsStream:
             state = self.types[type_url] = TypeState(type_url)
         return state
 
-    @staticmethod
-    def _names_to_send(state: TypeState) -> frozenset[str] | None:
-        return None if state.wildcard else state.names
-
     def _held_until(self, state: TypeState, now: float) -> float | None:
         """When `state`'s type stops waiting for the types ordering.WAITS_FOR names, or None
         if it is not waiting."""
@@ -551,7 +553,7 @@ class XdsStream:
         if self.snapshot is None:
             return None
         current = self.snapshot.of_type(state.type_url)
-        names = self._names_to_send(state)
+        names = names_to_send(state)
         unchanged = state.sent_version == current.version and state.sent_names == names
         if unchanged and not state.refresh:
             return None  # holds it already, or NACKed exactly this: never resend in a loop
@@ -592,7 +594,7 @@ class XdsStream:
             names = added_or_changed_references(previous, current, dependent.type_url)
             if names:
                 self._refresh(dependent, names)
-        sent_names = self._names_to_send(self.types[type_url])
+        sent_names = names_to_send(self.types[type_url])
         before = references(previous, sent_names, dependent.type_url)
         after = references(current, sent_names, dependent.type_url)
         will_add = after - dependent.names
