@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import re
+import secrets
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,15 +26,18 @@ from controlplane.admin.v1 import admin_pb2_grpc
 from controlplane.observability import grpc_core_log
 from controlplane.observability.fleet_view import ControlPlaneView
 from controlplane.observability.metrics import CONTENT_TYPE, Metrics
+from controlplane.replicas.replica import Replica
 from controlplane.rollout.controller import RolloutController
 from controlplane.rollout.policy import RolloutPolicy
 from controlplane.rollout.probe import XdsEndpoint
 from controlplane.store import SnapshotStore
 from controlplane.store.lock import StoreLock
 from controlplane.store.pg_url import DatabaseUrl, redact
+from controlplane.store.postgres import PostgresStore
 from controlplane.store.sealing import Sealer
 from controlplane.store.sqlite import SQLiteStore
 from controlplane.xds.assignments import Assignments
+from controlplane.xds.evidence import FleetEvidence
 from controlplane.xds.first_sync import DEFAULT_FIRST_SYNC_TIMEOUT_SECONDS
 from controlplane.xds.fleet import Fleet
 from controlplane.xds.limits import MAX_REQUEST_BYTES
@@ -42,6 +48,7 @@ log = structlog.get_logger("app")
 
 DEFAULT_STORE = Path(".xdscp") / "xdscp.db"
 HANDSHAKE_LOG_INTERVAL_SECONDS = 1.0  # per reason: a flood of bad clients is one line a second
+REPLICA_ID = re.compile(r"[A-Za-z0-9._-]{1,63}")
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # a wildcard bind is reached on loopback
 
 
@@ -82,6 +89,9 @@ class Config:
     # Tokens and the xDS Unix socket: beside the SQLite file, or here (default .xdscp)
     # when the store is a database.
     state_dir: Path | None = None
+    # With a database: this replica's name among those sharing it (default: host name and 6
+    # random hex digits).
+    replica_id: str | None = None
     drain_seconds: float = 5.0
     # How long listeners and routes wait for Envoy to ACK (warm) the clusters sent before them.
     warming_timeout: float = DEFAULT_WARMING_TIMEOUT_SECONDS
@@ -111,6 +121,15 @@ class Config:
                 "--state-dir is for a database --store: with a SQLite file, tokens and the "
                 "socket sit beside it"
             )
+        if self.replica_id is not None and self.database is None:
+            raise ValueError("--replica-id is for a database --store: SQLite has one server")
+        if self.replica_id is not None and not REPLICA_ID.fullmatch(self.replica_id):
+            raise ValueError(
+                f"--replica-id {self.replica_id[:80]!r}: 1 to 63 letters, digits, '.', '_' or '-'"
+            )
+        if self.database is not None and self.replica_id is None:
+            replica = f"{socket.gethostname()[:56]}-{secrets.token_hex(3)}"
+            object.__setattr__(self, "replica_id", re.sub(r"[^A-Za-z0-9._-]", "-", replica))
         state_dir = self.state_dir or DEFAULT_STORE.parent
         object.__setattr__(self, "state_dir", Path(os.path.abspath(state_dir)))
         if self.xds_socket is not None:
@@ -189,9 +208,21 @@ class ControlPlane:
         self.fleet = Fleet()
         self.assignments.subscribe(self.fleet.wake_all)
         self.metrics = Metrics()
+        self.evidence = FleetEvidence(self.fleet, self.assignments, config.replica_id or "")
         self.controller = RolloutController(
-            self.store, self.assignments, self.fleet, config.policies, metrics=self.metrics
+            self.store,
+            self.assignments,
+            self.fleet,
+            config.policies,
+            metrics=self.metrics,
+            evidence=self.evidence,
         )
+        self.replica: Replica | None = None
+        if isinstance(self.store, PostgresStore):
+            assert config.replica_id is not None  # set in Config.__post_init__
+            self.replica = Replica(
+                config.replica_id, self.store, self.controller, self.evidence, self.metrics
+            )
         self.metrics.watch(
             ControlPlaneView(self.fleet, self.assignments, self.store, self.controller)
         )
@@ -242,29 +273,47 @@ class ControlPlane:
             options=[("grpc.so_reuseport", 0), *admin_limits.GRPC_OPTIONS],
         )
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(self.controller, self.store, self.fleet, self.assignments),
+            AdminService(
+                self.controller,
+                self.store,
+                self.fleet,
+                self.assignments,
+                evidence=self.evidence,
+                commands=self.replica.commands if self.replica is not None else None,
+            ),
             self._admin,
         )
         self._http = HttpEndpoint(
             {
                 "/healthz": lambda: (200, "text/plain", b"ok\n"),
-                "/readyz": lambda: (
-                    (200, "text/plain", b"ready\n")
-                    if self.ready
-                    else (503, "text/plain", b"not ready\n")
-                ),
+                "/readyz": self._readiness,
                 "/metrics": lambda: (200, CONTENT_TYPE, self.metrics.exposition()),
             }
         )
 
+    def _readiness(self) -> tuple[int, str, bytes]:
+        if not self.ready:
+            return 503, "text/plain", b"not ready\n"
+        body = self.replica.readiness() if self.replica is not None else "ready\n"
+        return 200, "text/plain", body.encode()
+
     async def start(self) -> None:
-        """Bind (port 0 picks a free port; `self.bound` says which), then serve."""
+        """Bind (port 0 picks a free port; `self.bound` says which), load what the store
+        holds, then serve."""
         resources.load_all_descriptors()
-        await asyncio.to_thread(self.controller.load)
         xds = self._bind_grpc(self._xds, self.config.xds_address, self.tls.get("xds"))
         if self.config.unix_socket is not None:
             self._add_unix_socket(self.config.unix_socket)
         admin = self._bind_grpc(self._admin, self.config.admin_address, self.tls.get("admin"))
+        self.controller.probe_xds = XdsEndpoint(
+            # With TLS on xDS the probe (which has no certificate) uses the Unix socket.
+            tcp=None if "xds" in self.tls else (_LOOPBACK.get(xds.host, xds.host), xds.port),
+            unix_socket=self.config.unix_socket,
+        )
+        if self.replica is not None:
+            await self.replica.start()  # as leader or follower; it runs the controller
+        else:
+            await self.controller.load()
         await self._xds.start()
         await self._admin.start()
         if self.config.unix_socket is not None:
@@ -281,18 +330,15 @@ class ControlPlane:
             "admin": admin,
             "http": Address(self.config.http_address.host, http_port),
         }
-        self.controller.probe_xds = XdsEndpoint(
-            # With TLS on xDS the probe (which has no certificate) uses the Unix socket.
-            tcp=None if "xds" in self.tls else (_LOOPBACK.get(xds.host, xds.host), xds.port),
-            unix_socket=self.config.unix_socket,
-        )
-        self.controller.start()
+        if self.replica is None:
+            self.controller.start()
         self._trimmer = asyncio.create_task(memory.release_periodically(self.fleet.names_in_use))
         self.ready = True
         log.info(
             "serving",
             xds_socket=str(self.config.unix_socket or ""),
             store=self.config.store_name,
+            replica=self.config.replica_id or "",
             groups=self.assignments.groups(),
             rollout_policies=sorted(self.config.policies),
             admin_token_file=str(self.config.token_path),
@@ -347,7 +393,10 @@ class ControlPlane:
         if self._trimmer is not None:
             self._trimmer.cancel()
         log.info("draining", grace_seconds=self.config.drain_seconds, streams=len(self.fleet))
-        await self.controller.stop()
+        if self.replica is not None:
+            await self.replica.stop()
+        else:
+            await self.controller.stop()
         self.fleet.close_all()
         await asyncio.gather(
             self._xds.stop(self.config.drain_seconds), self._admin.stop(self.config.drain_seconds)

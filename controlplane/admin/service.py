@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import grpc
 import structlog
@@ -25,13 +26,20 @@ from controlplane.config.lint import LintRefusal
 from controlplane.publish import build_snapshot
 from controlplane.redaction import redact_pem_keys, redact_resource
 from controlplane.resources import UnknownTypeError
-from controlplane.rollout.controller import NotFoundError, RolloutController, RolloutError
+from controlplane.rollout.controller import (
+    NotFoundError,
+    PublishOutcome,
+    RollbackOutcome,
+    RolloutController,
+    RolloutError,
+)
 from controlplane.rollout.gate import Rollout
 from controlplane.rollout.guard import Guard
 from controlplane.rollout.traffic import TrafficPolicy
 from controlplane.snapshot import ConsistencyError, DuplicateResourceError, Resource, Snapshot
 from controlplane.store import DEFAULT_GROUP, HistoryEntry, SnapshotStore, StoreError
 from controlplane.xds.assignments import Assignments
+from controlplane.xds.evidence import FleetEvidence
 from controlplane.xds.fleet import Fleet, NodeStatus
 
 log = structlog.get_logger("admin")
@@ -49,6 +57,23 @@ def asks_for_secrets(request: object) -> bool:
     return bool(getattr(request, "include_secrets", False))
 
 
+class OperatorCommands(Protocol):
+    """The calls that move pointers: the rollout controller's, or (with replicas) the
+    leader's, whichever replica the call reached (replicas/commands.py)."""
+
+    async def publish(
+        self, group: str, snapshot: Snapshot, *, message: str, actor: str
+    ) -> PublishOutcome: ...
+
+    async def promote(self, group: str, *, actor: str, reason: str) -> Rollout: ...
+
+    async def abort(self, group: str, *, actor: str, reason: str) -> Rollout: ...
+
+    async def rollback(
+        self, group: str, *, to_version: str | None, actor: str, reason: str
+    ) -> RollbackOutcome: ...
+
+
 class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(
         self,
@@ -56,10 +81,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         store: SnapshotStore,
         fleet: Fleet,
         assignments: Assignments | None = None,
+        *,
+        evidence: FleetEvidence | None = None,
+        commands: OperatorCommands | None = None,
     ) -> None:
+        """`evidence`: the fleet the status shows (default: this server's streams);
+        `commands`: who carries out pointer moves (default: `controller`)."""
         self._controller = controller
+        self._commands: OperatorCommands = commands or controller
         self._store = store
         self._fleet = fleet
+        self._evidence = evidence
         self._views = (
             NodeViews(fleet, assignments, controller.policy, store)
             if assignments is not None
@@ -83,7 +115,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, unknown)
         try:
             snapshot = await build_snapshot(request.resources)
-            outcome = await self._controller.publish(
+            outcome = await self._commands.publish(
                 group, snapshot, message=request.message, actor=request.actor or context.peer()
             )
         except _INVALID as error:
@@ -108,6 +140,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             counts=snapshot.counts(),
             outcome=outcome.outcome,
         )
+
+    def _statuses(self) -> list[NodeStatus]:
+        return self._evidence.statuses() if self._evidence is not None else self._fleet.status()
 
     def _unknown_group(self, group: str) -> str | None:
         """Why a publish may not create `group` unasked, or None: a group is known once it
@@ -145,12 +180,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def Promote(
         self, request: admin_pb2.RolloutCommand, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RolloutStatus:
-        return await self._rollout_command(self._controller.promote, request, context)
+        return await self._rollout_command(self._commands.promote, request, context)
 
     async def Abort(
         self, request: admin_pb2.RolloutCommand, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RolloutStatus:
-        return await self._rollout_command(self._controller.abort, request, context)
+        return await self._rollout_command(self._commands.abort, request, context)
 
     async def _rollout_command(
         self,
@@ -170,7 +205,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.RollbackRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RollbackResponse:
         try:
-            outcome = await self._controller.rollback(
+            outcome = await self._commands.rollback(
                 request.group or DEFAULT_GROUP,
                 to_version=request.to_version or None,
                 actor=request.actor or context.peer(),
@@ -332,7 +367,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def GetFleetStatus(
         self, request: admin_pb2.GetFleetStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetFleetStatusResponse:
-        nodes = [_node_status(n) for n in self._fleet.status()]
+        nodes = [_node_status(n) for n in self._statuses()]
         if self._views is not None:
             nodes = self._views.annotate_all(nodes)
             if self._views.needs_recent(nodes):  # a node holds an older version: which?
@@ -353,9 +388,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         await asyncio.to_thread(views.read_recent, views.groups())
         streams = views.streams_of(request.node_id)
         if not streams:
+            elsewhere = sorted(
+                {n.replica for n in self._statuses() if n.node_id == request.node_id}
+            )
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"node {request.node_id!r} is not connected (xdsctl status lists those that are)",
+                f"node {request.node_id!r} is connected to replica {', '.join(elsewhere)}: its "
+                "config is shown by that replica's admin address"
+                if elsewhere
+                else f"node {request.node_id!r} is not connected (xdsctl status lists those "
+                "that are)",
             )
         by_stream = {n.stream_id: n for n in self._fleet.status()}
         response = admin_pb2.NodeConfigResponse()
@@ -429,6 +471,7 @@ def _node_status(node: NodeStatus) -> admin_pb2.NodeStatus:
         stuck=node.stuck,
         stuck_since=node.stuck_since or 0.0,
         missing=node.missing,
+        replica=node.replica,
     )
 
 

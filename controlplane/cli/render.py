@@ -113,6 +113,10 @@ def fleet_summary(response: admin_pb2.GetFleetStatusResponse) -> str:
         for node in response.nodes
     ]
     headers = ["NODE", "GROUP", "ROLE", "XDS", "HOLDS", "EXPECTED", "STATE", "CONNECTED", "DETAIL"]
+    if any(node.replica for node in response.nodes):  # several replicas: which serves each
+        headers.insert(1, "REPLICA")
+        for row, node in zip(rows, response.nodes, strict=True):
+            row.insert(1, node.replica or "-")
     return table(headers, rows)
 
 

@@ -36,6 +36,12 @@ def add_commands(commands: Any) -> None:
         "(default .xdscp)",
     )
     serve.add_argument(
+        "--replica-id",
+        default=None,
+        help="with a PostgreSQL --store: this replica's name in `xdsctl status` and the "
+        "logs (default: host name and 6 random hex digits)",
+    )
+    serve.add_argument(
         "--store-key-file",
         type=Path,
         default=None,
@@ -193,6 +199,7 @@ def serve_config(args: argparse.Namespace) -> app.Config:
         store_path=app.DEFAULT_STORE if database else Path(store),
         database=database,
         state_dir=args.state_dir,
+        replica_id=args.replica_id,
         drain_seconds=args.drain_seconds,
         xds_socket=args.xds_socket,
         policies=load_policies(args.rollout_policy) if args.rollout_policy else {},

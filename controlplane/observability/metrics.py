@@ -149,6 +149,20 @@ class Metrics:
             ["port", "result"],
             registry=self.registry,
         )
+        self.database_up = Gauge(
+            "xdscp_database_up",
+            "1 while this server reaches its store's database (always 1 with SQLite); at 0 it "
+            "serves the config it holds and refuses publishes",
+            registry=self.registry,
+        )
+        self.rollout_leader = Gauge(
+            "xdscp_rollout_leader",
+            "1 on the replica that runs the canary gate and moves pointers (always 1 with one "
+            "server)",
+            registry=self.registry,
+        )
+        self.database_up.set(1)
+        self.rollout_leader.set(1)
         self.tls_expiry = Gauge(
             "xdscp_tls_certificate_expiry_timestamp_seconds",
             "When the server certificate in use on each port expires (Unix time)",

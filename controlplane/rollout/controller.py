@@ -12,8 +12,11 @@ Invariants:
 - last_good does not move while a guard watches the group. A guard lives in memory: at
   start-up, a stable that is not last_good is guarded again, for a whole window.
 - At most one rollout per group; publishing while one is active is refused.
-- A rollout found active at start-up (the server restarted mid-rollout) is aborted: its
-  evidence lived in memory, so it can never be promoted by accident.
+- A rollout found active at start-up (the server restarted mid-rollout) is aborted: part of
+  its evidence lived in memory, so it can never be promoted by accident. A replica that
+  takes over the lead instead resumes it from the record the old leader saved each time
+  its evidence grew (`load(resume=True)`), re-observing every canary from there.
+- With replicas, only the leader runs this loop; followers `follow` what it stores.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
-from controlplane import resources
 from controlplane.observability.metrics import Metrics
 from controlplane.rollout.gate import (
     Decision,
@@ -38,12 +41,13 @@ from controlplane.rollout.gate import (
 from controlplane.rollout.guard import Guard, GuardedNode, GuardPhase
 from controlplane.rollout.policy import PROBE_METADATA_KEY, RolloutPolicy
 from controlplane.rollout.probe import ProbeResult, XdsEndpoint, run_probe
+from controlplane.rollout.stored_state import StoredState, read_stored
 from controlplane.rollout.traffic import PrometheusClient, evaluate
 from controlplane.snapshot import Snapshot
 from controlplane.store import CANDIDATE, LAST_GOOD, STABLE, SnapshotStore, StoreError
 from controlplane.xds.assignments import Assignments
+from controlplane.xds.evidence import FleetEvidence, NodeEvidence
 from controlplane.xds.fleet import Fleet
-from controlplane.xds.stream import XdsStream
 
 log = structlog.get_logger("rollout")
 
@@ -96,10 +100,14 @@ class RolloutController:
         probe_xds: XdsEndpoint | None = None,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
+        evidence: FleetEvidence | None = None,
     ) -> None:
+        """`evidence`: the fleet the gate, the guard and last_good judge; by default this
+        server's own streams (replicas pass one that includes the others')."""
         self._store = store
         self._assignments = assignments
-        self._fleet = fleet
+        self._fleet = fleet  # this server's own streams: the probe's is one of them
+        self._evidence = evidence or FleetEvidence(fleet, assignments)
         self._policies = dict(policies)
         self.probe_xds = probe_xds  # set by the app once the xDS port is bound
         self._clock = clock
@@ -115,37 +123,105 @@ class RolloutController:
         self._last_guards: dict[str, Guard] = {}  # each group's newest guard, whatever its phase
         self._seen_generation = -1
         self._last_good_failing = False  # warned once until it works again
+        self._saved: dict[str, dict[str, Any]] = {}  # each group's rollout record, as stored
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Serve every group's stored stable version; abort rollouts cut off by a restart."""
-        pointers = self._store.pointers()
-        for group, named in pointers.items():
-            if STABLE in named and (snapshot := self._store.get(named[STABLE])) is not None:
+    async def load(self, *, resume: bool = False) -> None:
+        """Take over what the store holds: serve each group's stable version. A rollout found
+        active is aborted when the server restarted (its evidence lived in memory), and
+        continued from the evidence its leader persisted when `resume` (this replica takes
+        over the lead)."""
+        state = await asyncio.to_thread(read_stored, self._store, {})
+        for group, named in state.pointers.items():
+            if (snapshot := state.snapshot(group, STABLE)) is not None:
                 self._assignments.set_stable(group, snapshot)
                 if named.get(LAST_GOOD) not in (None, named[STABLE]):
                     self._start_guard(group, named[STABLE])  # its window restarts
-        for group, record in self._store.rollouts().items():
+        for group, record in state.rollouts.items():
             rollout = Rollout.from_record(record)
-            if rollout.phase.active:
+            if rollout.phase.active and not (resume and self._resume(group, rollout, state)):
                 rollout.abort(self._clock(), "control plane restarted mid-rollout")
-                self._store.transition(
-                    group,
-                    action="abort",
-                    version=rollout.candidate,
-                    actor=GATE_ACTOR,
-                    message=rollout.reason,
-                    pointers={CANDIDATE: None},
-                    rollout=rollout.to_record(),
-                )
+                await self._record(rollout, "abort", GATE_ACTOR, {CANDIDATE: None})
                 log.warning(
                     "rollout aborted", group=group, version=rollout.candidate, reason=rollout.reason
                 )
             self._rollouts[group] = rollout
+            self._saved[group] = rollout.to_record()
+
+    def _resume(self, group: str, rollout: Rollout, state: StoredState) -> bool:
+        """Continue a rollout another leader ran, from its persisted record: the canaries'
+        ACKs it counted, its bake, its traffic tallies. A probe it was running runs again.
+        False if it cannot continue (its policy or candidate is gone): it is aborted."""
+        policy = self._policies.get(group)
+        candidate = state.snapshot(group, CANDIDATE)
+        if policy is None or policy.canary is None or candidate is None:
+            return False
+        if candidate.version != rollout.candidate:
+            return False
+        if self._assignments.candidate(group) is not candidate:
+            self._assignments.start_rollout(group, candidate, policy.canary)
+        if policy.fresh_probe is not None and rollout.probe_state is ProbeState.RUNNING:
+            self._probes[group] = asyncio.create_task(self._run_probe(group, candidate, policy))
+        if policy.traffic is not None:
+            self._traffic[group] = asyncio.create_task(self._run_traffic(group, rollout, policy))
+        log.info(
+            "rollout resumed",
+            group=group,
+            version=rollout.candidate,
+            progress=rollout.progress(policy),
+        )
+        return True
+
+    def follow(self, state: StoredState) -> None:
+        """A follower serves what the leader stored: each group's stable, and its candidate
+        to the canaries while a rollout is active. Idempotent: called on every change the
+        leader makes, and periodically."""
+        for group in state.pointers:
+            stable = state.snapshot(group, STABLE)
+            served = self._assignments.stable(group)
+            if stable is not None and (served is None or served.version != stable.version):
+                self._assignments.set_stable(group, stable)
+        self._rollouts = {}
+        for group, record in state.rollouts.items():
+            rollout = self._rollouts[group] = Rollout.from_record(record)
+            policy = self._policies.get(group)
+            candidate = state.snapshot(group, CANDIDATE)
+            if (
+                rollout.phase.active
+                and policy is not None
+                and policy.canary is not None
+                and candidate is not None
+                and candidate.version == rollout.candidate
+            ):
+                served = self._assignments.candidate(group)
+                if served is None or served.version != candidate.version:
+                    self._assignments.start_rollout(group, candidate, policy.canary)
+            else:
+                self._assignments.end_rollout(group)
+
+    def snapshots_served(self) -> dict[str, Snapshot]:
+        """The stable and candidate snapshots served now, by version (not read again)."""
+        served = {}
+        for group in self._assignments.groups():
+            for snapshot in (self._assignments.stable(group), self._assignments.candidate(group)):
+                if snapshot is not None:
+                    served[snapshot.version] = snapshot
+        return served
 
     def start(self) -> None:
         self._ticker = asyncio.create_task(self._tick_forever())
+
+    async def step_down(self) -> None:
+        """This replica lost the lead: stop the gate, the probes, the checks and the guards.
+        What they knew lives on in the store, where the next leader resumes it."""
+        await self.stop()
+        self._ticker = None
+        self._probes.clear()
+        self._traffic.clear()
+        self._guards.clear()
+        self._rollbacks.clear()
+        self._seen_generation = -1
 
     async def stop(self) -> None:
         tasks = [
@@ -214,6 +290,7 @@ class RolloutController:
                 rollout=rollout.to_record(),
             )
             self._rollouts[group] = rollout
+            self._saved[group] = rollout.to_record()
             self._assignments.start_rollout(group, snapshot, policy.canary)
             log.info(
                 "rollout staged",
@@ -297,52 +374,31 @@ class RolloutController:
     async def wait_for_convergence(
         self, group: str, version: str, *, since: float, timeout: float
     ) -> Convergence:
-        """Until every connected node of `group` ACKed `version` (or `timeout` passes).
-
-        Woken by fleet progress, it re-checks only the nodes still lagging (a node on the
-        version stays there), and the whole group once a second for nodes that came or went.
-        """
+        """Until every connected node of `group` ACKed `version` (or `timeout` passes),
+        checked whenever this server's fleet progresses, and at least every 0.25 s (for
+        nodes on other replicas)."""
         deadline = time.monotonic() + timeout
-        streams = self._group_streams(group)
-        lagging = [s for s in streams if not _holds(s, version)]
-        last_full_check = time.monotonic()
-        while lagging and (remaining := deadline - time.monotonic()) > 0:
-            await self._fleet.wait_progress(min(remaining, 0.25))
-            if time.monotonic() - last_full_check >= 1.0:
-                streams = self._group_streams(group)
-                lagging = [s for s in streams if not _holds(s, version)]
-                last_full_check = time.monotonic()
-            else:
-                lagging = [s for s in lagging if s in self._fleet and not _holds(s, version)]
+        while (
+            self._evidence.convergence(group, version).lagging
+            and (remaining := deadline - time.monotonic()) > 0
+        ):
+            await self._evidence.wait_progress(min(remaining, 0.25))
         return self.convergence(group, version, since)
 
     def convergence(self, group: str, version: str, since: float) -> Convergence:
-        nodes = self._group_streams(group)
-        lagging = []
-        last_ack_at = None
-        for stream in nodes:
-            assert stream.node is not None
-            if not _holds(stream, version):
-                why = stream.rejection() or ("WARMING" if stream.warming() else "STALE")
-                lagging.append((stream.node.id, why))
-                continue
-            acked = max((t.acked_at or 0.0) for t in stream.types.values() if t.subscribed)
-            last_ack_at = max(acked, last_ack_at or acked)
+        found = self._evidence.convergence(group, version)
+        lagging = [
+            (node.node_id, node.rejection or ("WARMING" if node.warming else "STALE"))
+            for node in found.lagging
+        ]
         return Convergence(
             version,
-            len(nodes),
-            len(nodes) - len(lagging),
+            found.total,
+            found.total - len(lagging),
             self._clock() - since,
             lagging,
-            last_ack_at,
+            found.last_ack_at,
         )
-
-    def _group_streams(self, group: str) -> list[XdsStream]:
-        return [
-            s
-            for s in self._fleet
-            if s.node and self._assignments.effective_group(s.node.group) == group
-        ]
 
     def rollout(self, group: str) -> Rollout | None:
         return self._rollouts.get(group)
@@ -379,14 +435,18 @@ class RolloutController:
         async with self._lock:
             now = self._clock()
             # A pointer moving (publish, promote, rollback) also moves the fleet.
-            fleet_moved = self._fleet.generation != self._seen_generation
-            self._seen_generation = self._fleet.generation
+            fleet_moved = self._evidence.generation != self._seen_generation
+            self._seen_generation = self._evidence.generation
             for group, rollout in list(self._rollouts.items()):
                 if not rollout.phase.active:
                     continue
                 decision = rollout.observe(self._policies[group], now, self._observe(group))
                 if decision is not None:
                     await self._apply(group, rollout, decision, GATE_ACTOR)
+                elif (record := rollout.to_record()) != self._saved.get(group):
+                    # The evidence so far, for a leader that takes over from this one.
+                    await asyncio.to_thread(self._store.save_rollout, group, record)
+                    self._saved[group] = record
             tripped = self._watch_guards(now)
             if fleet_moved:  # both walk the fleet: only worth it when something happened
                 try:
@@ -487,40 +547,20 @@ class RolloutController:
     def _guarded_nodes(self, group: str) -> list[GuardedNode]:
         return [
             GuardedNode(
-                stream_id=stream.stream_id,
-                node_id=stream.node.id,
-                version=stream.snapshot.version if stream.snapshot else None,
-                connected_at=stream.started_at,
-                started_empty=stream.started_empty,
-                first_synced=stream.first_synced_at is not None,
-                missing=stream.first_sync_missing(),
-                rejection=stream.rejection(),
+                stream_id=node.key,
+                node_id=node.node_id,
+                version=node.version,
+                connected_at=node.status.connected_at,
+                started_empty=node.status.started_empty,
+                first_synced=node.first_synced,
+                missing=node.first_sync_missing,
+                rejection=node.rejection,
             )
-            for stream in self._group_streams(group)
-            if stream.node is not None
+            for node in self._evidence.nodes(group)
         ]
 
     def _observe(self, group: str) -> list[NodeObservation]:
-        observations = []
-        for stream in self._fleet:
-            node = stream.node
-            if node is None or self._assignments.effective_group(node.group) != group:
-                continue
-            observations.append(
-                NodeObservation(
-                    stream_id=stream.stream_id,
-                    node_id=node.id,
-                    canary=self._assignments.is_canary(node),
-                    connected_at=stream.started_at,
-                    started_empty=stream.started_empty,
-                    version=stream.snapshot.version if stream.snapshot else None,
-                    synced=stream.synced(),
-                    rejection=stream.rejection(),
-                    probe=node.metadata.get(PROBE_METADATA_KEY) == "true",
-                    owed=_owed(stream),
-                )
-            )
-        return observations
+        return [_observation(node) for node in self._evidence.nodes(group)]
 
     async def _apply(self, group: str, rollout: Rollout, decision: Decision, actor: str) -> None:
         if decision is Decision.PROMOTE:
@@ -555,6 +595,7 @@ class RolloutController:
         self, rollout: Rollout, action: str, actor: str, pointers: dict[str, str | None]
     ) -> None:
         """Commit one step of a rollout: its record, the pointers it moves, its history."""
+        record = rollout.to_record()
         await asyncio.to_thread(
             self._store.transition,
             rollout.group,
@@ -563,8 +604,9 @@ class RolloutController:
             actor=actor,
             message=rollout.reason,
             pointers=pointers,
-            rollout=rollout.to_record(),
+            rollout=record,
         )
+        self._saved[rollout.group] = record
 
     async def _record_last_good(self) -> None:
         """last_good: the stable version once every connected node of its group ACKed it."""
@@ -708,18 +750,16 @@ def _not_ready(rollout: Rollout, policy: RolloutPolicy, now: float) -> str:
     )
 
 
-def _owed(stream: XdsStream) -> tuple[str, ...]:
-    """The types (CLUSTER, ...) a stream has not ACKed at the snapshot it is assigned."""
-    if stream.snapshot is None:
-        return ()
-    return tuple(
-        resources.BY_URL[url].short_name.upper()
-        for url, state in stream.types.items()
-        if state.subscribed
-        and url in resources.BY_URL
-        and (state.awaiting_ack or state.acked_version != stream.snapshot.of_type(url).version)
+def _observation(node: NodeEvidence) -> NodeObservation:
+    return NodeObservation(
+        stream_id=node.key,
+        node_id=node.node_id,
+        canary=node.canary,
+        connected_at=node.status.connected_at,
+        started_empty=node.status.started_empty,
+        version=node.version,
+        synced=node.synced,
+        rejection=node.rejection,
+        probe=node.probe,
+        owed=node.owed,
     )
-
-
-def _holds(stream: XdsStream, version: str) -> bool:
-    return stream.snapshot is not None and stream.snapshot.version == version and stream.synced()

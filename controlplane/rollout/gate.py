@@ -29,7 +29,7 @@ check. Checks are evaluated from the start of the bake (evidence complete), ever
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,7 +64,7 @@ class ProbeState(enum.Enum):
 class NodeObservation:
     """One open stream of the group, as the gate needs to see it."""
 
-    stream_id: int
+    stream_id: Hashable  # one stream, fleet-wide
     node_id: str
     canary: bool
     connected_at: float

@@ -20,7 +20,7 @@ Phases:  watching --(seconds pass, no failure)--> passed
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 from controlplane.rollout.policy import GuardPolicy
@@ -37,7 +37,7 @@ class GuardPhase(enum.Enum):
 class GuardedNode:
     """One open stream of the group, as the guard needs to see it."""
 
-    stream_id: int
+    stream_id: Hashable  # one stream, fleet-wide
     node_id: str
     version: str | None  # the snapshot it is assigned
     connected_at: float

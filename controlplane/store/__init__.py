@@ -1,7 +1,7 @@
 """SnapshotStore: durable snapshots, their history, and per-group pointers.
 
-The interface every backend implements. `sqlite.SQLiteStore` is the embedded default; a
-shared-database backend for several replicas plugs in behind the same Protocol.
+The interface every backend implements. `sqlite.SQLiteStore` is the embedded default;
+`postgres.PostgresStore` is shared by several replicas (controlplane/replicas/).
 
 Invariants every backend keeps:
 - `publish` is atomic: the snapshot, its history entry and the pointer move land together
@@ -75,6 +75,10 @@ class SnapshotStore(Protocol):
     ) -> HistoryEntry:
         """One atomic step: store `snapshot` (if given), move `pointers` (None removes one),
         replace the group's rollout record (None removes it), and append a history entry."""
+        ...
+
+    def save_rollout(self, group: str, record: Mapping[str, Any]) -> None:
+        """Replace the group's rollout record (the gate's evidence so far), nothing else."""
         ...
 
     def get(self, version: str) -> Snapshot | None: ...

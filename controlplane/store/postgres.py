@@ -4,10 +4,11 @@ The same tables and invariants as the SQLite store (sqlite.py): blobs by content
 sealed Secrets with a key check, history, pointers and rollout records; each publish or
 transition is one transaction, committed with synchronous_commit on before it returns.
 
-- One connection, used under a lock (the callers run these calls off the event loop). It
-  holds a session-level advisory lock for the server's lifetime: one server per database,
-  until replicas elect a leader. If the connection drops (the database restarts), the call
-  fails with a StoreError, and the next call reconnects and takes the lock again.
+- One connection, used under a lock (the callers run these calls off the event loop). Several
+  replicas share the database; the one whose connection holds the session-level leader lock
+  is the rollout leader, and only it may publish or move pointers (`lead`, the fence of every
+  write). If the connection drops (the database restarts), the call fails with a
+  StoreError, the lead is lost with it, and the next call reconnects.
 - The schema is versioned by the `schema_migrations` table; `_MIGRATIONS` are applied in
   order, in one transaction, under a transaction-level advisory lock, when the store opens.
   A database with a newer schema than this code knows is refused.
@@ -35,7 +36,7 @@ from controlplane.store.sealing import Sealer, StoreSealing
 log = structlog.get_logger("store")
 
 # Advisory lock keys (pg_advisory_lock(bigint)): "xdscp" + a role, as ASCII.
-SERVER_LOCK_KEY = 0x7864736370_01  # held by the one server using the database
+LEADER_LOCK_KEY = 0x7864736370_01  # held by the rollout leader's store connection
 MIGRATION_LOCK_KEY = 0x7864736370_02  # held while the schema is migrated
 # libpq options, unless the URL sets them: a connection attempt waits at most 10 s, and a
 # connection to a server that stopped answering is found dead within about 30 s.
@@ -96,6 +97,46 @@ _MIGRATIONS: tuple[str, ...] = (
         check_value BYTEA NOT NULL
     );
     """,
+    # 2: replicas. Their heartbeats, the state of the nodes each serves (fleet evidence),
+    # admin commands followers hand to the leader, and notifications of every change.
+    """
+    CREATE TABLE replicas (
+        id TEXT PRIMARY KEY,
+        started_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+        heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+        evidence_generation BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE nodes (
+        replica TEXT NOT NULL REFERENCES replicas(id) ON DELETE CASCADE,
+        stream_id BIGINT NOT NULL,
+        record TEXT NOT NULL,
+        PRIMARY KEY (replica, stream_id)
+    );
+    CREATE TABLE commands (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        replica TEXT NOT NULL,
+        request TEXT NOT NULL,
+        deadline TIMESTAMPTZ NOT NULL,
+        claimed_by TEXT,
+        outcome TEXT,
+        done_at TIMESTAMPTZ
+    );
+    CREATE FUNCTION xdscp_notify_state() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN PERFORM pg_notify('xdscp_state', TG_TABLE_NAME); RETURN NULL; END $$;
+    CREATE TRIGGER pointers_changed AFTER INSERT OR UPDATE OR DELETE ON pointers
+        FOR EACH STATEMENT EXECUTE FUNCTION xdscp_notify_state();
+    CREATE TRIGGER rollouts_changed AFTER INSERT OR UPDATE OR DELETE ON rollouts
+        FOR EACH STATEMENT EXECUTE FUNCTION xdscp_notify_state();
+    CREATE FUNCTION xdscp_notify_command() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN PERFORM pg_notify('xdscp_commands', NEW.id::text);
+        ELSIF NEW.done_at IS NOT NULL THEN PERFORM pg_notify('xdscp_command_done', NEW.id::text);
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER commands_changed AFTER INSERT OR UPDATE ON commands
+        FOR EACH ROW EXECUTE FUNCTION xdscp_notify_command();
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -110,6 +151,7 @@ class PostgresStore:
         self._sealing = StoreSealing(sealer, self.name)
         self._lock = threading.Lock()
         self._db: psycopg.Connection[Any] | None = None
+        self._leading = False
         with self._lock:
             db = self._connection("open")
             try:
@@ -132,6 +174,7 @@ class PostgresStore:
 
     def publish(self, group: str, snapshot: Snapshot, *, message: str, actor: str) -> PublishResult:
         def publish(db: psycopg.Connection[Any]) -> PublishResult:
+            self._fence(db)
             if _pointer(db, group, STABLE) == snapshot.version:
                 return PublishResult(self._latest_entry(db, group), changed=False)
             entry = self._transition(
@@ -147,7 +190,7 @@ class PostgresStore:
             )
             return PublishResult(entry, changed=True)
 
-        return self._run("publish", publish, write=True)
+        return self.run("publish", publish, write=True)
 
     def transition(
         self,
@@ -161,9 +204,9 @@ class PostgresStore:
         pointers: Mapping[str, str | None] | None = None,
         rollout: Mapping[str, Any] | _Keep | None = KEEP,
     ) -> HistoryEntry:
-        return self._run(
-            action,
-            lambda db: self._transition(
+        def transition(db: psycopg.Connection[Any]) -> HistoryEntry:
+            self._fence(db)
+            return self._transition(
                 db,
                 group,
                 action=action,
@@ -173,12 +216,26 @@ class PostgresStore:
                 snapshot=snapshot,
                 pointers=pointers or {},
                 rollout=rollout,
-            ),
-            write=True,
-        )
+            )
+
+        return self.run(action, transition, write=True)
+
+    def save_rollout(self, group: str, record: Mapping[str, Any]) -> None:
+        """Replace `group`'s rollout record (the gate's evidence so far), nothing else."""
+
+        def save(db: psycopg.Connection[Any]) -> None:
+            self._fence(db)
+            _save_rollout(db, group, record)
+
+        self.run("save a rollout", save, write=True)
+
+    def put(self, snapshot: Snapshot) -> None:
+        """Store `snapshot` without pointing anything at it (any replica may: it is
+        addressed by its content)."""
+        self.run("store a snapshot", lambda db: self._put(db, snapshot), write=True)
 
     def rollouts(self) -> dict[str, dict[str, Any]]:
-        rows = self._run(
+        rows = self.run(
             "read rollouts",
             lambda db: db.execute("SELECT grp, record FROM rollouts ORDER BY grp").fetchall(),
         )
@@ -194,7 +251,7 @@ class PostgresStore:
             known = db.execute("SELECT 1 FROM snapshots WHERE version = %s", (version,)).fetchone()
             return rows, known is not None
 
-        rows, known = self._run("read a snapshot", read)
+        rows, known = self.run("read a snapshot", read)
         if not known:
             return None
         snapshot = Snapshot.from_serialized(
@@ -205,10 +262,10 @@ class PostgresStore:
         return snapshot
 
     def pointer(self, group: str, name: str = STABLE) -> str | None:
-        return self._run("read a pointer", lambda db: _pointer(db, group, name))
+        return self.run("read a pointer", lambda db: _pointer(db, group, name))
 
     def pointers(self) -> dict[str, dict[str, str]]:
-        rows = self._run(
+        rows = self.run(
             "read pointers",
             lambda db: db.execute(
                 "SELECT grp, name, version FROM pointers ORDER BY grp, name"
@@ -225,7 +282,7 @@ class PostgresStore:
         if group is not None:
             query += " WHERE grp = %s"
             params = (group,)
-        rows = self._run(
+        rows = self.run(
             "read history",
             lambda db: db.execute(
                 query + " ORDER BY id DESC LIMIT %s", (*params, limit)
@@ -234,11 +291,11 @@ class PostgresStore:
         return [HistoryEntry(*row) for row in rows]
 
     def close(self) -> None:
-        """Closing the connection also releases the server lock."""
+        """Closing the connection also releases the leader lock."""
         with self._lock:
             self._drop()
 
-    def _run(
+    def run(
         self, what: str, work: Callable[[psycopg.Connection[Any]], _T], *, write: bool = False
     ) -> _T:
         """`work` in one transaction on the (re)connected connection, under the lock."""
@@ -287,26 +344,36 @@ class PostgresStore:
         try:
             # Durable before a publish returns, whatever the server's default is.
             db.execute("SET synchronous_commit TO on")
-            (locked,) = db.execute(
-                "SELECT pg_try_advisory_lock(%s)", (SERVER_LOCK_KEY,)
-            ).fetchone() or (False,)
-            if not locked:
-                holder = self._lock_holder(db)
-                raise StoreError(
-                    f"store {self.name} is in use by another xdscp server{holder}: two servers "
-                    "on one database would disagree on what is stable; stop that one, or give "
-                    "this one another --store"
-                )
         except psycopg.Error as error:
             db.close()
             raise StoreError(
                 f"{self.name}: {what} failed, the database is unavailable: {self._reason(error)}"
             ) from None
-        except BaseException:
-            db.close()
-            raise
         self._db = db
+        self._leading = False  # a session lock does not outlive its connection
         return db
+
+    def lead(self) -> bool:
+        """Take the leader lock if it is free; whether this store's connection holds it.
+        StoreError if the database cannot be reached (the lead is lost with the connection)."""
+        return self.run("take the lead", self._take_lead)
+
+    def _take_lead(self, db: psycopg.Connection[Any]) -> bool:
+        if not self._leading:
+            row = db.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK_KEY,)).fetchone()
+            self._leading = bool(row and row[0])
+        else:
+            db.execute("SELECT 1")  # the connection, and so the lock, is still there
+        return self._leading
+
+    def _fence(self, db: psycopg.Connection[Any]) -> None:
+        """Only the leader writes pointers and rollouts: a replica that lost the lead (or
+        never had it) is refused, naming who holds it."""
+        if not self._take_lead(db):
+            raise StoreError(
+                f"{self.name}: another replica is the rollout leader{self._lock_holder(db)}: "
+                "only it may publish or move pointers"
+            )
 
     @staticmethod
     def _lock_holder(db: psycopg.Connection[Any]) -> str:
@@ -317,7 +384,7 @@ class PostgresStore:
             "AND l.granted AND l.database = (SELECT oid FROM pg_database "
             "WHERE datname = current_database()) "
             "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s LIMIT 1",
-            (SERVER_LOCK_KEY,),
+            (LEADER_LOCK_KEY,),
         ).fetchone()
         if row is None:
             return ""
@@ -380,12 +447,7 @@ class PostgresStore:
         if rollout is None:
             db.execute("DELETE FROM rollouts WHERE grp = %s", (group,))
         elif not isinstance(rollout, _Keep):
-            db.execute(
-                "INSERT INTO rollouts (grp, record, updated_at) VALUES (%s, %s, %s) "
-                "ON CONFLICT (grp) DO UPDATE SET record = excluded.record, "
-                "updated_at = excluded.updated_at",
-                (group, json.dumps(dict(rollout), sort_keys=True), time.time()),
-            )
+            _save_rollout(db, group, rollout)
         return self._append_history(db, group, action, version, parent, actor, message)
 
     def _put(self, db: psycopg.Connection[Any], snapshot: Snapshot) -> None:
@@ -434,6 +496,15 @@ class PostgresStore:
         ).fetchone()
         assert row is not None
         return HistoryEntry(row[0], group, action, version, parent, created_at, actor, message)
+
+
+def _save_rollout(db: psycopg.Connection[Any], group: str, record: Mapping[str, Any]) -> None:
+    db.execute(
+        "INSERT INTO rollouts (grp, record, updated_at) VALUES (%s, %s, %s) "
+        "ON CONFLICT (grp) DO UPDATE SET record = excluded.record, "
+        "updated_at = excluded.updated_at",
+        (group, json.dumps(dict(record), sort_keys=True), time.time()),
+    )
 
 
 def _pointer(db: psycopg.Connection[Any], group: str, name: str) -> str | None:

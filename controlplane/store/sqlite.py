@@ -149,6 +149,18 @@ class SQLiteStore:
                 rollout=rollout,
             )
 
+    def save_rollout(self, group: str, record: Mapping[str, Any]) -> None:
+        with self._lock, self._transaction():
+            self._save_rollout(group, record)
+
+    def _save_rollout(self, group: str, record: Mapping[str, Any]) -> None:
+        self._db.execute(
+            "INSERT INTO rollouts (grp, record, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (grp) DO UPDATE SET record = excluded.record, "
+            "updated_at = excluded.updated_at",
+            (group, json.dumps(dict(record), sort_keys=True), time.time()),
+        )
+
     def rollouts(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             rows = self._db.execute("SELECT grp, record FROM rollouts ORDER BY grp").fetchall()
@@ -271,12 +283,7 @@ class SQLiteStore:
         if rollout is None:
             self._db.execute("DELETE FROM rollouts WHERE grp = ?", (group,))
         elif not isinstance(rollout, _Keep):
-            self._db.execute(
-                "INSERT INTO rollouts (grp, record, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (grp) DO UPDATE SET record = excluded.record, "
-                "updated_at = excluded.updated_at",
-                (group, json.dumps(dict(rollout), sort_keys=True), time.time()),
-            )
+            self._save_rollout(group, rollout)
         return self._append_history(group, action, version, parent, actor, message)
 
     def _put(self, snapshot: Snapshot) -> None:

@@ -71,6 +71,7 @@ class NodeStatus:
     stuck: bool = False
     stuck_since: float | None = None
     missing: tuple[str, ...] = ()
+    replica: str = ""  # the replica whose stream it is (empty with one server)
 
 
 def type_status(state: TypeState, snapshot: Snapshot | None) -> TypeStatus:
@@ -157,29 +158,30 @@ class Fleet:
         return len(self._streams)
 
     def status(self) -> list[NodeStatus]:
-        statuses = []
-        for stream in self:
-            if stream.node is None:
-                continue  # no request yet: not a node we know
-            statuses.append(
-                NodeStatus(
-                    node_id=stream.node.id,
-                    group=stream.node.group,
-                    build_version=stream.node.build_version,
-                    user_agent=stream.node.user_agent,
-                    protocol=stream.protocol,
-                    stream_id=stream.stream_id,
-                    connected_at=stream.started_at,
-                    snapshot_version=stream.snapshot.version if stream.snapshot else None,
-                    types=tuple(
-                        type_status(stream.types[t.type_url], stream.snapshot)
-                        for t in ADS_ORDER
-                        if t.type_url in stream.types and stream.types[t.type_url].subscribed
-                    ),
-                    started_empty=stream.started_empty,
-                    stuck=stream.stuck,
-                    stuck_since=stream.stuck_since if stream.stuck else None,
-                    missing=stream.first_sync_missing() if stream.stuck else (),
-                )
-            )
+        statuses = [node_status(stream) for stream in self if stream.node is not None]
         return sorted(statuses, key=lambda s: (s.group, s.node_id, s.stream_id))
+
+
+def node_status(stream: XdsStream, replica: str = "") -> NodeStatus:
+    """A stream that has made its first request (so names its node), as the status shows it."""
+    assert stream.node is not None
+    return NodeStatus(
+        node_id=stream.node.id,
+        group=stream.node.group,
+        build_version=stream.node.build_version,
+        user_agent=stream.node.user_agent,
+        protocol=stream.protocol,
+        stream_id=stream.stream_id,
+        connected_at=stream.started_at,
+        snapshot_version=stream.snapshot.version if stream.snapshot else None,
+        types=tuple(
+            type_status(stream.types[t.type_url], stream.snapshot)
+            for t in ADS_ORDER
+            if t.type_url in stream.types and stream.types[t.type_url].subscribed
+        ),
+        started_empty=stream.started_empty,
+        stuck=stream.stuck,
+        stuck_since=stream.stuck_since if stream.stuck else None,
+        missing=stream.first_sync_missing() if stream.stuck else (),
+        replica=replica,
+    )

@@ -82,21 +82,6 @@ def test_a_publish_on_postgresql_reaches_envoy_and_a_restart_sends_it_nothing_ne
     assert postgres_server.password not in pg_plane.log_path.read_text()
 
 
-def test_a_second_serve_on_the_same_database_exits_naming_it(
-    pg_plane, database_url, postgres_server, tmp_path
-) -> None:
-    second = serve(database_url, "--state-dir", str(tmp_path / "second"))
-    assert second.returncode == 1, second.stderr
-    name = DatabaseUrl.parse(database_url).describe()
-    assert (
-        f"xdsctl: store database {name} is in use by another xdscp server (xdscp serve pid "
-        f"{pg_plane.process.pid}, from 127.0.0.1)"
-    ) in second.stderr
-    assert '"serving"' not in second.stderr and "Traceback" not in second.stderr
-    assert postgres_server.password not in second.stderr + second.stdout
-    assert http_get(f"http://127.0.0.1:{pg_plane.http_port}/readyz")[0] == 200
-
-
 def test_a_bad_database_url_is_refused_naming_store_without_the_password(tmp_path) -> None:
     result = serve("postgresql://alice:hunter2secret@127.0.0.1:notaport/x")
     assert result.returncode == 1, result.stderr

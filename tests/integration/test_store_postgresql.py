@@ -234,20 +234,26 @@ def test_migrations_started_at_once_run_once(database_url) -> None:
 # One server per database, and a lost connection
 
 
-def test_a_second_store_on_the_database_is_refused_naming_it_without_the_password(
+def test_only_the_leader_writes_another_store_is_refused_naming_the_leader_not_the_password(
     open_store, database_url, postgres_server
 ) -> None:
-    open_store()
+    leader = open_store()
+    leader.publish("edge", factories.edge_snapshot(), message="", actor="a")
+    follower = open_store()  # opens: replicas share the database
+    assert follower.lead() is False
     with pytest.raises(StoreError) as refused:
-        open_store()
+        follower.publish("edge", factories.edge_snapshot(prefix="/v2"), message="", actor="b")
     name = DatabaseUrl.parse(database_url).describe()
-    assert f"store database {name} is in use by another xdscp server (xdscp serve pid" in str(
+    assert f"database {name}: another replica is the rollout leader (xdscp serve pid" in str(
         refused.value
     )
     assert postgres_server.password not in str(refused.value)
+    leader.close()  # its lock goes with its connection: the next to ask leads
+    assert follower.lead() is True
+    follower.publish("edge", factories.edge_snapshot(prefix="/v2"), message="", actor="b")
 
 
-def test_a_lost_connection_fails_one_call_and_the_next_reconnects_and_relocks(
+def test_a_lost_connection_fails_one_call_and_the_next_reconnects_and_leads_again(
     store, database_url
 ) -> None:
     v1 = factories.edge_snapshot()
@@ -263,8 +269,12 @@ def test_a_lost_connection_fails_one_call_and_the_next_reconnects_and_relocks(
     ):
         store.publish("edge", factories.edge_snapshot(prefix="/v2"), message="", actor="a")
     assert store.pointer("edge", STABLE) == v1.version  # reconnected
-    with pytest.raises(StoreError, match="in use by another xdscp server"):
-        PostgresStore(DatabaseUrl.parse(database_url))  # and holds the lock again
+    assert store.lead() is True  # the lock was free: it holds it again
+    other = PostgresStore(DatabaseUrl.parse(database_url))
+    try:
+        assert other.lead() is False
+    finally:
+        other.close()
 
 
 def test_a_publish_is_durable_before_it_returns_a_crash_right_after_keeps_it(

@@ -147,10 +147,10 @@ class NackingEnvoy(SimEnvoy):
 
 async def guarded_plane(tmp_path, policy: RolloutPolicy = GUARD_ONLY) -> tuple[Plane, SimEnvoy]:
     """V1 stable and last_good on a running Envoy, then V2 published under `policy`."""
-    plane = Plane(tmp_path, policies={"edge": policy})
+    plane = await Plane(tmp_path, policies={"edge": policy}).load()
     # The first version goes in directly, as if published before the policy existed.
     await Plane(tmp_path, policies={}).controller.publish("edge", V1, message="v1", actor="a")
-    plane.controller.load()
+    await plane.controller.load()
     web = SimEnvoy(plane, "web-1", canary=False)
     await plane.advance(1)
     assert plane.store.pointers()["edge"][LAST_GOOD] == V1.version
@@ -253,11 +253,11 @@ async def test_a_manual_rollback_ends_the_guard(tmp_path) -> None:
 async def test_a_restart_guards_a_stable_that_is_not_last_good_again(tmp_path) -> None:
     plane, _ = await guarded_plane(tmp_path)
     await plane.publish(V2)
-    restarted = Plane(tmp_path, policies={"edge": GUARD_ONLY})
+    restarted = await Plane(tmp_path, policies={"edge": GUARD_ONLY}).load()
     [guard] = restarted.controller.guards().values()
     assert (guard.version, guard.rollback_to) == (V2.version, V1.version)
     assert guard.started_at == restarted.clock.now
-    unguarded = Plane(tmp_path, policies={})
+    unguarded = await Plane(tmp_path, policies={}).load()
     assert unguarded.controller.guards() == {}
 
 

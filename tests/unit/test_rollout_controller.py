@@ -105,7 +105,11 @@ class Plane:
             {"edge": POLICY} if policies is None else policies,
             clock=self.clock,
         )
-        self.controller.load()
+
+    async def load(self) -> Plane:
+        """What a server does at start: serve the stored state."""
+        await self.controller.load()
+        return self
 
     def is_candidate(self, type_version: str) -> bool:
         candidate = self.assignments.candidate("edge")
@@ -123,17 +127,17 @@ class Plane:
 
 @pytest.fixture
 async def plane(tmp_path) -> Plane:
-    p = Plane(tmp_path)
+    p = await Plane(tmp_path).load()
     # Bootstrap: the first version goes in directly, as if published before the policy existed.
     await Plane(tmp_path, policies={}).controller.publish("edge", V1, message="v1", actor="a")
-    p.controller.load()
+    await p.controller.load()
     return p
 
 
 async def test_group_without_policy_publishes_straight_to_stable_and_records_last_good(
     tmp_path,
 ) -> None:
-    p = Plane(tmp_path, policies={})
+    p = await Plane(tmp_path, policies={}).load()
     assert await p.publish(V1) == "promoted"
     envoy = SimEnvoy(p, "web-1", canary=False)
     assert envoy.version == V1.version
@@ -145,7 +149,7 @@ async def test_group_without_policy_publishes_straight_to_stable_and_records_las
 async def test_last_good_not_recorded_while_the_store_fails_is_recorded_once_it_works(
     tmp_path, monkeypatch
 ) -> None:
-    p = Plane(tmp_path, policies={})
+    p = await Plane(tmp_path, policies={}).load()
     await p.publish(V1)
     SimEnvoy(p, "web-1", canary=False)
     working = p.store.pointers
@@ -164,7 +168,9 @@ async def test_last_good_not_recorded_while_the_store_fails_is_recorded_once_it_
 async def test_the_first_publish_of_a_group_with_a_policy_goes_straight_to_stable(
     tmp_path,
 ) -> None:
-    p = Plane(tmp_path)  # the edge policy, and no stable yet: nothing to canary against
+    p = await Plane(
+        tmp_path
+    ).load()  # the edge policy, and no stable yet: nothing to canary against
     assert await p.publish(V1) == "promoted"
     assert p.controller.rollout("edge") is None
     assert SimEnvoy(p, "canary-1", canary=True).version == V1.version
@@ -267,7 +273,7 @@ async def test_restart_mid_rollout_aborts_and_never_promotes(plane, tmp_path) ->
     await plane.advance(1)
     plane.store.close()
 
-    restarted = Plane(tmp_path)  # load() runs on the same store
+    restarted = await Plane(tmp_path).load()  # load() runs on the same store
     rollout = restarted.controller.rollout("edge")
     assert rollout.phase is Phase.ABORTED
     assert rollout.reason == "control plane restarted mid-rollout"
@@ -279,9 +285,11 @@ async def test_restart_mid_rollout_aborts_and_never_promotes(plane, tmp_path) ->
 
 
 async def test_manual_promotion(tmp_path) -> None:
-    p = Plane(tmp_path, policies={"edge": replace(POLICY, min_fresh=0, auto_promote=False)})
+    p = await Plane(
+        tmp_path, policies={"edge": replace(POLICY, min_fresh=0, auto_promote=False)}
+    ).load()
     await Plane(tmp_path, policies={}).controller.publish("edge", V1, message="", actor="a")
-    p.controller.load()
+    await p.controller.load()
     SimEnvoy(p, "canary-1", canary=True)
     p.clock.now += 1
     await p.publish(V2)
@@ -308,7 +316,7 @@ async def test_rollback_during_a_rollout_aborts_it_first(plane) -> None:
 
 
 async def test_rollback_when_stable_is_already_last_good_goes_to_the_one_before(tmp_path) -> None:
-    p = Plane(tmp_path, policies={})
+    p = await Plane(tmp_path, policies={}).load()
     await p.publish(V1)
     envoy = SimEnvoy(p, "web-1", canary=False)
     await p.advance(1)
@@ -321,7 +329,7 @@ async def test_rollback_when_stable_is_already_last_good_goes_to_the_one_before(
 
 
 async def test_rollback_to_a_named_version_reaches_every_node(tmp_path) -> None:
-    p = Plane(tmp_path, policies={})
+    p = await Plane(tmp_path, policies={}).load()
     await p.publish(V1)
     await p.publish(V2)
     envoys = [SimEnvoy(p, f"web-{i}", canary=False) for i in range(3)]
@@ -331,7 +339,7 @@ async def test_rollback_to_a_named_version_reaches_every_node(tmp_path) -> None:
 
 
 async def test_rollback_without_last_good_is_refused_and_changes_nothing(tmp_path) -> None:
-    p = Plane(tmp_path, policies={})
+    p = await Plane(tmp_path, policies={}).load()
     await p.publish(V1)  # no node ever ACKed it: no last_good
     history = p.store.history()
     with pytest.raises(RolloutError, match="no last_good version to go back to"):
@@ -340,7 +348,7 @@ async def test_rollback_without_last_good_is_refused_and_changes_nothing(tmp_pat
 
 
 async def test_rollback_to_an_unknown_version_is_refused_and_changes_nothing(tmp_path) -> None:
-    p = Plane(tmp_path, policies={})
+    p = await Plane(tmp_path, policies={}).load()
     await p.publish(V1)
     history, pointers = p.store.history(), p.store.pointers()
     with pytest.raises(NotFoundError, match="not in the store"):

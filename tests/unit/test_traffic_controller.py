@@ -42,7 +42,9 @@ def prometheus(monkeypatch: pytest.MonkeyPatch) -> FakePrometheus:
 
 async def traffic_plane(tmp_path) -> Plane:  # type: ignore[no-untyped-def]
     await Plane(tmp_path, policies={}).controller.publish("edge", V1, message="v1", actor="a")
-    plane = Plane(tmp_path, policies={"edge": replace(POLICY, min_fresh=0, traffic=TRAFFIC)})
+    plane = await Plane(
+        tmp_path, policies={"edge": replace(POLICY, min_fresh=0, traffic=TRAFFIC)}
+    ).load()
     plane.controller.start()
     return plane
 

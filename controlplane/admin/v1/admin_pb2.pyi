@@ -127,7 +127,7 @@ class TypeStatus(_message.Message):
     def __init__(self, type_url: _Optional[str] = ..., state: _Optional[str] = ..., expected_version: _Optional[str] = ..., sent_version: _Optional[str] = ..., sent_at: _Optional[float] = ..., acked_version: _Optional[str] = ..., acked_at: _Optional[float] = ..., nacked_version: _Optional[str] = ..., nacked_at: _Optional[float] = ..., nack_error: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "group", "build_version", "user_agent", "protocol", "stream_id", "connected_at", "snapshot_version", "types", "canary", "held_version", "state", "served_group", "stuck", "stuck_since", "missing", "started_empty")
+    __slots__ = ("node_id", "group", "build_version", "user_agent", "protocol", "stream_id", "connected_at", "snapshot_version", "types", "canary", "held_version", "state", "served_group", "stuck", "stuck_since", "missing", "started_empty", "replica")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     BUILD_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class NodeStatus(_message.Message):
     STUCK_SINCE_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
     STARTED_EMPTY_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     group: str
     build_version: str
@@ -162,7 +163,8 @@ class NodeStatus(_message.Message):
     stuck_since: float
     missing: _containers.RepeatedScalarFieldContainer[str]
     started_empty: bool
-    def __init__(self, node_id: _Optional[str] = ..., group: _Optional[str] = ..., build_version: _Optional[str] = ..., user_agent: _Optional[str] = ..., protocol: _Optional[str] = ..., stream_id: _Optional[int] = ..., connected_at: _Optional[float] = ..., snapshot_version: _Optional[str] = ..., types: _Optional[_Iterable[_Union[TypeStatus, _Mapping]]] = ..., canary: _Optional[bool] = ..., held_version: _Optional[str] = ..., state: _Optional[str] = ..., served_group: _Optional[str] = ..., stuck: _Optional[bool] = ..., stuck_since: _Optional[float] = ..., missing: _Optional[_Iterable[str]] = ..., started_empty: _Optional[bool] = ...) -> None: ...
+    replica: str
+    def __init__(self, node_id: _Optional[str] = ..., group: _Optional[str] = ..., build_version: _Optional[str] = ..., user_agent: _Optional[str] = ..., protocol: _Optional[str] = ..., stream_id: _Optional[int] = ..., connected_at: _Optional[float] = ..., snapshot_version: _Optional[str] = ..., types: _Optional[_Iterable[_Union[TypeStatus, _Mapping]]] = ..., canary: _Optional[bool] = ..., held_version: _Optional[str] = ..., state: _Optional[str] = ..., served_group: _Optional[str] = ..., stuck: _Optional[bool] = ..., stuck_since: _Optional[float] = ..., missing: _Optional[_Iterable[str]] = ..., started_empty: _Optional[bool] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class GetFleetStatusResponse(_message.Message):
     __slots__ = ("nodes",)

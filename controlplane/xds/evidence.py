@@ -1,0 +1,180 @@
+"""Fleet evidence: each open stream as plain data, whichever replica serves it.
+
+The rollout controller (gate, guard, last_good, convergence) and the admin API's fleet status
+read the fleet only through `FleetEvidence`. With one server it is this process's streams;
+with replicas (controlplane/replicas/) it adds the evidence the other replicas wrote to the
+shared database, so every decision and every N/M counts the whole fleet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from controlplane import resources
+from controlplane.rollout.policy import PROBE_METADATA_KEY
+from controlplane.xds.assignments import Assignments
+from controlplane.xds.fleet import Fleet, NodeStatus, SyncState, TypeStatus, node_status
+from controlplane.xds.stream import XdsStream
+
+
+@dataclass(frozen=True)
+class NodeEvidence:
+    status: NodeStatus  # what `xdsctl status` shows, with the replica it is on
+    group: str  # the group whose pointers govern it (its own, or "default" it falls back on)
+    canary: bool  # served the group's candidate while it has a rollout
+    probe: bool  # the gate's own fresh probe
+    synced: bool  # ACKed every type of the snapshot it is assigned
+    warming: bool  # clusters sent and not ACKed yet (Envoy warms them first)
+    rejection: str | None  # Envoy's error text if it NACKed its snapshot
+    owed: tuple[str, ...]  # types (CLUSTER, ...) not ACKed at its snapshot
+    first_synced: bool  # ACKed every type it is served at least once
+    first_sync_missing: tuple[str, ...]  # what its first sync still lacks
+    last_ack_at: float | None  # its latest ACK of a subscribed type
+
+    @property
+    def key(self) -> Hashable:
+        """Identifies the stream fleet-wide: stream ids are only unique within a replica."""
+        return (self.status.replica, self.status.stream_id)
+
+    @property
+    def node_id(self) -> str:
+        return self.status.node_id
+
+    @property
+    def version(self) -> str | None:
+        return self.status.snapshot_version
+
+    def holds(self, version: str) -> bool:
+        return self.version == version and self.synced
+
+
+def of_stream(stream: XdsStream, assignments: Assignments, replica: str = "") -> NodeEvidence:
+    assert stream.node is not None
+    acked = [t.acked_at for t in stream.types.values() if t.subscribed and t.acked_at]
+    return NodeEvidence(
+        status=node_status(stream, replica),
+        group=assignments.effective_group(stream.node.group),
+        canary=assignments.is_canary(stream.node),
+        probe=stream.node.metadata.get(PROBE_METADATA_KEY) == "true",
+        synced=stream.synced(),
+        warming=stream.warming(),
+        rejection=stream.rejection(),
+        owed=_owed(stream),
+        first_synced=stream.first_synced_at is not None,
+        first_sync_missing=stream.first_sync_missing(),
+        last_ack_at=max(acked, default=None),
+    )
+
+
+def _owed(stream: XdsStream) -> tuple[str, ...]:
+    """The types (CLUSTER, ...) a stream has not ACKed at the snapshot it is assigned."""
+    if stream.snapshot is None:
+        return ()
+    return tuple(
+        resources.BY_URL[url].short_name.upper()
+        for url, state in stream.types.items()
+        if state.subscribed
+        and url in resources.BY_URL
+        and (state.awaiting_ack or state.acked_version != stream.snapshot.of_type(url).version)
+    )
+
+
+def to_json(evidence: NodeEvidence) -> str:
+    record = asdict(evidence)
+    for state in record["status"]["types"]:
+        state["state"] = state["state"].value
+    return json.dumps(record, separators=(",", ":"))
+
+
+def from_json(text: str) -> NodeEvidence:
+    """ValueError if `text` is not evidence as `to_json` writes it."""
+    try:
+        record: dict[str, Any] = json.loads(text)
+        status = dict(record.pop("status"))
+        status["types"] = tuple(
+            TypeStatus(**{**t, "state": SyncState(t["state"])}) for t in status["types"]
+        )
+        status["missing"] = tuple(status["missing"])
+        for name in ("owed", "first_sync_missing"):
+            record[name] = tuple(record[name])
+        return NodeEvidence(status=NodeStatus(**status), **record)
+    except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as error:
+        raise ValueError(f"not node evidence: {error}") from None
+
+
+class RemoteEvidence(Protocol):
+    """The other replicas' evidence, as last read from the shared database."""
+
+    generation: int  # grows whenever what `nodes` returns changed
+
+    def nodes(self) -> list[NodeEvidence]: ...
+
+
+class FleetEvidence:
+    def __init__(self, fleet: Fleet, assignments: Assignments, replica: str = "") -> None:
+        self._fleet = fleet
+        self._assignments = assignments
+        self.replica = replica
+        self.remote: RemoteEvidence | None = None  # set when replicas share a database
+
+    def local(self) -> list[NodeEvidence]:
+        return [
+            of_stream(stream, self._assignments, self.replica)
+            for stream in self._fleet
+            if stream.node is not None
+        ]
+
+    def nodes(self, group: str | None = None) -> list[NodeEvidence]:
+        """Every node of the fleet (of `group`, if given)."""
+        everything = self.local() + (self.remote.nodes() if self.remote is not None else [])
+        return [e for e in everything if group is None or e.group == group]
+
+    def statuses(self) -> list[NodeStatus]:
+        return sorted(
+            (e.status for e in self.nodes()),
+            key=lambda s: (s.group, s.node_id, s.replica, s.stream_id),
+        )
+
+    @property
+    def generation(self) -> int:
+        """Grows whenever any node anywhere came, went, ACKed or NACKed."""
+        return self._fleet.generation + (self.remote.generation if self.remote else 0)
+
+    async def wait_progress(self, timeout: float) -> None:
+        """Until this replica's fleet progresses, or `timeout` (other replicas' progress is
+        seen by polling: callers wait in short slices)."""
+        await self._fleet.wait_progress(timeout)
+
+    def convergence(self, group: str, version: str) -> GroupConvergence:
+        """How far `group` is on `version`. Evidence is built only for the nodes that lag:
+        a fleet converging is checked often."""
+        total, lagging, last_ack_at = 0, [], None
+        for stream in self._fleet:
+            node = stream.node
+            if node is None or self._assignments.effective_group(node.group) != group:
+                continue
+            total += 1
+            if stream.snapshot is None or stream.snapshot.version != version or not stream.synced():
+                lagging.append(of_stream(stream, self._assignments, self.replica))
+                continue
+            acked = max((t.acked_at or 0.0) for t in stream.types.values() if t.subscribed)
+            last_ack_at = max(acked, last_ack_at or acked)
+        for evidence in self.remote.nodes() if self.remote is not None else ():
+            if evidence.group != group:
+                continue
+            total += 1
+            if not evidence.holds(version):
+                lagging.append(evidence)
+            elif evidence.last_ack_at is not None:
+                last_ack_at = max(evidence.last_ack_at, last_ack_at or evidence.last_ack_at)
+        return GroupConvergence(total, lagging, last_ack_at)
+
+
+@dataclass(frozen=True)
+class GroupConvergence:
+    total: int
+    lagging: list[NodeEvidence]
+    last_ack_at: float | None  # when the last node to hold the version ACKed it
