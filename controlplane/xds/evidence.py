@@ -101,7 +101,7 @@ def from_json(text: str) -> NodeEvidence:
         for name in ("owed", "first_sync_missing"):
             record[name] = tuple(record[name])
         return NodeEvidence(status=NodeStatus(**status), **record)
-    except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as error:
+    except (TypeError, KeyError, AttributeError, ValueError) as error:
         raise ValueError(f"not node evidence: {error}") from None
 
 
