@@ -17,54 +17,34 @@ from typing import Any
 import pytest
 import yaml
 
-from controlplane import app
-from controlplane.cli import serving
 from controlplane.config import load_directory
 from controlplane.observability.metrics import Metrics
 from controlplane.rollout.policy import load_policies
 from controlplane.snapshot import Snapshot
 from controlplane.xds import identity
 from tests.deploy_layout import (
-    COMPOSE,
+    COMPOSE_FILES,
     K8S,
+    MAIN,
     REPO,
     SERVICES,
+    Compose,
+    assert_served_safely,
     dockerfile_cmd,
     dry_run,
     host_path,
     k8s_by_kind,
     mount_of,
     mounts,
+    serve_config,
 )
 
 
-def serve_config(argv: list[str], policy_file: Path | None = None) -> app.Config:
-    """What `xdsctl serve ARGV` would run with, built by serve's own code; fails the test
-    if serve would refuse it. The policy is read from `policy_file` (a container's path is
-    not on this machine)."""
-    args = dry_run(argv)
-    assert args.command == "serve"
-    if args.rollout_policy is not None:
-        assert policy_file is not None, f"{argv} names a policy: say where it comes from"
-        args.rollout_policy = policy_file
-    try:
-        return serving.serve_config(args)
-    except ValueError as error:
-        pytest.fail(f"xdsctl serve would refuse {argv}: {error}")
-
-
-def assert_served_safely(config: app.Config) -> None:
-    """TLS on xDS and admin, mTLS with node identity on xDS, mTLS on admin, no plaintext."""
-    assert not config.allow_plaintext
-    assert config.tls_cert and config.tls_key
-    assert config.mtls and config.trust_domain
-    assert config.admin_client_ca is not None
-
-
-def test_every_bind_mount_named_volume_and_build_file_exists() -> None:
-    declared = set(COMPOSE.get("volumes") or {})
-    for name, service in SERVICES.items():
-        for source, _ in mounts(name):
+@pytest.mark.parametrize("compose", COMPOSE_FILES, ids=lambda c: c.name)
+def test_every_bind_mount_named_volume_and_build_file_exists(compose: Compose) -> None:
+    declared = set(compose.data.get("volumes") or {})
+    for name, service in compose.services.items():
+        for source, _ in compose.mounts(name):
             if source.startswith("./"):
                 assert (REPO / source).exists(), f"{name}: {source} does not exist"
             else:
@@ -108,23 +88,24 @@ def test_compose_serve_would_start_with_tls() -> None:
     assert ("xdscp-data", str(config.unix_socket.parent)) in mounts("xdscp")
 
 
-def published(service: str) -> list[tuple[str, int]]:
+def published(service: str, compose: Compose = MAIN) -> list[tuple[str, int]]:
     """(host address, container port) of each port a compose service publishes."""
     found = []
-    for port in SERVICES[service].get("ports", []):
+    for port in compose.services[service].get("ports", []):
         host, _, rest = str(port).rpartition(":")
         ip, _, _host_port = host.rpartition(":")
         found.append((ip, int(rest)))
     return found
 
 
-def test_compose_publishes_ports_on_loopback_only() -> None:
+@pytest.mark.parametrize("compose", COMPOSE_FILES, ids=lambda c: c.name)
+def test_compose_publishes_ports_on_loopback_only(compose: Compose) -> None:
     """The stack is for this machine: the admin API above all, but also the Envoys' admin
     pages, Prometheus and Grafana, are not offered to the network."""
     admin_port = int(dry_run(SERVICES["xdscp"]["command"]).admin_address.rsplit(":", 1)[1])
-    assert ("127.0.0.1", admin_port) in published("xdscp")
-    for name in SERVICES:
-        for ip, port in published(name):
+    assert ("127.0.0.1", admin_port) in published("xdscp", compose)  # in REPLICAS: the front
+    for name in compose.services:
+        for ip, port in published(name, compose):
             assert ip and ipaddress.ip_address(ip).is_loopback, f"{name} publishes {port} on {ip!r}"
 
 
@@ -372,14 +353,17 @@ def test_dashboard_and_alerts_only_use_metrics_xdscp_exposes() -> None:
     assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {datasource["uid"]}
 
 
-@pytest.mark.parametrize("path", ["README.md", "docker-compose.yml", "deploy/k8s/xdscp.yaml"])
+@pytest.mark.parametrize(
+    "path",
+    ["README.md", "docker-compose.yml", "docker-compose.replicas.yml", "deploy/k8s/xdscp.yaml"],
+)
 def test_documented_xdsctl_commands_parse(path: str) -> None:
     """Every `xdsctl ...` line in a code block of the docs is a valid command line."""
     text = (REPO / path).read_text()
     checked = 0
     for line in re.findall(
         r"^\s*(?:#\s*)?(?:\.venv/bin/)?"
-        r"(?:docker compose exec xdscp |kubectl exec deploy/xdscp -- )?xdsctl (.+)$",
+        r"(?:docker compose (?:-f \S+ )?exec [\w-]+ |kubectl exec \S+ -- )?xdsctl (.+)$",
         text,
         re.MULTILINE,
     ):
