@@ -77,6 +77,30 @@ def k8s_by_kind(kind: str) -> list[dict[str, Any]]:
     return [doc for doc in K8S if doc["kind"] == kind]
 
 
+def k8s_named(kind: str, name: str) -> dict[str, Any]:
+    [doc] = [doc for doc in k8s_by_kind(kind) if doc["metadata"]["name"] == name]
+    return doc
+
+
+def k8s_args(container: dict[str, Any], field_values: dict[str, str]) -> list[str]:
+    """The container's args as the kubelet runs them: each $(VAR) replaced by the
+    container's env var VAR (a value, or `field_values[fieldPath]` for a fieldRef). An
+    undefined VAR, or one from a Secret (it would show in the command line), fails the test."""
+    env: dict[str, str] = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif "fieldRef" in var.get("valueFrom", {}):
+            env[var["name"]] = field_values[var["valueFrom"]["fieldRef"]["fieldPath"]]
+
+    def expand(match: re.Match[str]) -> str:
+        name = match.group(1)
+        assert name in env, f"$({name}) in args is not a plain or field env var of the container"
+        return env[name]
+
+    return [re.sub(r"\$\((\w+)\)", expand, arg) for arg in container["args"]]
+
+
 class Compose:
     """One compose file at the repository's root (so `./` in it is the repository)."""
 
