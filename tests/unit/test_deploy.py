@@ -435,7 +435,13 @@ def test_dashboard_and_alerts_only_use_metrics_xdscp_exposes() -> None:
 
 @pytest.mark.parametrize(
     "path",
-    ["README.md", "docker-compose.yml", "docker-compose.replicas.yml", "deploy/k8s/xdscp.yaml"],
+    [
+        "README.md",
+        "docs/replicas.md",
+        "docker-compose.yml",
+        "docker-compose.replicas.yml",
+        "deploy/k8s/xdscp.yaml",
+    ],
 )
 def test_documented_xdsctl_commands_parse(path: str) -> None:
     """Every `xdsctl ...` line in a code block of the docs is a valid command line."""
