@@ -1,6 +1,7 @@
 """Shipped deploy files against real processes: Envoy accepts every bootstrap, the compose
-certgen one-shot gives each service the files it reads (and no others), and the compose
-layout works end to end over mTLS, without Docker (tests/deploy_layout.py maps it)."""
+one-shots (certgen, secrets) give each service the files it reads (and no others), and the
+compose layouts work end to end over mTLS, without Docker (tests/deploy_layout.py maps
+them): one xdscp, and two replicas on PostgreSQL behind the front Envoy."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy_layout import SERVICES, dry_run, host_path, mounts, run_certgen, volume_dir
+from tests.deploy_layout import (
+    COMPOSE_FILES,
+    MAIN,
+    REPLICAS,
+    SERVICES,
+    Compose,
+    dry_run,
+    host_path,
+    run_certgen,
+)
 from tests.integration.harness import (
     ENVOY_BINARY,
     REPO,
@@ -24,35 +34,34 @@ from tests.integration.harness import (
 )
 
 BOOTSTRAPS = sorted((REPO / "deploy/envoy").glob("*.yaml"))
-COMPOSE_ENVOYS = sorted(
-    name
-    for name, service in SERVICES.items()
-    if any(target == "/etc/envoy/envoy.yaml" for _, target in mounts(name))
-)
 
 
-@pytest.fixture(scope="module")
-def compose_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The compose volumes after the certgen one-shot, as directories under one root."""
-    root = tmp_path_factory.mktemp("compose")
-    run_certgen(root)
-    return root
+def compose_envoys(compose: Compose) -> list[str]:
+    """The services that run Envoy from a bootstrap of the repository."""
+    return sorted(
+        name
+        for name in compose.services
+        if any(target == "/etc/envoy/envoy.yaml" for _, target in compose.mounts(name))
+    )
 
 
-def compose_bootstrap(service: str, root: Path) -> dict[str, Any]:
+COMPOSE_ENVOYS = compose_envoys(MAIN)
+
+
+def compose_bootstrap(service: str, root: Path, compose: Compose = MAIN) -> dict[str, Any]:
     """The Envoy service's bootstrap, its file paths pointing where its volumes stand."""
 
     def rewrite(value: Any) -> Any:
         if isinstance(value, dict):
             return {
-                k: str(host_path(service, v, root)) if k == "filename" else rewrite(v)
+                k: str(compose.host_path(service, v, root)) if k == "filename" else rewrite(v)
                 for k, v in value.items()
             }
         if isinstance(value, list):
             return [rewrite(v) for v in value]
         return value
 
-    bootstrap = yaml.safe_load(host_path(service, "/etc/envoy/envoy.yaml").read_text())
+    bootstrap = yaml.safe_load(compose.host_path(service, "/etc/envoy/envoy.yaml").read_text())
     return rewrite(bootstrap)
 
 
@@ -70,6 +79,7 @@ def validate(bootstrap: Path) -> None:
 def test_there_are_bootstraps_to_check() -> None:
     assert BOOTSTRAPS, "deploy/envoy/ holds no bootstrap"
     assert COMPOSE_ENVOYS == ["envoy-canary", "envoy-web"]
+    assert compose_envoys(REPLICAS) == ["envoy-canary", "envoy-web", "xdscp"]  # xdscp: the front
 
 
 @pytest.mark.parametrize("bootstrap", BOOTSTRAPS, ids=lambda p: p.name)
@@ -77,29 +87,35 @@ def test_envoy_validates_bootstrap(bootstrap: Path) -> None:
     validate(bootstrap)
 
 
-@pytest.mark.parametrize("service", COMPOSE_ENVOYS)
+@pytest.mark.parametrize(
+    ("compose", "service"),
+    [(compose, service) for compose in COMPOSE_FILES for service in compose_envoys(compose)],
+    ids=lambda value: value.name if isinstance(value, Compose) else value,
+)
 def test_envoy_validates_compose_bootstrap_with_its_certificates(
-    service: str, compose_root: Path, tmp_path: Path
+    compose: Compose, service: str, tmp_path: Path
 ) -> None:
     """With the files certgen put in that Envoy's own volume (validation loads them)."""
+    compose.run_certgen(tmp_path)
     path = tmp_path / f"{service}.yaml"
-    path.write_text(yaml.safe_dump(compose_bootstrap(service, compose_root)))
+    path.write_text(yaml.safe_dump(compose_bootstrap(service, tmp_path, compose)))
     validate(path)
 
 
-def files_read(service: str, root: Path) -> set[Path]:
+def files_read(service: str, root: Path, compose: Compose = MAIN) -> set[Path]:
     """The certificate and key files a compose service reads: serve's TLS flags, xdsctl's
     TLS variables, the Envoy bootstrap's file names."""
     paths: list[str] = []
-    for arg in SERVICES[service].get("command", []):
+    for arg in compose.services[service].get("command", []):
         flag, _, value = arg.partition("=")
         if flag in ("--tls-cert", "--tls-key", "--tls-client-ca", "--admin-client-ca"):
             paths.append(value)
-    environment = SERVICES[service].get("environment", {})
+    environment = compose.services[service].get("environment", {})
     paths += [v for k, v in environment.items() if k.startswith("XDSCTL_TLS_") and "/" in v]
-    if service in COMPOSE_ENVOYS:
-        paths += filenames(yaml.safe_load(host_path(service, "/etc/envoy/envoy.yaml").read_text()))
-    return {host_path(service, p, root) for p in paths}
+    if service in compose_envoys(compose):
+        bootstrap = compose.host_path(service, "/etc/envoy/envoy.yaml")
+        paths += filenames(yaml.safe_load(bootstrap.read_text()))
+    return {compose.host_path(service, p, root) for p in paths}
 
 
 def filenames(value: Any) -> list[str]:
@@ -112,10 +128,21 @@ def filenames(value: Any) -> list[str]:
     return []
 
 
-def test_certgen_gives_each_service_the_files_it_reads_and_no_others(compose_root: Path) -> None:
-    readers = {"xdscp", "publish", *COMPOSE_ENVOYS}
+CERTIFICATE_READERS = {
+    MAIN.name: {"xdscp", "publish", "envoy-canary", "envoy-web"},
+    REPLICAS.name: {"xdscp-1", "xdscp-2", "publish", "envoy-canary", "envoy-web"},
+}
+
+
+@pytest.mark.parametrize("compose", COMPOSE_FILES, ids=lambda c: c.name)
+def test_certgen_gives_each_service_the_files_it_reads_and_no_others(
+    compose: Compose, tmp_path: Path
+) -> None:
+    compose.run_certgen(tmp_path)
+    readers = {name for name in compose.services if files_read(name, tmp_path, compose)}
+    assert readers == CERTIFICATE_READERS[compose.name]
     for service in sorted(readers):
-        wanted = files_read(service, compose_root)
+        wanted = files_read(service, tmp_path, compose)
         assert wanted, f"{service} reads no certificate"
         for path in wanted:
             assert path.is_file(), f"{service} reads {path}, which certgen did not write"
@@ -126,10 +153,11 @@ def test_certgen_gives_each_service_the_files_it_reads_and_no_others(compose_roo
         # Beside what it reads, a service's volume holds only certificates (no one else's key).
         extra_keys = {p.name for p in held - wanted if p.suffix == ".key"}
         assert not extra_keys, f"{service} can read {sorted(extra_keys)}"
-    pki = volume_dir(compose_root, "pki")
+    pki = compose.volume_dir(tmp_path, "pki")
     assert (pki / "ca.key").is_file()
-    assert [name for name, _ in mounts("certgen")].count("pki") == 1
-    assert not any("pki" in {s for s, _ in mounts(name)} for name in SERVICES if name != "certgen")
+    assert [name for name, _ in compose.mounts("certgen")].count("pki") == 1
+    others = [name for name in compose.services if name != "certgen"]
+    assert not any("pki" in {s for s, _ in compose.mounts(name)} for name in others)
 
 
 def compose_serve_args(root: Path) -> list[str]:

@@ -18,53 +18,36 @@ import pytest
 import yaml
 
 from controlplane import app
-from controlplane.cli import serving
 from controlplane.config import load_directory
 from controlplane.observability.metrics import Metrics
 from controlplane.rollout.policy import load_policies
 from controlplane.snapshot import Snapshot
 from controlplane.xds import identity
 from tests.deploy_layout import (
-    COMPOSE,
+    COMPOSE_FILES,
     K8S,
+    MAIN,
     REPO,
     SERVICES,
+    Compose,
+    assert_served_safely,
     dockerfile_cmd,
     dry_run,
     host_path,
+    k8s_args,
     k8s_by_kind,
+    k8s_named,
     mount_of,
     mounts,
+    serve_config,
 )
 
 
-def serve_config(argv: list[str], policy_file: Path | None = None) -> app.Config:
-    """What `xdsctl serve ARGV` would run with, built by serve's own code; fails the test
-    if serve would refuse it. The policy is read from `policy_file` (a container's path is
-    not on this machine)."""
-    args = dry_run(argv)
-    assert args.command == "serve"
-    if args.rollout_policy is not None:
-        assert policy_file is not None, f"{argv} names a policy: say where it comes from"
-        args.rollout_policy = policy_file
-    try:
-        return serving.serve_config(args)
-    except ValueError as error:
-        pytest.fail(f"xdsctl serve would refuse {argv}: {error}")
-
-
-def assert_served_safely(config: app.Config) -> None:
-    """TLS on xDS and admin, mTLS with node identity on xDS, mTLS on admin, no plaintext."""
-    assert not config.allow_plaintext
-    assert config.tls_cert and config.tls_key
-    assert config.mtls and config.trust_domain
-    assert config.admin_client_ca is not None
-
-
-def test_every_bind_mount_named_volume_and_build_file_exists() -> None:
-    declared = set(COMPOSE.get("volumes") or {})
-    for name, service in SERVICES.items():
-        for source, _ in mounts(name):
+@pytest.mark.parametrize("compose", COMPOSE_FILES, ids=lambda c: c.name)
+def test_every_bind_mount_named_volume_and_build_file_exists(compose: Compose) -> None:
+    declared = set(compose.data.get("volumes") or {})
+    for name, service in compose.services.items():
+        for source, _ in compose.mounts(name):
             if source.startswith("./"):
                 assert (REPO / source).exists(), f"{name}: {source} does not exist"
             else:
@@ -108,23 +91,24 @@ def test_compose_serve_would_start_with_tls() -> None:
     assert ("xdscp-data", str(config.unix_socket.parent)) in mounts("xdscp")
 
 
-def published(service: str) -> list[tuple[str, int]]:
+def published(service: str, compose: Compose = MAIN) -> list[tuple[str, int]]:
     """(host address, container port) of each port a compose service publishes."""
     found = []
-    for port in SERVICES[service].get("ports", []):
+    for port in compose.services[service].get("ports", []):
         host, _, rest = str(port).rpartition(":")
         ip, _, _host_port = host.rpartition(":")
         found.append((ip, int(rest)))
     return found
 
 
-def test_compose_publishes_ports_on_loopback_only() -> None:
+@pytest.mark.parametrize("compose", COMPOSE_FILES, ids=lambda c: c.name)
+def test_compose_publishes_ports_on_loopback_only(compose: Compose) -> None:
     """The stack is for this machine: the admin API above all, but also the Envoys' admin
     pages, Prometheus and Grafana, are not offered to the network."""
     admin_port = int(dry_run(SERVICES["xdscp"]["command"]).admin_address.rsplit(":", 1)[1])
-    assert ("127.0.0.1", admin_port) in published("xdscp")
-    for name in SERVICES:
-        for ip, port in published(name):
+    assert ("127.0.0.1", admin_port) in published("xdscp", compose)  # in REPLICAS: the front
+    for name in compose.services:
+        for ip, port in published(name, compose):
             assert ip and ipaddress.ip_address(ip).is_loopback, f"{name} publishes {port} on {ip!r}"
 
 
@@ -224,6 +208,9 @@ def test_dockerfile_runs_as_non_root_and_its_default_command_would_start() -> No
         assert str(path).startswith("/etc/xdscp/tls/"), path  # where the comment says
 
 
+POD_NAME = "xdscp-7c9d5b8f6d-x2kfp"  # a Deployment's pod name: the replica id
+
+
 def deployment_container() -> tuple[dict[str, Any], dict[str, Any]]:
     [deployment] = k8s_by_kind("Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -231,11 +218,24 @@ def deployment_container() -> tuple[dict[str, Any], dict[str, Any]]:
     return pod, container
 
 
+def deployment_args() -> list[str]:
+    """The serve command line of a replica, as the kubelet expands it."""
+    _, container = deployment_container()
+    return k8s_args(container, {"metadata.name": POD_NAME})
+
+
+def deployment_config(tmp_path: Path) -> app.Config:
+    """What a replica's `serve` would run with, its policy from the ConfigMap."""
+    [configmap] = k8s_by_kind("ConfigMap")
+    (tmp_path / "policy.yaml").write_text(configmap["data"]["rollout-policy.yaml"])
+    return serve_config(deployment_args(), tmp_path / "policy.yaml")
+
+
 def test_kubernetes_manifests() -> None:
     kinds = {doc["kind"] for doc in K8S}
     assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= kinds
     pod, container = deployment_container()
-    args = dry_run(container["args"])
+    args = dry_run(deployment_args())
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert int(args.http_address.rsplit(":", 1)[1]) == ports["http"]
     assert int(args.xds_address.rsplit(":", 1)[1]) == ports["xds"]
@@ -244,22 +244,84 @@ def test_kubernetes_manifests() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
 
     mounted = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
     policy_path = Path(args.rollout_policy)
     assert mounted[str(policy_path.parent)] == "config"
     [configmap] = k8s_by_kind("ConfigMap")
     assert policy_path.name in configmap["data"]
-    assert mounted[str(Path(args.store).parent)] == "data"
+    # The state dir (the fresh probe's socket) is writable under a read-only root file system.
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "emptyDir" in volumes[mounted[str(args.state_dir)]]
+
+
+def test_kubernetes_runs_replicas_that_stay_available() -> None:
+    [deployment] = k8s_by_kind("Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] >= 3
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    [budget] = k8s_by_kind("PodDisruptionBudget")
+    labels = spec["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"] == labels
+    assert budget["spec"]["minAvailable"] == spec["replicas"] - 1
+    pod, _ = deployment_container()
+    [spread] = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    term = spread["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == labels
+    # No volume a second pod could not also mount: the store is the database.
+    assert not k8s_by_kind("PersistentVolumeClaim")
+    assert not any("persistentVolumeClaim" in volume for volume in pod["volumes"])
+
+
+def test_kubernetes_replicas_share_the_database_without_its_password_in_args(
+    tmp_path: Path,
+) -> None:
+    pod, container = deployment_container()
+    args = dry_run(deployment_args())
+    assert args.replica_id == POD_NAME  # each pod its own id, from the Downward API
+    assert "--replica-id=$(POD_NAME)" in container["args"]
+    database = deployment_config(tmp_path).database
+    assert database is not None, "--store is not a database URL"
+    assert database.password is None
+    assert "sslmode" in database.options  # the connection to the database is encrypted
+    postgres = k8s_named("Service", database.host)
+    assert postgres["spec"]["type"] == "ExternalName"
+    assert database.port == "5432"
+
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PGPASSWORD"]["valueFrom"] == {
+        "secretKeyRef": {"name": "xdscp-database", "key": "password"}
+    }
+    secret_vars = {n for n, e in env.items() if "secretKeyRef" in e.get("valueFrom", {})}
+    for arg in container["args"]:
+        assert not any(f"$({name})" in arg for name in secret_vars), arg
+        assert "password" not in arg.lower(), arg
+
+    # Every replica reads the same admin tokens: files of one Secret.
+    mount = {m["name"]: m for m in container["volumeMounts"]}["tokens"]
+    assert mount["readOnly"] is True
+    [volume] = [v for v in pod["volumes"] if v["name"] == "tokens"]
+    tokens = {
+        f"{mount['mountPath']}/{item['path']}": item["key"] for item in volume["secret"]["items"]
+    }
+    assert volume["secret"]["secretName"] == "xdscp-admin-tokens"
+    assert tokens[str(args.admin_token_file)] == "admin-token"
+    assert tokens[str(args.admin_read_token_file)] == "admin-read-token"
+    assert env["XDSCTL_TOKEN_FILE"]["value"] == str(args.admin_token_file)
 
 
 def test_kubernetes_serve_would_start_with_tls_from_cert_manager(tmp_path: Path) -> None:
     pod, container = deployment_container()
-    [configmap] = k8s_by_kind("ConfigMap")
-    (tmp_path / "policy.yaml").write_text(configmap["data"]["rollout-policy.yaml"])
-    config = serve_config(container["args"], tmp_path / "policy.yaml")
+    config = deployment_config(tmp_path)
     assert_served_safely(config)
     assert config.admin_address.is_loopback  # reached by kubectl exec or port-forward only
-    [service] = k8s_by_kind("Service")
+    service = k8s_named("Service", "xdscp")
     assert config.admin_address.port not in {p["port"] for p in service["spec"]["ports"]}
+    [deployment] = k8s_by_kind("Deployment")
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
 
     # Every TLS file serve and xdsctl read is an item of the tls volume, from a secret that
     # cert-manager fills from a Certificate of the CA issuer.
@@ -272,7 +334,7 @@ def test_kubernetes_serve_would_start_with_tls_from_cert_manager(tmp_path: Path)
         for item in source["secret"]["items"]
     }
     certificates = {c["spec"]["secretName"]: c for c in k8s_by_kind("Certificate")}
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     read = [config.tls_cert, config.tls_key, config.xds_client_ca, config.admin_client_ca]
     read += [env["XDSCTL_TLS_CA"], env["XDSCTL_TLS_CERT"], env["XDSCTL_TLS_KEY"]]
     for path in map(str, read):
@@ -301,8 +363,7 @@ def test_kubernetes_ca_chain_and_node_certificates() -> None:
     assert "selfSigned" in issuers[ca["issuerRef"]["name"]]
     assert issuers["xdscp-ca"] == {"ca": {"secretName": ca["secretName"]}}
 
-    _, container = deployment_container()
-    trust_domain = dry_run(container["args"]).trust_domain
+    trust_domain = dry_run(deployment_args()).trust_domain
     nodes = [c for c in certificates.values() if c.get("uris")]
     assert nodes, "no example node certificate"
     for spec in nodes:
@@ -372,14 +433,23 @@ def test_dashboard_and_alerts_only_use_metrics_xdscp_exposes() -> None:
     assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {datasource["uid"]}
 
 
-@pytest.mark.parametrize("path", ["README.md", "docker-compose.yml", "deploy/k8s/xdscp.yaml"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "README.md",
+        "docs/replicas.md",
+        "docker-compose.yml",
+        "docker-compose.replicas.yml",
+        "deploy/k8s/xdscp.yaml",
+    ],
+)
 def test_documented_xdsctl_commands_parse(path: str) -> None:
     """Every `xdsctl ...` line in a code block of the docs is a valid command line."""
     text = (REPO / path).read_text()
     checked = 0
     for line in re.findall(
         r"^\s*(?:#\s*)?(?:\.venv/bin/)?"
-        r"(?:docker compose exec xdscp |kubectl exec deploy/xdscp -- )?xdsctl (.+)$",
+        r"(?:docker compose (?:-f \S+ )?exec [\w-]+ |kubectl exec \S+ -- )?xdsctl (.+)$",
         text,
         re.MULTILINE,
     ):
