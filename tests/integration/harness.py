@@ -19,12 +19,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 ENVOY_BINARY = Path(os.environ.get("XDSCP_ENVOY", REPO / ".tools/envoy/envoy/_bin/envoy"))
@@ -201,6 +202,23 @@ class XdsControlPlane:
     def status(self) -> list[dict[str, Any]]:
         return json.loads(self.xdsctl("status", "--json").stdout).get("nodes", [])
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` (e.g. "xdscp_pushes_total") on /metrics whose
+        labels include `labels`; 0 when there are none."""
+        status, text = http_get(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5)
+        assert status == 200, text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
+
+    def rollout(self, group: str) -> dict[str, Any]:
+        """`xdsctl rollout status --json` of one group, or {} when it has none."""
+        listed = json.loads(self.xdsctl("rollout", "status", "--json").stdout)
+        return next((r for r in listed.get("rollouts", []) if r["group"] == group), {})
+
     def node_types(self, node_id: str) -> dict[str, dict[str, Any]]:
         """{TYPE short name: TypeStatus as JSON} for one connected node, or {}."""
         for node in self.status():
@@ -225,7 +243,7 @@ def xdsctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def ads_bootstrap(
     node_id: str,
     group: str,
-    xds_port: int,
+    xds_port: int | Sequence[int],
     admin_port: int,
     *,
     api_type: str = "GRPC",
@@ -237,6 +255,9 @@ def ads_bootstrap(
 ) -> dict[str, Any]:
     """A standard ADS bootstrap (see deploy/envoy/), with a fast reconnect for tests.
 
+    Several `xds_port`s make one xds cluster of them (round robin), as replicas behind one
+    address: when the server of its stream goes, Envoy reconnects to another.
+
     `xds_keepalive_interval` (e.g. "1s") makes Envoy send HTTP/2 PINGs on its xDS connection
     at that interval (timeout 5s), as deploy/envoy/bootstrap-ads.yaml does.
     `cds_initial_fetch_timeout` ("0s": wait for clusters forever) and `static_clusters`
@@ -246,6 +267,7 @@ def ads_bootstrap(
     cds_config: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
     if cds_initial_fetch_timeout is not None:
         cds_config["initial_fetch_timeout"] = cds_initial_fetch_timeout
+    ports = [xds_port] if isinstance(xds_port, int) else list(xds_port)
     http2: dict[str, Any] = {}
     if xds_keepalive_interval is not None:
         http2["connection_keepalive"] = {"interval": xds_keepalive_interval, "timeout": "5s"}
@@ -296,11 +318,12 @@ def ads_bootstrap(
                                             "address": {
                                                 "socket_address": {
                                                     "address": "127.0.0.1",
-                                                    "port_value": xds_port,
+                                                    "port_value": port,
                                                 }
                                             }
                                         }
                                     }
+                                    for port in ports
                                 ]
                             }
                         ],
@@ -320,7 +343,7 @@ class Envoy:
         workdir: Path,
         node_id: str,
         group: str = "",
-        xds_port: int = 0,
+        xds_port: int | Sequence[int] = 0,
         *,
         config: dict[str, Any] | None = None,
         **bootstrap: Any,
@@ -399,6 +422,28 @@ class Envoy:
         assert status == 200, body
         return json.loads(body).get("configs", [])
 
+    def held_versions(self) -> dict[str, str]:
+        """Every version_info in /config_dump (endpoints included), by where it sits: each
+        resource's by its kind and name, and each xDS type's last accepted one."""
+        status, body = self.admin("/config_dump?include_eds")
+        assert status == 200, body
+        found: dict[str, str] = {}
+
+        def walk(value: Any, where: str) -> None:
+            if isinstance(value, dict):
+                for key, inner in value.items():
+                    if key == "version_info":
+                        found[where] = inner
+                    elif key != "@type":
+                        walk(inner, f"{where}.{key}")
+            elif isinstance(value, list):
+                for index, item in enumerate(value):
+                    walk(item, f"{where}[{_resource_name(item) or index}]")
+
+        for config in json.loads(body).get("configs", []):
+            walk(config, config.get("@type", "").rsplit(".", 1)[-1])
+        return found
+
     def route_targets(self) -> set[str]:
         """Every cluster the routes Envoy holds send traffic to."""
         return {
@@ -437,6 +482,18 @@ class Envoy:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=5)
+
+
+def _resource_name(item: Any) -> str | None:
+    """The name of a resource as /config_dump lists it (cluster, listener, routes,
+    endpoints), found in it or one level down (e.g. {"cluster": {"name": ...}})."""
+    if not isinstance(item, dict):
+        return None
+    for candidate in (item, *(v for v in item.values() if isinstance(v, dict))):
+        for key in ("name", "cluster_name"):
+            if isinstance(candidate.get(key), str):
+                return candidate[key]
+    return None
 
 
 class HttpUpstream:
