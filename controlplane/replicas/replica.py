@@ -92,6 +92,7 @@ class Replica:
         self._claim = asyncio.Event()
         self._written: dict[int, str] = {}  # stream id -> evidence as last written
         self._registered = False
+        self._shared_generation = -1  # this replica's fleet generation, as last written
         self._notifications: Notifications | None = None
         self._tasks: list[asyncio.Task[None]] = []
         metrics.rollout_leader.set(0)
@@ -213,7 +214,11 @@ class Replica:
 
     async def _share_evidence(self) -> None:
         """Heartbeat with this replica's changed evidence; read the others' that changed."""
-        mine = {e.status.stream_id: to_json(e) for e in self._evidence.local()}
+        generation = self._evidence.local_generation
+        if self._registered and generation == self._shared_generation:
+            mine = self._written  # nothing came, went, ACKed or NACKed: a heartbeat alone
+        else:
+            mine = {e.status.stream_id: to_json(e) for e in self._evidence.local()}
         upserts = {s: text for s, text in mine.items() if self._written.get(s) != text}
         deletes = [s for s in self._written if s not in mine]
         if not self._registered:
@@ -222,6 +227,7 @@ class Replica:
             self._tables.beat, upserts, deletes, rewrite=not self._registered
         )
         self._written = mine
+        self._shared_generation = generation
         self._registered = registered  # not found (expired): all of it again next time
         live = await asyncio.to_thread(self._tables.live_replicas)
         live.pop(self.replica_id, None)

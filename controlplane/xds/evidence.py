@@ -139,6 +139,11 @@ class FleetEvidence:
         )
 
     @property
+    def local_generation(self) -> int:
+        """Grows whenever one of this server's own nodes came, went, ACKed or NACKed."""
+        return self._fleet.generation
+
+    @property
     def generation(self) -> int:
         """Grows whenever any node anywhere came, went, ACKed or NACKed."""
         return self._fleet.generation + (self.remote.generation if self.remote else 0)
