@@ -1,7 +1,7 @@
 """Benchmark xdscp with a fleet of simulated Envoys, against a floor measured in the same run.
 
     python -m tests.bench --nodes 1000 [--protocol sotw|delta] [--clusters 200]
-                          [--idle-nodes 10000] [--profile PATH] [--json PATH]
+                          [--idle-nodes 10000] [--replicas 2] [--profile PATH] [--json PATH]
 
 Starts `xdsctl serve` (tests/integration/harness.py), publishes a generated config (v1),
 connects N simulated Envoys (tests/bench/fleet.py) over state of the world or delta, and
@@ -31,6 +31,13 @@ divided by the floor's. --servers floor (or xdscp) measures one of them only.
 subscribe CDS, EDS, LDS and RDS, waits until every one is synced and reports the server's
 RSS and KiB per stream (xdscp, then the floor). --nodes 0 runs only that.
 
+--replicas N starts a throwaway PostgreSQL (Debian's, as tests/integration/postgres.py) and
+measures xdscp twice on it, each on a fresh database: one replica, then N replicas (the
+first one leads; publish, rollback and status go through it) with the simulated nodes
+spread evenly over their xDS ports. It reports convergence and CPU per push per node (summed
+over the replica processes, and with PostgreSQL's CPU added) of N against one, as ratios
+measured in the same run. The floor still runs unless --no-floor.
+
 --profile PATH runs `py-spy record` on xdscp during the push and rollback steps (PATH.svg: a
 flame graph; PATH.json: speedscope; anything else: collapsed stacks, summarized in the
 report), and on the floor into PATH with "-floor" before the suffix.
@@ -54,6 +61,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +88,7 @@ SECTIONS = (
     "== control-plane memory ==",
 )
 HEADLINE = "== headline =="
+REPLICAS_SECTION = "== replicas =="
 FLOOR_SECTION = "== floor (minimal grpc.aio server, same bytes) =="
 IDLE_SECTION = "== idle streams memory =="
 PROFILE_SECTION = "== profile (py-spy) =="
@@ -94,6 +103,8 @@ FLOOR_START_SECONDS = 60.0
 FLOOR_COMMAND_SECONDS = 30.0
 PROFILER_START_SECONDS = 15.0
 PROFILER_STOP_SECONDS = 60.0
+# Each replica holds 2 connections; tests/integration/postgres.py allows 50.
+MAX_REPLICAS = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="update + rollback rounds per server; the headline takes each figure's median",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="N >= 2: also run N xdscp replicas on one PostgreSQL, the nodes spread over "
+        "them, against one replica on the same PostgreSQL (default 0: one xdscp on SQLite)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="keep files here (default: temp)"
@@ -189,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("--servers takes xdscp, floor or both")
     if args.nodes < 0 or args.idle_nodes < 0 or (args.nodes == 0 and args.idle_nodes == 0):
         build_parser().error("need --nodes > 0 or --idle-nodes > 0")
+    if args.replicas:
+        if args.replicas < 2 or args.replicas > MAX_REPLICAS:
+            build_parser().error(f"--replicas takes 2 to {MAX_REPLICAS} (PostgreSQL's connections)")
+        if args.nodes == 0 or "xdscp" not in args.servers:
+            build_parser().error("--replicas compares against xdscp: needs --nodes and xdscp")
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
         workdir, cleanup = args.workdir, False
@@ -212,25 +235,54 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class XdscpServer:
-    """`xdsctl serve` through the integration harness; publish and rollback with xdsctl."""
+    """`xdsctl serve` through the integration harness; publish and rollback with xdsctl.
 
-    name = "xdscp"
+    With `database` (a PostgresServer) it runs `replicas` replicas of it on a fresh database
+    there (tests/integration/replicas.py: shared tokens, r1 leads); publish, rollback and
+    status go through r1, and the simulated nodes spread over every replica's xDS port."""
 
-    def __init__(self, workdir: Path, args: argparse.Namespace, dirs: dict[str, Path]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        args: argparse.Namespace,
+        dirs: dict[str, Path],
+        *,
+        database: Any = None,
+        replicas: int = 1,
+    ) -> None:
         from tests.integration.harness import XdsControlPlane
+        from tests.integration.replicas import Replicas
 
+        self.name = "xdscp" if replicas == 1 else "replicas"
         self.args = args
         self.dirs = dirs
-        self.plane = XdsControlPlane(workdir, "--log-level", args.server_log_level)
-        self.plane.workdir.mkdir(parents=True, exist_ok=True)
-        self.pid = 0
-        self.xds_target = ""
+        self.database = database
+        serve_args = ("--log-level", args.server_log_level)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.replicas: Replicas | None = None
+        if database is not None:
+            url = database.create_database()
+            self.replicas = Replicas(workdir, url, replicas, *serve_args)
+            self.planes = list(self.replicas.planes.values())
+        else:
+            self.planes = [XdsControlPlane(workdir, *serve_args)]
+            self.planes[0].workdir.mkdir(parents=True, exist_ok=True)
+        self.plane = self.planes[0]
+        self.pids: list[int] = []
+        self.xds_targets: list[str] = []
 
     def start(self) -> None:
-        self.plane.start()
-        assert self.plane.process is not None
-        self.pid = self.plane.process.pid
-        self.xds_target = f"127.0.0.1:{self.plane.xds_port}"
+        if self.replicas is not None:
+            self.replicas.start()
+        else:
+            self.plane.start()
+        for plane in self.planes:
+            assert plane.process is not None
+            self.pids.append(plane.process.pid)
+            self.xds_targets.append(f"127.0.0.1:{plane.xds_port}")
+
+    def database_pids(self) -> list[int] | None:
+        return None if self.database is None else postgres_pids(self.database)
 
     def publish(self, variant: str) -> dict[str, Any]:
         started = time.time()
@@ -252,13 +304,14 @@ class XdscpServer:
         return server_log(self.plane)
 
     def stop(self) -> None:
-        with contextlib.suppress(BaseException):
-            self.plane.stop()
-        process = self.plane.process
-        if process is not None and process.poll() is None:  # the harness gave up: make sure
-            process.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(5)
+        for plane in self.planes:
+            with contextlib.suppress(BaseException):
+                plane.stop()
+            process = plane.process
+            if process is not None and process.poll() is None:  # the harness gave up
+                process.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(5)
 
 
 class FloorServer:
@@ -273,8 +326,8 @@ class FloorServer:
         self.dirs = dirs
         self.order = list(dirs)  # variant names in the floor's argument order
         self.process: subprocess.Popen[bytes] | None = None
-        self.pid = 0
-        self.xds_target = ""
+        self.pids: list[int] = []
+        self.xds_targets: list[str] = []
         self._buffer = b""
 
     def start(self) -> None:
@@ -294,11 +347,14 @@ class FloorServer:
                 stderr=log,
                 bufsize=0,
             )
-        self.pid = self.process.pid
+        self.pids = [self.process.pid]
         words = self._line(FLOOR_START_SECONDS).split()
         if words[:1] != ["serving"]:
             raise RuntimeError(f"floor did not start: {' '.join(words)!r}")
-        self.xds_target = f"127.0.0.1:{int(words[1])}"
+        self.xds_targets = [f"127.0.0.1:{int(words[1])}"]
+
+    def database_pids(self) -> list[int] | None:
+        return None
 
     def publish(self, variant: str) -> dict[str, Any]:
         started = time.time()
@@ -352,6 +408,21 @@ class FloorServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
+
+
+@contextlib.contextmanager
+def postgres(workdir: Path) -> Iterator[Any]:
+    """A throwaway PostgreSQL server (tests/integration/postgres.py), stopped on the way out."""
+    from tests.integration.postgres import PostgresServer
+
+    server = PostgresServer().init()
+    try:
+        server.start()
+        yield server
+    finally:
+        with contextlib.suppress(BaseException):
+            server.stop()
+        server.remove()
 
 
 # -- profiling --------------------------------------------------------------------------------
@@ -540,6 +611,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "ramp_batch": args.ramp_batch,
             "rounds": args.rounds,
             "servers": args.servers,
+            "replicas": args.replicas,
             "floor_style": args.floor_style,
             "profile": str(args.profile) if args.profile else None,
             "command": "python -m tests.bench " + " ".join(sys.argv[1:]),
@@ -547,50 +619,71 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "errors": [],
     }
     started = time.monotonic()
-    try:
-        dirs = {
-            v: bench_config.write_config(
-                workdir / f"config-{v}",
-                clusters=args.clusters,
-                listeners=args.listeners,
-                endpoints_per_cluster=args.endpoints,
-                variant=v,
-            )
-            for v in variants(args)
-        }
-        results["snapshot"] = snapshot_info(dirs)
-        if args.nodes:
-            for name in args.servers:
-                if name == "xdscp":
-                    server: Any = XdscpServer(workdir / "xdscp", args, dirs)
-                    results.update(scenario(server, args, results["snapshot"], results["errors"]))
-                else:
-                    server = FloorServer(workdir / "floor", dirs, args.floor_style)
-                    results["floor"] = scenario(server, args, results["snapshot"], [])
-                    results["errors"] += [f"floor: {e}" for e in results["floor"]["errors"]]
-        if args.idle_nodes:
-            idle_results: dict[str, Any] = {}
-            results["idle"] = idle_results
-            for name in args.servers:
-                if name == "xdscp":
-                    server = XdscpServer(workdir / "xdscp-idle", args, dirs)
-                else:
-                    server = FloorServer(workdir / "floor-idle", dirs, args.floor_style)
-                idle_results[name] = idle(server, args, results["snapshot"])
-                results["errors"] += [f"idle {name}: {e}" for e in idle_results[name]["errors"]]
-    finally:
-        results["total_seconds"] = round(time.monotonic() - started, 1)
+    with contextlib.ExitStack() as stack:
+        try:
+            measure(args, workdir, results, stack)
+        finally:
+            results["total_seconds"] = round(time.monotonic() - started, 1)
     results["headline"] = headline(results)
     steps: list[Any] = []
     for name in args.servers if args.nodes else []:
-        where = results if name == "xdscp" else results.get("floor", {})
-        steps.append(where.get("connect_storm"))
-        for key in ("pushes", "rollbacks"):
-            done = where.get(key) or []
-            steps += done if len(done) == max(1, args.rounds) else [None]
+        wheres = [results, results.get("replicas", {})] if args.replicas else [results]
+        for where in wheres if name == "xdscp" else [results.get("floor", {})]:
+            steps.append(where.get("connect_storm"))
+            for key in ("pushes", "rollbacks"):
+                done = where.get(key) or []
+                steps += done if len(done) == max(1, args.rounds) else [None]
     steps += [r.get("ramp") for r in results.get("idle", {}).values()]
     results["ok"] = not results["errors"] and all(s and s.get("converged") for s in steps)
     return results
+
+
+def measure(
+    args: argparse.Namespace,
+    workdir: Path,
+    results: dict[str, Any],
+    stack: contextlib.ExitStack,
+) -> None:
+    """Every scenario of the run, into `results`; the PostgreSQL server (--replicas) is
+    started once and stopped by `stack`."""
+    dirs = {
+        v: bench_config.write_config(
+            workdir / f"config-{v}",
+            clusters=args.clusters,
+            listeners=args.listeners,
+            endpoints_per_cluster=args.endpoints,
+            variant=v,
+        )
+        for v in variants(args)
+    }
+    results["snapshot"] = snapshot_info(dirs)
+    database = stack.enter_context(postgres(workdir)) if args.replicas else None
+    results["store"] = "postgresql" if database is not None else "sqlite"
+    if args.nodes:
+        for name in args.servers:
+            if name == "xdscp":
+                server: Any = XdscpServer(workdir / "xdscp", args, dirs, database=database)
+                results.update(scenario(server, args, results["snapshot"], results["errors"]))
+                if args.replicas:
+                    server = XdscpServer(
+                        workdir / "replicas", args, dirs, database=database, replicas=args.replicas
+                    )
+                    results["replicas"] = scenario(server, args, results["snapshot"], [])
+                    results["errors"] += [f"replicas: {e}" for e in results["replicas"]["errors"]]
+            else:
+                server = FloorServer(workdir / "floor", dirs, args.floor_style)
+                results["floor"] = scenario(server, args, results["snapshot"], [])
+                results["errors"] += [f"floor: {e}" for e in results["floor"]["errors"]]
+    if args.idle_nodes:
+        idle_results: dict[str, Any] = {}
+        results["idle"] = idle_results
+        for name in args.servers:
+            if name == "xdscp":
+                server = XdscpServer(workdir / "xdscp-idle", args, dirs, database=database)
+            else:
+                server = FloorServer(workdir / "floor-idle", dirs, args.floor_style)
+            idle_results[name] = idle(server, args, results["snapshot"])
+            results["errors"] += [f"idle {name}: {e}" for e in idle_results[name]["errors"]]
 
 
 def variants(args: argparse.Namespace) -> list[str]:
@@ -657,16 +750,16 @@ def scenario(
     profiler: Profiler | None = None
     try:
         server.start()
-        pid = server.pid
-        memory: dict[str, Any] = {"pid": pid, "rss_empty_kib": rss_kib(pid)}
+        pids = server.pids
+        memory: dict[str, Any] = {"pids": pids, "rss_empty_kib": rss_kib(pids)}
         out["memory"] = memory
         published = server.publish("v1")
         if published.get("published", v1) != v1:
             errors.append(f"published v1 is {published['published']}, computed {v1}")
-        memory["rss_v1_published_kib"] = rss_kib(pid)
+        memory["rss_v1_published_kib"] = rss_kib(pids)
 
         fleet = SimulatedFleet(
-            server.xds_target,
+            server.xds_targets,
             args.nodes,
             group=args.group,
             workers=args.workers,
@@ -678,18 +771,18 @@ def scenario(
 
         # Connect storm: every node opens its stream at once; until all ACKed every v1 type.
         fleet.watch("storm", v1_types)
-        cpu0 = cpu_pair(pid, fleet)
+        cpu0 = cpu_pair(server, fleet)
         t0 = fleet.connect()
         storm = fleet.wait_until_all("storm", args.wait_timeout)
-        out["connect_storm"] = phase(storm, t0, cpu_since(cpu0, pid, fleet), fleet.workers)
+        out["connect_storm"] = phase(storm, t0, cpu_since(cpu0, server, fleet), fleet.workers)
         if not storm.ok:
             out["connect_storm"]["lagging"] = fleet.lagging("storm")
             raise Incomplete("connect storm did not converge")
 
-        idle_cpu = cpu_seconds(pid)
+        idle_cpu = cpu_seconds(pids)
         time.sleep(2.0)  # idle: let the server settle before reading its memory
-        memory["idle_cpu_percent"] = round((cpu_seconds(pid) - idle_cpu) / 2.0 * 100, 1)
-        memory["rss_idle_kib"] = rss_kib(pid)
+        memory["idle_cpu_percent"] = round((cpu_seconds(pids) - idle_cpu) / 2.0 * 100, 1)
+        memory["rss_idle_kib"] = rss_kib(pids)
         memory["streams"] = storm.count.streams_open
         memory["per_stream_kib"] = round(
             (memory["rss_idle_kib"] - memory["rss_v1_published_kib"]) / max(1, args.nodes), 1
@@ -701,7 +794,7 @@ def scenario(
             path = args.profile
             if server.name != "xdscp":
                 path = path.with_name(f"{path.stem}-{server.name}{path.suffix}")
-            profiler = Profiler(pid, path, args.profile_rate, args.profile_native)
+            profiler = Profiler(pids[0], path, args.profile_rate, args.profile_native)
             profiler.start()
 
         # Rounds: push vN (straight to stable: the group has no rollout policy), then roll
@@ -711,11 +804,11 @@ def scenario(
             version, target = snap["versions"][variant], snap["_targets"][variant]
             fleet.watch(variant, target)
             before = fleet.query(variant)
-            cpu0 = cpu_pair(pid, fleet)
+            cpu0 = cpu_pair(server, fleet)
             t0 = time.time()
             command = server.publish(variant)
             push = fleet.wait_until_all(variant, args.wait_timeout)
-            step = phase(push, t0, cpu_since(cpu0, pid, fleet), fleet.workers, before, changed)
+            step = phase(push, t0, cpu_since(cpu0, server, fleet), fleet.workers, before, changed)
             step["version"] = version
             step["publish_command_wall_seconds"] = command["command_wall_seconds"]
             out["pushes"].append(step)
@@ -729,11 +822,11 @@ def scenario(
             key = f"rollback-from-{variant}"
             fleet.watch(key, v1_types)
             before = fleet.query(key)
-            cpu0 = cpu_pair(pid, fleet)
+            cpu0 = cpu_pair(server, fleet)
             t0 = time.time()
             command = server.rollback(v1)
             back = fleet.wait_until_all(key, args.wait_timeout)
-            step = phase(back, t0, cpu_since(cpu0, pid, fleet), fleet.workers, before, changed)
+            step = phase(back, t0, cpu_since(cpu0, server, fleet), fleet.workers, before, changed)
             step.update(command)
             out["rollbacks"].append(step)
             out.setdefault("rollback", step)
@@ -745,7 +838,7 @@ def scenario(
         if profiler is not None:
             out["profile"] = profiler.stop()
             profiler = None
-        memory["rss_after_rollback_kib"] = rss_kib(pid)
+        memory["rss_after_rollback_kib"] = rss_kib(pids)
         if isinstance(server, FloorServer):
             time.sleep(0.5)  # the last ACKs written may still be on their way
             out["floor_stats"] = server.stats()
@@ -778,12 +871,12 @@ def idle(server: Any, args: argparse.Namespace, snap: dict[str, Any]) -> dict[st
     fleet: SimulatedFleet | None = None
     try:
         server.start()
-        pid = server.pid
-        out["rss_empty_kib"] = rss_kib(pid)
+        pids = server.pids
+        out["rss_empty_kib"] = rss_kib(pids)
         server.publish("v1")
-        out["rss_v1_published_kib"] = rss_kib(pid)
+        out["rss_v1_published_kib"] = rss_kib(pids)
         fleet = SimulatedFleet(
-            server.xds_target,
+            server.xds_targets,
             nodes,
             group=args.group,
             workers=args.workers,
@@ -794,7 +887,7 @@ def idle(server: Any, args: argparse.Namespace, snap: dict[str, Any]) -> dict[st
         out["workers"] = fleet.workers
         fleet.start()
         fleet.watch("idle", v1_types)
-        cpu0 = cpu_pair(pid, fleet)
+        cpu0 = cpu_pair(server, fleet)
         t0 = time.time()
         batch = max(1, args.ramp_batch)
         wait: WaitResult | None = None
@@ -806,23 +899,23 @@ def idle(server: Any, args: argparse.Namespace, snap: dict[str, Any]) -> dict[st
             if not wait.ok:
                 break
         assert wait is not None
-        ramp = phase(wait, t0, cpu_since(cpu0, pid, fleet), fleet.workers)
+        ramp = phase(wait, t0, cpu_since(cpu0, server, fleet), fleet.workers)
         ramp["batches"] = batches
         ramp["batch"] = batch
         out["ramp"] = ramp
         if not wait.ok:
             ramp["lagging"] = fleet.lagging("idle")
             raise Incomplete(f"only {wait.count.current}/{nodes} idle streams synced")
-        cpu0 = cpu_pair(pid, fleet)
+        cpu0 = cpu_pair(server, fleet)
         time.sleep(args.idle_settle)
-        cpu = cpu_since(cpu0, pid, fleet)
+        cpu = cpu_since(cpu0, server, fleet)
         out["idle_cpu_percent"] = round(cpu[0] / args.idle_settle * 100, 1)
-        out["rss_idle_kib"] = rss_kib(pid)
+        out["rss_idle_kib"] = rss_kib(pids)
         out["streams"] = fleet.query("idle").streams_open
         out["per_stream_kib"] = round(
             (out["rss_idle_kib"] - out["rss_v1_published_kib"]) / nodes, 1
         )
-        out["simulator_rss_kib"] = sum(rss_kib(w) for w in fleet.worker_pids())
+        out["simulator_rss_kib"] = rss_kib(fleet.worker_pids())
     except Incomplete as error:
         out["errors"].append(str(error))
     except Exception as error:
@@ -841,7 +934,7 @@ def idle(server: Any, args: argparse.Namespace, snap: dict[str, Any]) -> dict[st
 def phase(
     wait: WaitResult,
     t0: float,
-    cpu: tuple[float, float, float],
+    cpu: Cpu,
     workers: int,
     before: FleetCount | None = None,
     types_changed: int = 0,
@@ -859,7 +952,7 @@ def phase(
         "simulator_cpu_seconds": round(cpu[1], 2),
         # Other processes on the machine (not the server, simulator, bench or its xdsctl
         # commands): well above 0 means someone else took CPU and the timings are off.
-        "other_cpu_seconds": round(cpu[2], 2),
+        "other_cpu_seconds": round(cpu[3], 2),
         "stream_errors": count.stream_errors - (before.stream_errors if before else 0),
         "connects": count.connects - (before.connects if before else 0),
         "responses": {
@@ -886,6 +979,12 @@ def phase(
     if types_changed:
         out["types_pushed"] = types_changed
         out["cpu_ms_per_push_per_node"] = round(1000 * cpu[0] / (count.total * types_changed), 4)
+    if cpu[2] is not None:
+        out["database_cpu_seconds"] = round(cpu[2], 3)
+        if types_changed:
+            out["cpu_ms_per_push_per_node_with_database"] = round(
+                1000 * (cpu[0] + cpu[2]) / (count.total * types_changed), 4
+            )
     return out
 
 
@@ -945,7 +1044,10 @@ def server_view(plane: Any, group: str, version: str) -> dict[str, Any]:
         and n.get("types")
         and all(t.get("state") == "SYNCED" for t in n["types"])
     )
-    return {"nodes": len(nodes), "synced": synced}
+    out: dict[str, Any] = {"nodes": len(nodes), "synced": synced}
+    if any(n.get("replica") for n in nodes):
+        out["by_replica"] = dict(sorted(Counter(n.get("replica") or "?" for n in nodes).items()))
+    return out
 
 
 def server_log(plane: Any) -> dict[str, Any]:
@@ -961,17 +1063,39 @@ def server_log(plane: Any) -> dict[str, Any]:
     return {"levels": dict(levels), "events": dict(names.most_common(12)), "warnings": worst[:10]}
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pids: list[int]) -> int:
+    """The summed RSS of these processes."""
+    return sum(_rss_kib(pid) for pid in pids)
+
+
+def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of the process (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes (all their threads) so far; one that ended
+    counts nothing."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def postgres_pids(database: Any) -> list[int]:
+    """The postmaster of a tests/integration/postgres.py server and its children (one
+    backend per connection, the checkpointer, the WAL writer, ...)."""
+    postmaster = int((database.data / "postmaster.pid").read_text().split()[0])
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                children.append(int(stat.parent.name))
+    return [postmaster, *children]
 
 
 def machine_busy_seconds() -> float:
@@ -987,23 +1111,29 @@ def own_cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def cpu_pair(pid: int, fleet: SimulatedFleet) -> tuple[float, float, float]:
-    """(CPU seconds of the server, of all simulator workers, of everything else) so far."""
-    workers = 0.0
-    for worker in fleet.worker_pids():
-        with contextlib.suppress(OSError):
-            workers += cpu_seconds(worker)
-    return cpu_seconds(pid), workers, machine_busy_seconds() - own_cpu_seconds()
+Cpu = tuple[float, float, float | None, float]
 
 
-def cpu_since(
-    before: tuple[float, float, float], pid: int, fleet: SimulatedFleet
-) -> tuple[float, float, float]:
-    """CPU seconds since `before`: the server, the simulator, and other processes of the
-    machine (neither those two, nor this one, nor the xdsctl commands it ran)."""
-    now = cpu_pair(pid, fleet)
-    server, sim = now[0] - before[0], now[1] - before[1]
-    return server, sim, max(0.0, now[2] - before[2] - server - sim)
+def cpu_pair(server: Any, fleet: SimulatedFleet) -> Cpu:
+    """CPU seconds so far of (the server's processes, all simulator workers, the server's
+    database or None without one, everything else on the machine)."""
+    database = server.database_pids()
+    return (
+        cpu_seconds(server.pids),
+        cpu_seconds(fleet.worker_pids()),
+        None if database is None else cpu_seconds(database),
+        machine_busy_seconds() - own_cpu_seconds(),
+    )
+
+
+def cpu_since(before: Cpu, server: Any, fleet: SimulatedFleet) -> Cpu:
+    """CPU seconds since `before`: the server, the simulator, its database, and other
+    processes of the machine (none of those, nor this one, nor the xdsctl commands it ran)."""
+    now = cpu_pair(server, fleet)
+    own, sim = now[0] - before[0], now[1] - before[1]
+    database = None if now[2] is None or before[2] is None else now[2] - before[2]
+    other = now[3] - before[3] - own - sim - (database or 0.0)
+    return own, sim, database, max(0.0, other)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -1065,6 +1195,8 @@ def headline(r: dict[str, Any]) -> dict[str, Any]:
                 row[label] = _median(values)
                 row[f"{label}_each"] = values
         out[key] = row
+    if replicas := r.get("replicas"):
+        out["replicas"] = replica_headline(r, replicas)
     if idle_results := r.get("idle"):
         ours, theirs = idle_results.get("xdscp", {}), idle_results.get("floor", {})
         out["idle"] = {
@@ -1079,6 +1211,36 @@ def headline(r: dict[str, Any]) -> dict[str, Any]:
             out["idle"]["xdscp_projected_rss_kib_at_10000"] = round(
                 ours["rss_v1_published_kib"] + 10000 * ours["per_stream_kib"]
             )
+    return out
+
+
+def replica_headline(one: dict[str, Any], many: dict[str, Any]) -> dict[str, Any]:
+    """N replicas against one, both on the same PostgreSQL: medians over the rounds, and
+    N / 1 ratios (CPU summed over the replica processes, then with PostgreSQL's added)."""
+    out: dict[str, Any] = {"count": one["params"]["replicas"]}
+    storm_one, storm_many = one.get("connect_storm") or {}, many.get("connect_storm") or {}
+    out["storm"] = {
+        "one_seconds": storm_one.get("sim_seconds"),
+        "many_seconds": storm_many.get("sim_seconds"),
+        "ratio": _ratio(storm_many.get("sim_seconds"), storm_one.get("sim_seconds")),
+    }
+    fields = [
+        "sim_seconds",
+        "fanout_seconds",
+        "cpu_ms_per_push_per_node",
+        "cpu_ms_per_push_per_node_with_database",
+        "database_cpu_seconds",
+    ]
+    for key, steps in (("update", "pushes"), ("rollback", "rollbacks")):
+        row: dict[str, Any] = {}
+        for field in [*fields, *(["command_seconds"] if key == "rollback" else [])]:
+            for who, found in (("one", one.get(steps) or []), ("many", many.get(steps) or [])):
+                row[f"{who}_{field}"] = _median(
+                    [s[field] for s in found if s.get(field) is not None]
+                )
+            row[f"{field}_ratio"] = _ratio(row[f"many_{field}"], row[f"one_{field}"])
+        out[key] = row
+    out["nodes_by_replica"] = (many.get("server_view") or {}).get("by_replica", {})
     return out
 
 
@@ -1142,6 +1304,8 @@ def headline_lines(r: dict[str, Any]) -> list[str]:
             f"{_s(rb['xdscp_cpu_ms_per_push_per_node'], 'ms')}, floor "
             f"{_s(rb['floor_cpu_ms_per_push_per_node'], 'ms')} (ratio {rb['cpu_ratio'] or '?'})"
         )
+    if rep := h.get("replicas"):
+        lines += replica_headline_lines(rep)
     if idle_h := h.get("idle"):
         rss = idle_h.get("xdscp_rss_kib")
         lines.append(
@@ -1161,6 +1325,35 @@ def headline_lines(r: dict[str, Any]) -> list[str]:
                 f"{_mib(idle_h['xdscp_projected_rss_kib_at_10000'])} (target <= 1 GiB)"
             )
     return lines
+
+
+def replica_headline_lines(h: dict[str, Any]) -> list[str]:
+    n = h["count"]
+
+    def compare(row: dict[str, Any], field: str, unit: str = "s") -> str:
+        return (
+            f"1 replica {_s(row[f'one_{field}'], unit)}, {n} replicas "
+            f"{_s(row[f'many_{field}'], unit)} (ratio {row[f'{field}_ratio'] or '?'})"
+        )
+
+    up, rb = h["update"], h["rollback"]
+    spread = ", ".join(f"{name} {count}" for name, count in h["nodes_by_replica"].items())
+    return [
+        f"{n} replicas on one PostgreSQL against 1 replica on the same server "
+        f"(nodes per replica, by xdsctl status through r1: {spread or '?'})",
+        f"  update, publish command start -> last ACK: {compare(up, 'sim_seconds')}",
+        f"  update fan-out, first push -> last ACK: {compare(up, 'fanout_seconds')}",
+        f"  rollback, command start -> last ACK: {compare(rb, 'sim_seconds')}",
+        f"  rollback, as xdsctl printed it: {compare(rb, 'command_seconds')}",
+        f"  connect storm: 1 replica {_s(h['storm']['one_seconds'])}, {n} replicas "
+        f"{_s(h['storm']['many_seconds'])} (ratio {h['storm']['ratio'] or '?'})",
+        f"  CPU per push per node, replica processes summed: update "
+        f"{compare(up, 'cpu_ms_per_push_per_node', 'ms')}; rollback "
+        f"{compare(rb, 'cpu_ms_per_push_per_node', 'ms')}",
+        f"  the same with PostgreSQL's CPU added: update "
+        f"{compare(up, 'cpu_ms_per_push_per_node_with_database', 'ms')}; rollback "
+        f"{compare(rb, 'cpu_ms_per_push_per_node_with_database', 'ms')}",
+    ]
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -1192,6 +1385,9 @@ def render(r: dict[str, Any]) -> str:
             )
     if p["nodes"] and "xdscp" in p["servers"]:
         lines += ["", *_scenario_lines(r, "xdscp")]
+    if replicas := r.get("replicas"):
+        lines += ["", f"{REPLICAS_SECTION} ({p['replicas']} on one PostgreSQL)"]
+        lines += _scenario_lines(replicas, "replicas")
     if floor := r.get("floor"):
         lines += ["", f"{FLOOR_SECTION} (style {p['floor_style']})"]
         lines += _scenario_lines(floor, "floor")
@@ -1229,10 +1425,14 @@ def _scenario_lines(r: dict[str, Any], name: str) -> list[str]:
     lines += _phase_lines(r.get("connect_storm"), "start of N streams -> all ACKed every v1 type")
     if view := r.get("server_view"):
         lines.append(f"xdscp's own view: {view['synced']}/{view['nodes']} nodes SYNCED on v1")
+        if by_replica := view.get("by_replica"):
+            lines.append(
+                "nodes per replica: " + ", ".join(f"{k} {v}" for k, v in by_replica.items())
+            )
     lines.append("")
     lines.append(SECTIONS[2] if name == "xdscp" else "-- push v2 --")
     push = r.get("push_v2")
-    what = "publish command start" if name == "xdscp" else "publish line written"
+    what = "publish line written" if name == "floor" else "publish command start"
     lines += _phase_lines(push, f"{what} -> all ACKed every v2 type")
     if push and "publish_command_wall_seconds" in push:
         lines.append(f"publish command wall: {push['publish_command_wall_seconds']:.3f}s")
@@ -1240,7 +1440,7 @@ def _scenario_lines(r: dict[str, Any], name: str) -> list[str]:
     lines.append("")
     lines.append(SECTIONS[3] if name == "xdscp" else "-- rollback (publish v1 again) --")
     rb = r.get("rollback")
-    if rb and name == "xdscp":
+    if rb and name != "floor":
         if "command_seconds" in rb:
             lines.append(
                 f"xdsctl rollback printed: {rb['command_acked']}/{rb['command_total']} nodes "
@@ -1257,7 +1457,8 @@ def _scenario_lines(r: dict[str, Any], name: str) -> list[str]:
     lines.append("")
     lines.append(SECTIONS[4] if name == "xdscp" else "-- memory --")
     if mem := r.get("memory"):
-        lines.append(f"{name} pid {mem['pid']}: RSS empty {_mib(mem.get('rss_empty_kib'))}")
+        pids = " ".join(map(str, mem["pids"]))
+        lines.append(f"{name} pid {pids}: RSS empty {_mib(mem.get('rss_empty_kib'))}")
         for key, label in (
             ("rss_v1_published_kib", "with v1 published, no streams"),
             ("rss_idle_kib", f"idle with {mem.get('streams', '?')} streams"),
@@ -1382,6 +1583,8 @@ def _phase_lines(ph: dict[str, Any] | None, what: str) -> list[str]:
             f" (server {ph['server_busy_percent']:.0f}% of a core, simulator "
             f"{ph['simulator_busy_percent']:.0f}% of its cores)"
         )
+    if "database_cpu_seconds" in ph:
+        cpu += f"; PostgreSQL {ph['database_cpu_seconds']:.2f}s"
     lines.append(cpu)
     if "cpu_ms_per_push_per_node" in ph:
         lines.append(

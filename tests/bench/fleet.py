@@ -71,7 +71,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -134,7 +134,7 @@ class WaitResult:
 class SimulatedFleet:
     def __init__(
         self,
-        xds_target: str,
+        xds_target: str | Sequence[str],
         nodes: int,
         *,
         group: str = "bench",
@@ -147,11 +147,15 @@ class SimulatedFleet:
             raise ValueError("need at least one node")
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
-        self.xds_target = xds_target
+        # Several targets (replicas of one control plane): each worker opens its channels
+        # round-robin over them, so the nodes spread evenly.
+        self.xds_targets = [xds_target] if isinstance(xds_target, str) else list(xds_target)
+        if not self.xds_targets:
+            raise ValueError("need at least one xDS target")
         self.nodes = nodes
         self.group = group
         self.workers = max(1, min(workers or os.cpu_count() or 1, nodes))
-        self.channels_per_worker = max(1, channels_per_worker)
+        self.channels_per_worker = max(len(self.xds_targets), channels_per_worker)
         self.first_node = first_node
         self.protocol = protocol
         self.started = 0
@@ -182,7 +186,7 @@ class SimulatedFleet:
                         child_end,
                         w,
                         self.node_ids(w),
-                        self.xds_target,
+                        self.xds_targets,
                         self.group,
                         self.channels_per_worker,
                         self.protocol,
@@ -322,7 +326,7 @@ def _worker_main(
     conn: Connection,
     index: int,
     node_ids: list[int],
-    xds_target: str,
+    xds_targets: list[str],
     group: str,
     channels: int,
     protocol: str,
@@ -330,7 +334,7 @@ def _worker_main(
     # The parent owns Ctrl-C and stops us through the pipe (or terminates us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        worker = _Worker(conn, index, node_ids, xds_target, group, channels, protocol)
+        worker = _Worker(conn, index, node_ids, xds_targets, group, channels, protocol)
         asyncio.run(worker.run())
     except Exception as error:  # report, then die: the parent sees the exit
         with contextlib.suppress(Exception):
@@ -395,7 +399,7 @@ class _Worker:
         conn: Connection,
         index: int,
         node_ids: list[int],
-        xds_target: str,
+        xds_targets: list[str],
         group: str,
         channels: int,
         protocol: str,
@@ -403,7 +407,7 @@ class _Worker:
         self.conn = conn
         self.index = index
         self.node_ids = node_ids
-        self.xds_target = xds_target
+        self.xds_targets = xds_targets
         self.group = group
         self.channel_count = channels
         self.protocol = protocol
@@ -437,7 +441,10 @@ class _Worker:
             ("grpc.enable_retries", 0),
         ]
         self.channels = [
-            grpc.aio.insecure_channel(self.xds_target, options=[*options, ("bench.channel", k)])
+            grpc.aio.insecure_channel(
+                self.xds_targets[k % len(self.xds_targets)],
+                options=[*options, ("bench.channel", k)],
+            )
             for k in range(min(self.channel_count, len(self.node_ids)))
         ]
         kind = _DeltaEnvoy if self.protocol == "delta" else _SotwEnvoy

@@ -17,7 +17,14 @@ from typing import Any
 
 import pytest
 
-from tests.bench.__main__ import FLOOR_SECTION, HEADLINE, IDLE_SECTION, PROFILE_SECTION, SECTIONS
+from tests.bench.__main__ import (
+    FLOOR_SECTION,
+    HEADLINE,
+    IDLE_SECTION,
+    PROFILE_SECTION,
+    REPLICAS_SECTION,
+    SECTIONS,
+)
 from tests.integration.harness import REPO
 
 NODES = 50
@@ -58,7 +65,8 @@ def run_bench(tmp_path: Path, *extra: str) -> tuple[str, dict[str, Any]]:
     report = result.stdout
     assert result.returncode == 0, f"{report}\n{result.stderr}"
     assert "OK" in report.splitlines()[-1], report
-    for section in (*SECTIONS, HEADLINE, FLOOR_SECTION):
+    sections = (*SECTIONS, HEADLINE, *(() if "--no-floor" in extra else (FLOOR_SECTION,)))
+    for section in sections:
         assert section in report, report
     numbers = json.loads(report_path.read_text())
     assert numbers["ok"] and not numbers["errors"], numbers["errors"]
@@ -189,3 +197,42 @@ def test_bench_delta_with_floor(tmp_path: Path) -> None:
     for server, path in ((numbers, profile), (numbers["floor"], tmp_path / "profile-floor.txt")):
         assert path.exists() and path.stat().st_size > 0
         assert server["profile"]["samples"] > 0, server["profile"]
+
+
+def test_bench_two_replicas_against_one_on_postgresql(tmp_path: Path) -> None:
+    """--replicas 2: one replica, then two on the same PostgreSQL with the nodes spread over
+    them; publish and rollback through r1 reach every node; the ratios are reported."""
+    report, numbers = run_bench(tmp_path, "--replicas", "2", "--no-floor", "--rounds", "1")
+    assert numbers["store"] == "postgresql"
+    assert REPLICAS_SECTION in report
+    v1 = numbers["snapshot"]["v1"]
+    one, two = numbers, numbers["replicas"]
+    assert not two["errors"], two["errors"]
+    assert len(two["memory"]["pids"]) == 2 and len(one["memory"]["pids"]) == 1
+    # Every node is on one of the two replicas, about half on each (channels alternate
+    # between them, nodes between channels), as r1's status reports them.
+    assert one["server_view"] == {"nodes": NODES, "synced": NODES, "by_replica": {"r1": NODES}}
+    view = two["server_view"]
+    assert view["nodes"] == view["synced"] == NODES, view
+    spread = view["by_replica"]
+    assert set(spread) == {"r1", "r2"} and sum(spread.values()) == NODES, view
+    assert min(spread.values()) >= NODES // 3, view
+    for server in (one, two):
+        for step in (server["connect_storm"], *server["pushes"], *server["rollbacks"]):
+            assert step["converged"] and step["nodes_matched"] == NODES, step
+            assert step["stream_errors"] == 0, step
+            assert step["database_cpu_seconds"] >= 0, step
+        for step in (*server["pushes"], *server["rollbacks"]):
+            responses = {t: n for t, n in step["responses"].items() if n}
+            assert responses == {"CDS": NODES, "EDS": NODES, "RDS": NODES}, step
+        # Rollback through r1 reports the whole fleet, whichever replica a node is on.
+        rollback = server["rollback"]
+        assert rollback["exit_code"] == 0, rollback
+        assert rollback["command_acked"] == rollback["command_total"] == NODES, rollback
+        assert rollback["command_version"] == v1
+    headline = numbers["headline"]["replicas"]
+    assert headline["count"] == 2 and headline["nodes_by_replica"] == spread
+    for key in ("update", "rollback"):
+        for field in ("sim_seconds", "fanout_seconds", "cpu_ms_per_push_per_node"):
+            assert headline[key][f"{field}_ratio"] is not None, (key, field, headline)
+    assert "2 replicas on one PostgreSQL against 1 replica" in report
