@@ -94,6 +94,7 @@ class Replica:
         self._registered = False
         self._shared_generation = -1  # this replica's fleet generation, as last written
         self._notifications: Notifications | None = None
+        self._state_notified = False
         self._tasks: list[asyncio.Task[None]] = []
         metrics.rollout_leader.set(0)
 
@@ -125,6 +126,8 @@ class Replica:
             await asyncio.to_thread(self._tables.leave)
 
     def _notified(self, channel: str, payload: str) -> None:
+        if channel == STATE:
+            self._state_notified = True
         if channel in (STATE, RECONNECTED):
             self._resync.set()
         elif channel == COMMANDS:
@@ -196,10 +199,15 @@ class Replica:
     async def _follow(self) -> None:
         if self.leading:
             return
+        # `notified`: the change came with its notification, by the end of the read that
+        # saw it (not only through the periodic re-read).
+        notified, self._state_notified = self._state_notified, False
         known = self._controller.snapshots_served()
         state = await asyncio.to_thread(read_stored, self._store, known)
+        notified = notified or self._state_notified
         if not self.leading:  # it may have taken the lead meanwhile
-            self._controller.follow(state)
+            for group, version in self._controller.follow(state).items():
+                log.info("followed the leader", group=group, stable=version, notified=notified)
 
     # -- commands ---------------------------------------------------------------------------
 

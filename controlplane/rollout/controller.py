@@ -173,15 +173,17 @@ class RolloutController:
         )
         return True
 
-    def follow(self, state: StoredState) -> None:
+    def follow(self, state: StoredState) -> dict[str, str]:
         """A follower serves what the leader stored: each group's stable, and its candidate
         to the canaries while a rollout is active. Idempotent: called on every change the
-        leader makes, and periodically."""
+        leader makes, and periodically. Returns the groups whose stable it moved, to what."""
+        moved = {}
         for group in state.pointers:
             stable = state.snapshot(group, STABLE)
             served = self._assignments.stable(group)
             if stable is not None and (served is None or served.version != stable.version):
                 self._assignments.set_stable(group, stable)
+                moved[group] = stable.version
         self._rollouts = {}
         for group, record in state.rollouts.items():
             rollout = self._rollouts[group] = Rollout.from_record(record)
@@ -199,6 +201,7 @@ class RolloutController:
                     self._assignments.start_rollout(group, candidate, policy.canary)
             else:
                 self._assignments.end_rollout(group)
+        return moved
 
     def snapshots_served(self) -> dict[str, Snapshot]:
         """The stable and candidate snapshots served now, by version (not read again)."""

@@ -62,6 +62,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +303,37 @@ class XdscpServer:
 
     def log(self) -> dict[str, Any]:
         return server_log(self.plane)
+
+    def follower_lags(self) -> list[dict[str, Any]]:
+        """For each pointer move of the bench's group the leader (r1) logged (a publish, a
+        rollback), when each other replica logged following it: seconds between the two log
+        lines (one machine, one clock), and whether its notification had arrived by then."""
+        moves = [
+            (datetime.fromisoformat(e["timestamp"]), e["version"])
+            for e in self.plane.log_events()
+            if e.get("event") in ("publish", "rollback") and e.get("group") == self.args.group
+        ]
+        lags = []
+        for name, plane in self.replicas.planes.items() if self.replicas else ():
+            if plane is self.plane:
+                continue
+            for event in plane.log_events():
+                if event.get("event") != "followed the leader":
+                    continue
+                if event.get("group") != self.args.group:
+                    continue
+                at = datetime.fromisoformat(event["timestamp"])
+                moved = [t for t, v in moves if v == event["stable"] and t <= at]
+                if moved:
+                    lags.append(
+                        {
+                            "replica": name,
+                            "version": event["stable"],
+                            "seconds": round((at - moved[-1]).total_seconds(), 4),
+                            "notified": event["notified"],
+                        }
+                    )
+        return lags
 
     def stop(self) -> None:
         for plane in self.planes:
@@ -860,6 +892,9 @@ def scenario(
         if hasattr(server, "log"):
             with contextlib.suppress(BaseException):
                 out["server_log"] = server.log()
+        if server.name == "replicas":
+            with contextlib.suppress(BaseException):
+                out["follower_lags"] = server.follower_lags()
     return out
 
 
@@ -1241,6 +1276,14 @@ def replica_headline(one: dict[str, Any], many: dict[str, Any]) -> dict[str, Any
             row[f"{field}_ratio"] = _ratio(row[f"many_{field}"], row[f"one_{field}"])
         out[key] = row
     out["nodes_by_replica"] = (many.get("server_view") or {}).get("by_replica", {})
+    lags = many.get("follower_lags") or []
+    seconds = sorted(lag["seconds"] for lag in lags)
+    out["follower_lag"] = {
+        "moves": len(lags),
+        "notified": sum(1 for lag in lags if lag["notified"]),
+        "median_seconds": _median(seconds),
+        "max_seconds": seconds[-1] if seconds else None,
+    }
     return out
 
 
@@ -1336,7 +1379,7 @@ def replica_headline_lines(h: dict[str, Any]) -> list[str]:
             f"{_s(row[f'many_{field}'], unit)} (ratio {row[f'{field}_ratio'] or '?'})"
         )
 
-    up, rb = h["update"], h["rollback"]
+    up, rb, lag = h["update"], h["rollback"], h["follower_lag"]
     spread = ", ".join(f"{name} {count}" for name, count in h["nodes_by_replica"].items())
     return [
         f"{n} replicas on one PostgreSQL against 1 replica on the same server "
@@ -1353,6 +1396,9 @@ def replica_headline_lines(h: dict[str, Any]) -> list[str]:
         f"  the same with PostgreSQL's CPU added: update "
         f"{compare(up, 'cpu_ms_per_push_per_node_with_database', 'ms')}; rollback "
         f"{compare(rb, 'cpu_ms_per_push_per_node_with_database', 'ms')}",
+        f"  followers applied {lag['moves']} pointer move(s) {_s(lag['median_seconds'])} "
+        f"(median), at most {_s(lag['max_seconds'])} after the leader logged them; "
+        f"{lag['notified']} came with their notification",
     ]
 
 

@@ -235,4 +235,8 @@ def test_bench_two_replicas_against_one_on_postgresql(tmp_path: Path) -> None:
     for key in ("update", "rollback"):
         for field in ("sim_seconds", "fanout_seconds", "cpu_ms_per_push_per_node"):
             assert headline[key][f"{field}_ratio"] is not None, (key, field, headline)
+    # r2 followed every pointer move r1 made (v1, v2, the rollback to v1), each with its
+    # notification.
+    lag = headline["follower_lag"]
+    assert lag["moves"] == 3 and lag["notified"] == 3, two["follower_lags"]
     assert "2 replicas on one PostgreSQL against 1 replica" in report

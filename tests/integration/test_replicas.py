@@ -141,6 +141,14 @@ def test_a_publish_through_one_replica_reaches_every_envoy_on_every_replica(
     v2 = edge.publish(r1, "v2", edge_config.route_to("b"))
     assert v2 != v1
     wait_routed(envoys, "b", timeout=10)
+    # The followers learned of the move through its notification, not the periodic re-read.
+    for follower in (replicas["r2"], replicas["r3"]):
+        followed = [
+            e
+            for e in follower.log_events()
+            if e.get("event") == "followed the leader" and e.get("stable") == v2
+        ]
+        assert [(e["group"], e["notified"]) for e in followed] == [(GROUP, True)], followed
     # Through any replica: the whole fleet, each node on the replica its bootstrap names.
     for via in replicas.planes.values():
         wait_for(
