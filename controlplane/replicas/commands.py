@@ -113,7 +113,7 @@ class LeaderCommands:
             if outcome is None:
                 raise RolloutError(
                     f"the rollout leader took the {request['kind']} but did not finish it within "
-                    f"{OUTCOME_TIMEOUT_SECONDS:g}s: see `xdsctl history` for whether it happened"
+                    f"{OUTCOME_TIMEOUT_SECONDS:g}s: see `xdsctl snapshots` for whether it happened"
                 )
         finally:
             del self._waiting[command]
