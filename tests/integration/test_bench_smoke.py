@@ -120,6 +120,13 @@ def check_steps(numbers: dict[str, Any], protocol: str, rounds: int) -> None:
         assert len(headline[key]["xdscp_fanout_seconds_each"]) == rounds, headline
         assert headline[key]["xdscp_cpu_ms_per_push_per_node"] is not None, headline
     assert headline["rollback"]["xdsctl_printed_seconds"] is not None, headline
+    assert headline["update"]["xdsctl_publish_seconds"] is not None, headline
+    for key in ("update", "rollback"):
+        assert headline[key]["xdscp_from_command_seconds"] is not None, headline
+        assert headline[key]["floor_from_command_seconds"] is not None, headline
+        assert headline[key]["from_command_ratio"] is not None, headline
+    assert headline["per_stream"]["xdscp_kib"] is not None, headline
+    assert headline["per_stream"]["floor_kib"] is not None, headline
 
 
 def test_bench_sotw_with_floor_and_idle_ramp(tmp_path: Path) -> None:
@@ -148,7 +155,10 @@ def test_bench_sotw_with_floor_and_idle_ramp(tmp_path: Path) -> None:
     assert rollback["command_acked"] == rollback["command_total"] == NODES, rollback
     assert rollback["command_version"] == v1
     assert f"{NODES}/{NODES} nodes ACKed {v1}" in report
-    assert "update convergence 50 nodes: xdscp" in report
+    # The headline counts from the operator's command, beside the fan-out, in one table.
+    assert "| **update**, from the start of `xdsctl publish` to the last ACK |" in report
+    assert "| **rollback**, from the start of `xdsctl rollback` to the last ACK |" in report
+    assert "targets: update from the command <= 1 s:" in report
 
     assert IDLE_SECTION in report
     for server in ("xdscp", "floor"):
