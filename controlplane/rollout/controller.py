@@ -382,7 +382,7 @@ class RolloutController:
         nodes on other replicas)."""
         deadline = time.monotonic() + timeout
         while (
-            self._evidence.convergence(group, version).lagging
+            self._evidence.progress(group, version).lagging
             and (remaining := deadline - time.monotonic()) > 0
         ):
             await self._evidence.wait_progress(min(remaining, 0.25))
@@ -466,19 +466,19 @@ class RolloutController:
 
     def _record_rollback_durations(self) -> None:
         for group, (version, started_at, actor) in list(self._rollbacks.items()):
-            convergence = self.convergence(group, version, started_at)
-            if convergence.lagging:
+            progress = self._evidence.progress(group, version)
+            if progress.lagging:
                 continue
             del self._rollbacks[group]
-            seconds = max(0.0, (convergence.last_ack_at or started_at) - started_at)
+            seconds = max(0.0, (progress.last_ack_at or started_at) - started_at)
             self._metrics.rollback_duration.labels(group).observe(seconds)
             log.info(
                 "rollback converged",
                 group=group,
                 version=version,
                 actor=actor,
-                nodes=convergence.total,
-                acked=f"{convergence.acked}/{convergence.total}",
+                nodes=progress.total,
+                acked=f"{progress.total}/{progress.total}",
                 seconds=seconds,
             )
 
@@ -623,18 +623,18 @@ class RolloutController:
                 or group in self._guards  # a guard may still roll it back
             ):
                 continue
-            convergence = self.convergence(group, stable, self._clock())
-            if convergence.total and not convergence.lagging:
+            progress = self._evidence.progress(group, stable)
+            if progress.total and not progress.lagging:
                 await asyncio.to_thread(
                     self._store.transition,
                     group,
                     action="last_good",
                     version=stable,
                     actor=GATE_ACTOR,
-                    message=f"ACKed by all {convergence.total} connected node(s)",
+                    message=f"ACKed by all {progress.total} connected node(s)",
                     pointers={LAST_GOOD: stable},
                 )
-                log.info("last_good", group=group, version=stable, nodes=convergence.total)
+                log.info("last_good", group=group, version=stable, nodes=progress.total)
 
     async def _run_probe(self, group: str, candidate: Snapshot, policy: RolloutPolicy) -> None:
         assert policy.fresh_probe is not None and self.probe_xds is not None

@@ -119,6 +119,7 @@ class FleetEvidence:
         self._assignments = assignments
         self.replica = replica
         self.remote: RemoteEvidence | None = None  # set when replicas share a database
+        self._progress_cache: tuple[tuple[str, str, int], GroupProgress] | None = None
 
     def local(self) -> list[NodeEvidence]:
         return [
@@ -153,17 +154,22 @@ class FleetEvidence:
         seen by polling: callers wait in short slices)."""
         await self._fleet.wait_progress(timeout)
 
-    def convergence(self, group: str, version: str) -> GroupConvergence:
-        """How far `group` is on `version`. Evidence is built only for the nodes that lag:
-        a fleet converging is checked often."""
-        total, lagging, last_ack_at = 0, [], None
+    def progress(self, group: str, version: str) -> GroupProgress:
+        """How many nodes of `group` hold `version` and how many lag, without building any
+        node's evidence. Checked on every ACK while a fleet converges, by several waiters:
+        computed once per fleet generation."""
+        key = (group, version, self.generation)
+        if self._progress_cache is not None and self._progress_cache[0] == key:
+            return self._progress_cache[1]
+        total = lagging = 0
+        last_ack_at: float | None = None
         for stream in self._fleet:
             node = stream.node
             if node is None or self._assignments.effective_group(node.group) != group:
                 continue
             total += 1
-            if stream.snapshot is None or stream.snapshot.version != version or not stream.synced():
-                lagging.append(of_stream(stream, self._assignments, self.replica))
+            if not _holds(stream, version):
+                lagging += 1
                 continue
             acked = max((t.acked_at or 0.0) for t in stream.types.values() if t.subscribed)
             last_ack_at = max(acked, last_ack_at or acked)
@@ -172,10 +178,38 @@ class FleetEvidence:
                 continue
             total += 1
             if not evidence.holds(version):
-                lagging.append(evidence)
+                lagging += 1
             elif evidence.last_ack_at is not None:
                 last_ack_at = max(evidence.last_ack_at, last_ack_at or evidence.last_ack_at)
-        return GroupConvergence(total, lagging, last_ack_at)
+        found = GroupProgress(total, lagging, last_ack_at)
+        self._progress_cache = (key, found)
+        return found
+
+    def convergence(self, group: str, version: str) -> GroupConvergence:
+        """`progress`, and the evidence of each node that lags."""
+        found = self.progress(group, version)
+        lagging = [
+            of_stream(stream, self._assignments, self.replica)
+            for stream in self._fleet
+            if stream.node is not None
+            and self._assignments.effective_group(stream.node.group) == group
+            and not _holds(stream, version)
+        ]
+        if self.remote is not None:
+            lagging += [e for e in self.remote.nodes() if e.group == group and not e.holds(version)]
+        return GroupConvergence(found.total, lagging, found.last_ack_at)
+
+
+def _holds(stream: XdsStream, version: str) -> bool:
+    """The stream is assigned `version` and ACKed every type of it (NodeEvidence.holds)."""
+    return stream.snapshot is not None and stream.snapshot.version == version and stream.synced()
+
+
+@dataclass(frozen=True)
+class GroupProgress:
+    total: int
+    lagging: int
+    last_ack_at: float | None  # when the last node to hold the version ACKed it
 
 
 @dataclass(frozen=True)

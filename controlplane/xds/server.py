@@ -171,7 +171,12 @@ class XdsServer:
                 elif event is _WAKE:
                     if stream.node is None:
                         continue
+                    before = stream.snapshot
                     sends = stream.on_snapshot(self._assignments.resolve(stream.node))
+                    if stream.snapshot is not before:
+                        # Its evidence changed (the version it is assigned) even if nothing
+                        # needs sending, e.g. a rollback to what it still holds.
+                        self._fleet.progressed()
                 else:
                     raw: bytes = event  # type: ignore[assignment]
                     async with self._turn(len(raw)):

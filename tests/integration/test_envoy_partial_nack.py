@@ -13,6 +13,7 @@ Cluster b is invalid in a way only Envoy detects: a STATIC cluster whose host is
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,42 @@ def test_a_rollback_after_a_partial_nack_restores_exactly_the_previous_clusters(
         timeout=BOUND,
         what="CDS SYNCED on v1 after the rollback",
     )
+
+
+@PROTOCOLS
+def test_a_rollback_to_what_envoy_still_holds_after_a_nack_reports_it_at_once(
+    api_type: str,
+    control_plane: XdsControlPlane,
+    start_envoy: Callable[..., Envoy],
+    tmp_path: Path,
+) -> None:
+    """v2 only adds a cluster Envoy rejects, so after its NACK Envoy still holds exactly v1.
+    Rolling back to v1 needs nothing sent and brings no ACK: the node counts as on v1 the
+    moment it is assigned v1, and `xdsctl rollback` says so without waiting out its
+    timeout."""
+    plane = control_plane
+    v1 = publish(plane, tmp_path / "v1", [edge_config.static_cluster("a")])
+    envoy = start_envoy("edge-1", "edge", plane.xds_port, api_type=api_type)
+    wait_for(
+        lambda: cluster_type(plane, "edge-1").get("state") == "SYNCED",
+        timeout=BOUND,
+        what="CDS SYNCED on v1",
+    )
+    publish(
+        plane,
+        tmp_path / "v2",
+        [edge_config.static_cluster("a"), edge_config.static_cluster("b", address="localhost")],
+    )
+    wait_for(
+        lambda: cluster_type(plane, "edge-1").get("state") == "NACKED",
+        timeout=BOUND,
+        what="the CDS NACK in xdsctl status",
+    )
+    assert set(held(envoy)) == {"a"}
+
+    started = time.monotonic()
+    result = plane.xdsctl("rollback", "--group", "edge", "--to", v1, "--timeout", "30")
+    assert re.fullmatch(rf"1/1 nodes ACKed {v1} in \d+\.\d\ds\n", result.stdout), result.stdout
+    # Well inside the command's 30 s timeout: it did not wait for an ACK that never comes.
+    assert time.monotonic() - started < BOUND
+    assert set(held(envoy)) == {"a"}

@@ -18,6 +18,7 @@ from controlplane.rollout.policy import CanarySelector, RolloutPolicy
 from controlplane.store import CANDIDATE, LAST_GOOD, STABLE, StoreError
 from controlplane.store.sqlite import SQLiteStore
 from controlplane.xds.assignments import Assignments
+from controlplane.xds.evidence import FleetEvidence, GroupProgress
 from controlplane.xds.fleet import Fleet
 from controlplane.xds.stream import Send, SotwStream
 from tests import factories
@@ -354,3 +355,28 @@ async def test_rollback_to_an_unknown_version_is_refused_and_changes_nothing(tmp
     with pytest.raises(NotFoundError, match="not in the store"):
         await p.controller.rollback("edge", to_version="feedfeedfeedfeed", actor="ops", reason="")
     assert (p.store.history(), p.store.pointers()) == (history, pointers)
+
+
+async def test_fleet_progress_counts_who_lags_as_convergence_does_and_follows_each_ack(
+    tmp_path,
+) -> None:
+    p = await Plane(tmp_path, policies={}).load()
+    await p.publish(V1)
+    envoys = [SimEnvoy(p, f"web-{i}", canary=False) for i in range(3)]
+    evidence = FleetEvidence(p.fleet, p.assignments)
+    assert evidence.progress("edge", V1.version) == GroupProgress(3, 0, pytest.approx(p.clock()))
+
+    # Two nodes stop answering; v2 reaches them and they hold it unACKed.
+    for envoy in envoys[1:]:
+        envoy.settle = lambda: None  # type: ignore[method-assign]
+    await p.publish(V2)
+    progress = evidence.progress("edge", V2.version)
+    convergence = evidence.convergence("edge", V2.version)
+    assert (progress.total, progress.lagging) == (3, 2)
+    assert sorted(e.node_id for e in convergence.lagging) == ["web-1", "web-2"]
+
+    # Each ACK moves the fleet's generation: the next look counts it (nothing stale kept).
+    for lagging, envoy in ((1, envoys[1]), (0, envoys[2])):
+        SimEnvoy.settle(envoy)
+        assert evidence.progress("edge", V2.version).lagging == lagging
+    assert evidence.convergence("edge", V2.version).lagging == []
