@@ -60,7 +60,6 @@ class ResourceDiff:
 
 def diff_snapshots(old: Snapshot | None, new: Snapshot) -> list[ResourceDiff]:
     """Every resource that differs, in ADS type order then by name. None is an empty `old`."""
-    resources.load_all_descriptors()
     diffs: list[ResourceDiff] = []
     for resource_type in resources.ADS_ORDER:
         url = resource_type.type_url
@@ -72,6 +71,7 @@ def diff_snapshots(old: Snapshot | None, new: Snapshot) -> list[ResourceDiff]:
             elif name not in after:
                 diffs.append(ResourceDiff(url, name, REMOVED))
             elif before[name].body != after[name].body:
+                resources.load_descriptors_within((before[name].body, after[name].body))
                 changes = tuple(_changes(_as_dict(before[name]), _as_dict(after[name]), ""))
                 diffs.append(ResourceDiff(url, name, CHANGED, changes))
     return diffs

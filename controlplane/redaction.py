@@ -64,8 +64,8 @@ def fingerprint_mask() -> Mask:
 
 
 def redact(message: Message, mask: Mask = constant_mask) -> bool:
-    """Replace the key material in `message`, in place; True when it held any."""
-    resources.load_all_descriptors()  # so that every Any can be looked inside
+    """Replace the key material in `message`, in place; True when it held any. Every Any is
+    looked inside (`resources.message_class_for` loads the types it meets)."""
     return _walk(message, False, mask)
 
 

@@ -9,8 +9,10 @@ listener -> RDS name, TLS context -> SDS secret).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 
@@ -102,10 +104,11 @@ def parse(type_url: str, body: bytes) -> Message:
 def load_all_descriptors() -> int:
     """Import every Envoy/xds/udpa protobuf module, so any `@type` in a typed_config resolves.
 
-    Takes most of a second once per process; returns how many modules were imported.
+    Takes most of a second once per process; returns how many modules were imported. Paths
+    that must start fast load only what they meet: `load_descriptors_for`.
     """
     count = 0
-    for package_name in ("envoy", "xds", "udpa", "contrib"):
+    for package_name in DESCRIPTOR_PACKAGES:
         try:
             package = importlib.import_module(package_name)
         except ImportError:
@@ -117,13 +120,67 @@ def load_all_descriptors() -> int:
     return count
 
 
-def message_class_for(type_url: str) -> type[Message]:
-    """The generated class of any message type the descriptor pool knows."""
-    full_name = type_url.rsplit("/", 1)[-1]
+DESCRIPTOR_PACKAGES = ("envoy", "xds", "udpa", "contrib")
+# A message's full name after a "/" (the end of a type URL), as serialized bytes hold it.
+_TYPE_NAME_IN_BYTES = re.compile(rb"/([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
+
+
+def load_descriptors_for(full_name: str) -> bool:
+    """Import the generated modules of the protobuf package that defines the message
+    `full_name` (e.g. envoy.extensions.filters.http.router.v3.Router), and with them what
+    they import. False when no such package exists."""
+    parts = full_name.split(".")
+    if parts[0] not in DESCRIPTOR_PACKAGES:
+        return False
+    # A nested message (pkg.Outer.Inner) is defined by the longest prefix that is a package.
+    return any(_load_package(".".join(parts[:end])) for end in range(len(parts) - 1, 0, -1))
+
+
+def load_types(type_urls: Iterable[str]) -> None:
+    """Load the message types these type URLs (or full names) name, where not known yet."""
+    for name in {url.rsplit("/", 1)[-1] for url in type_urls}:
+        if not _known(name):
+            load_descriptors_for(name)
+
+
+def load_descriptors_within(bodies: Iterable[bytes]) -> None:
+    """Load the message types that serialized messages name in their Anys, at any depth: an
+    Any's type URL is plain bytes inside its parent's."""
+    load_types(m.decode() for body in bodies for m in _TYPE_NAME_IN_BYTES.findall(body))
+
+
+def _known(full_name: str) -> bool:
     try:
-        descriptor = descriptor_pool.Default().FindMessageTypeByName(full_name)
+        descriptor_pool.Default().FindMessageTypeByName(full_name)
     except KeyError:
-        raise UnknownTypeError(f"unknown type {type_url!r}") from None
+        return False
+    return True
+
+
+@cache
+def _load_package(package: str) -> bool:
+    loaded = False
+    for root in ("", "contrib."):
+        try:
+            spec = importlib.util.find_spec(root + package)
+        except (ImportError, ValueError):
+            continue
+        if spec is None or spec.submodule_search_locations is None:
+            continue
+        for module in pkgutil.iter_modules(spec.submodule_search_locations, f"{root}{package}."):
+            if module.name.endswith("_pb2"):
+                importlib.import_module(module.name)
+                loaded = True
+    return loaded
+
+
+def message_class_for(type_url: str) -> type[Message]:
+    """The generated class of any message type the descriptor pool knows, or can learn by
+    importing the package that defines it."""
+    full_name = type_url.rsplit("/", 1)[-1]
+    if not _known(full_name) and not (load_descriptors_for(full_name) and _known(full_name)):
+        raise UnknownTypeError(f"unknown type {type_url!r}")
+    descriptor = descriptor_pool.Default().FindMessageTypeByName(full_name)
     return message_factory.GetMessageClass(descriptor)
 
 

@@ -326,7 +326,7 @@ def _stored(args: argparse.Namespace, version: str, include_secrets: bool) -> Sn
     from controlplane.cli.client import fetch_snapshot
 
     response = fetch_snapshot(args, version, include_secrets=include_secrets)
-    resources.load_all_descriptors()
+    resources.load_descriptors_within(packed.value for packed in response.resources)
     return Snapshot.from_serialized(
         (packed.type_url, resources.resource_name(resources.unpack_any(packed)), packed.value)
         for packed in response.resources

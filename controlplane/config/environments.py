@@ -213,7 +213,6 @@ def load_config(directory: str | Path, env: str | None = None) -> LoadedConfig:
     if not root.is_dir():
         raise ConfigError([ConfigProblem(Location(str(directory)), None, "not a directory")])
     overlay_file = _overlay_file(root, env) if env is not None else None
-    resources.load_all_descriptors()
     problems: list[ConfigProblem] = []
     items = _base_items(root, problems)
     variables: dict[str, tuple[Any, Location]] = {}

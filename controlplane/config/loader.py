@@ -135,7 +135,6 @@ def _input_problem(problem: inputs.InputProblem) -> ConfigProblem:
 
 
 def _load_files(files: list[Path], problems: list[ConfigProblem]) -> list[SourcedResource]:
-    resources.load_all_descriptors()
     loaded: list[SourcedResource] = []
     for file in files:
         loaded.extend(_load_one(file, problems))
@@ -211,6 +210,7 @@ def parse_resource(
     item_path = (RESOURCES_KEY, index)
     message = resource_type.message_class()
     descriptor = message.DESCRIPTOR
+    resources.load_types(any_types(body))  # what its typed_configs name, before parsing
     error = _parse_error(body, message)
     findings = list(_check_message(body, descriptor, _At((), descriptor.name), error is not None))
     if error is not None and not findings:
@@ -228,6 +228,18 @@ def parse_resource(
         problems.append(ConfigProblem(location, f"{descriptor.name}.{field}", "missing name"))
         return None
     return SourcedResource(resource_type.type_url, name, message, location)
+
+
+def any_types(value: Any) -> Iterator[str]:
+    """Every "@type" string inside a resource's plain value, at any depth."""
+    if isinstance(value, dict):
+        if isinstance(type_url := value.get(TYPE_KEY), str):
+            yield type_url
+        for item in value.values():
+            yield from any_types(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from any_types(item)
 
 
 def _parse_error(value: Any, message: Message) -> str | None:
