@@ -10,7 +10,6 @@ rollback), completion. `manual` gives every command its description and examples
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import sys
 from collections.abc import Sequence
 
@@ -40,7 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xdsctl", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"xdsctl {package_version()}")
+    parser.add_argument(
+        "--version", action=_Version, nargs=0, help="show program's version number and exit"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serving.add_commands(commands)
     publishing.add_commands(commands)
@@ -52,9 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Version(argparse.Action):
+    """--version, read from the package's metadata only when asked: every other command
+    starts without importing importlib.metadata."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        print(f"xdsctl {package_version()}")
+        parser.exit()
+
+
 def package_version() -> str:
     """The installed xdscp package's version (pyproject.toml), or "unknown" when the code
     runs from a checkout that was never installed."""
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("xdscp")
     except importlib.metadata.PackageNotFoundError:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,6 +175,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_probe_binaries(args.rollout_policy, config.policies)  # envoy --version, unshare
     except ValueError as error:
         raise CommandError(str(error)) from None
+    import asyncio
+
     try:
         asyncio.run(app.run(config))
     except (app.BindError, tls.TlsError, TokenError, StoreError) as error:
