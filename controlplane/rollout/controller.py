@@ -52,6 +52,7 @@ from controlplane.xds.fleet import Fleet
 log = structlog.get_logger("rollout")
 
 TICK_SECONDS = 0.2
+CONVERGENCE_LOOK_SECONDS = 0.02  # a waiter for convergence looks at most 50 times a second
 GATE_ACTOR = "xdscp-gate"
 GUARD_ACTOR = "xdscp-guard"
 
@@ -386,6 +387,8 @@ class RolloutController:
             and (remaining := deadline - time.monotonic()) > 0
         ):
             await self._evidence.wait_progress(min(remaining, 0.25))
+            # Each look walks every stream, and a converging fleet progresses on every ACK.
+            await asyncio.sleep(min(CONVERGENCE_LOOK_SECONDS, max(0.0, remaining)))
         return self.convergence(group, version, since)
 
     def convergence(self, group: str, version: str, since: float) -> Convergence:
