@@ -131,7 +131,7 @@ class XdsServer:
     ) -> grpc.RpcMethodHandler:
         async def handle(
             request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[bytes]:
+        ) -> AsyncIterator[wire.Outgoing]:
             stream = protocol(
                 next(self._ids),
                 self._assignments.resolve,
@@ -141,10 +141,11 @@ class XdsServer:
                 certificate=self._certificate(context),
             )
             async for payload in self._serve(stream, request_type, request_iterator, context):
-                yield payload
+                yield wire.Outgoing(payload)
+                del payload  # not kept while the stream idles (see _serve)
 
         return grpc.stream_stream_rpc_method_handler(
-            handle, request_deserializer=None, response_serializer=wire.passthrough
+            handle, request_deserializer=None, response_serializer=wire.take
         )
 
     async def _serve(
@@ -192,9 +193,13 @@ class XdsServer:
                     if kind in (RequestKind.ACK, RequestKind.NACK):
                         self._fleet.progressed()
                     converged_on = self._record_convergence(stream, converged_on)
+                # Nothing here keeps a response once written: an idle stream would hold its
+                # last one (a CDS response of 200 clusters is ~13 KB).
                 for send in sends:
                     self._record_send(bound, stream, send)
                     yield send.payload
+                    del send
+                del sends
                 if stream.stuck != was_stuck:
                     was_stuck = stream.stuck
                     self._record_stuck(bound, stream)
