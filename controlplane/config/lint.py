@@ -326,8 +326,10 @@ def _methods(match: Message) -> set[str] | None:
 def _shadowed_route(context: Context) -> Iterator[Hit]:
     for resource, base, table in context.route_tables:
         for v, host in enumerate(table.virtual_hosts):  # type: ignore[attr-defined]
+            earlier_routes = _EarlierRoutes()
             for j, later in enumerate(host.routes):
-                for i, earlier in enumerate(host.routes[:j]):
+                for i in earlier_routes.that_may_cover(later.match):
+                    earlier = host.routes[i]
                     if _covers(earlier.match, later.match):
                         text = (
                             f"route {_route_label(later, j)} in virtual host {host.name} can never "
@@ -336,6 +338,45 @@ def _shadowed_route(context: Context) -> Iterator[Hit]:
                         )
                         yield Hit(resource, (*base, "virtual_hosts", v, "routes", j, "match"), text)
                         break
+                earlier_routes.add(j, later.match)
+
+
+_PATH_KINDS = ("prefix", "path", "path_separated_prefix")
+
+
+class _EarlierRoutes:
+    """The routes before one in its virtual host, indexed by path so that a route is checked
+    (`_covers`) only against those that could take its requests: a prefix of its path, its
+    exact path, and the few that can cover any path (catch-alls, regexes, CONNECT). A
+    virtual host of n routes costs about n * path length, not n * n."""
+
+    def __init__(self) -> None:
+        self._any: list[int] = []
+        self._by_prefix: dict[tuple[bool, str], list[int]] = {}  # (case-sensitive, text)
+        self._by_path: dict[tuple[bool, str], list[int]] = {}
+
+    def add(self, index: int, match: Message) -> None:
+        kind = match.WhichOneof("path_specifier")
+        sensitive = match.case_sensitive.value if match.HasField("case_sensitive") else True  # type: ignore[attr-defined]
+        text = getattr(match, kind) if kind in _PATH_KINDS else ""
+        text = text if sensitive else text.lower()
+        if kind not in _PATH_KINDS or (kind != "path" and not text):
+            self._any.append(index)  # "" covers every path; regexes and CONNECT, checked as is
+            return
+        table = self._by_path if kind == "path" else self._by_prefix
+        table.setdefault((sensitive, text), []).append(index)
+
+    def that_may_cover(self, match: Message) -> list[int]:
+        """Indexes of the earlier routes `_covers` could answer True for, in order."""
+        found = list(self._any)
+        kind = match.WhichOneof("path_specifier")
+        if kind in _PATH_KINDS:
+            path = getattr(match, kind)
+            for sensitive, text in ((True, path), (False, path.lower())):
+                found += self._by_path.get((sensitive, text), [])
+                for end in range(1, len(text) + 1):
+                    found += self._by_prefix.get((sensitive, text[:end]), [])
+        return sorted(found)
 
 
 def _covers(a: Message, b: Message) -> bool:
@@ -366,9 +407,9 @@ def _covers(a: Message, b: Message) -> bool:
             return a.safe_regex.regex == b.safe_regex.regex  # type: ignore[attr-defined]
         compiled = _re2(a.safe_regex.regex)  # type: ignore[attr-defined]
         return kind_b == "path" and compiled is not None and compiled.fullmatch(b.path) is not None  # type: ignore[attr-defined]
-    pa, pb = fold(getattr(a, kind_a)), fold(getattr(b, kind_b))
     if kind_b == "safe_regex":
         return False
+    pa, pb = fold(getattr(a, kind_a)), fold(getattr(b, kind_b))
     if kind_a == "prefix":
         return pb.startswith(pa)
     if kind_a == "path":

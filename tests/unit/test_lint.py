@@ -556,3 +556,61 @@ def test_suppression_on_a_virtual_host_covers_its_routes_only(tmp_path: Path) ->
     suppress(hosts(config)[0], "unknown-cluster", "being migrated")
     [finding] = run(tmp_path, config)
     assert finding.field_path == "RouteConfiguration.virtual_hosts[1].routes[0].route.cluster"
+
+
+def test_shadowed_route_checks_only_the_routes_that_could_cover_and_finds_what_all_pairs_find() -> (
+    None
+):
+    """The path index (lint._EarlierRoutes) skips pairs `_covers` would reject: on random
+    virtual hosts it reports exactly the first covering route a check of every pair does."""
+    import random
+
+    from envoy.config.route.v3 import route_components_pb2
+
+    from controlplane.config.lint import _covers, _EarlierRoutes
+
+    rng = random.Random(15)
+    texts = ["", "/", "/a", "/a/", "/a/b", "/A/b", "/ab", "/a/b/c", "/b", "/B"]
+
+    def random_match() -> route_components_pb2.RouteMatch:
+        match = route_components_pb2.RouteMatch()
+        kind = rng.choice(["prefix", "path", "path_separated_prefix", "safe_regex", "connect"])
+        if kind == "safe_regex":
+            match.safe_regex.regex = rng.choice(["/a.*", "/b", ".*"])
+        elif kind == "connect":
+            match.connect_matcher.SetInParent()
+        else:
+            setattr(match, kind, rng.choice(texts))
+        if rng.random() < 0.3:
+            match.case_sensitive.value = rng.random() < 0.5
+        if rng.random() < 0.2:
+            match.headers.add(name="x-canary").present_match = True
+        return match
+
+    checked = 0
+    for _ in range(300):
+        routes = [random_match() for _ in range(rng.randint(1, 12))]
+        index = _EarlierRoutes()
+        for j, later in enumerate(routes):
+            every_pair = next((i for i in range(j) if _covers(routes[i], later)), None)
+            indexed = next(
+                (i for i in index.that_may_cover(later) if _covers(routes[i], later)), None
+            )
+            assert indexed == every_pair, (routes[: j + 1], indexed, every_pair)
+            checked += every_pair is not None
+            index.add(j, later)
+    assert checked > 100  # the random tables did shadow routes, often
+
+
+def test_a_case_insensitive_prefix_before_a_regex_route_is_not_a_crash() -> None:
+    """Lint compared the prefix with the regex route's matcher as text, raising TypeError:
+    `xdsctl validate`, `publish` and the server's Publish failed on a valid config."""
+    from envoy.config.route.v3 import route_components_pb2
+
+    from controlplane.config.lint import _covers
+
+    prefix = route_components_pb2.RouteMatch(prefix="/a")
+    prefix.case_sensitive.value = False
+    regex = route_components_pb2.RouteMatch()
+    regex.safe_regex.regex = "/a.*"
+    assert _covers(prefix, regex) is False
