@@ -30,6 +30,7 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_STR_TAG = "tag:yaml.org,2002:str"
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -261,11 +262,14 @@ class _Builder:
     def _scalar(self, node: ScalarNode) -> Any:
         if node.tag == _TIMESTAMP_TAG:
             return node.value  # a date-looking string stays a string
-        try:
-            value = self._scalars.construct_object(node)
-        except yaml.constructor.ConstructorError as err:
-            self.problems.append(SourceProblem(_line(node), f"unsupported YAML: {err.problem}"))
-            return None
+        if node.tag == _STR_TAG:
+            value = node.value  # what SafeConstructor makes of it, without its bookkeeping
+        else:
+            try:
+                value = self._scalars.construct_object(node)
+            except yaml.constructor.ConstructorError as err:
+                self.problems.append(SourceProblem(_line(node), f"unsupported YAML: {err.problem}"))
+                return None
         if isinstance(value, str) and _SURROGATE.search(value):
             # "\ud83d\ude00" escapes come out as two halves; join them as JSON would.
             value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
