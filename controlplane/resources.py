@@ -24,6 +24,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2, scoped_route_
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.runtime.v3 import rtds_pb2
 from google.protobuf import any_pb2, descriptor_pool, message_factory
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
 TYPE_PREFIX = "type.googleapis.com/"
@@ -100,6 +101,9 @@ def parse(type_url: str, body: bytes) -> Message:
     return message
 
 
+DESCRIPTOR_PACKAGES = ("envoy", "xds", "udpa", "contrib")
+
+
 @cache
 def load_all_descriptors() -> int:
     """Import every Envoy/xds/udpa protobuf module, so any `@type` in a typed_config resolves.
@@ -120,7 +124,6 @@ def load_all_descriptors() -> int:
     return count
 
 
-DESCRIPTOR_PACKAGES = ("envoy", "xds", "udpa", "contrib")
 # A message's full name after a "/" (the end of a type URL), as serialized bytes hold it.
 _TYPE_NAME_IN_BYTES = re.compile(rb"/([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
 
@@ -139,7 +142,7 @@ def load_descriptors_for(full_name: str) -> bool:
 def load_types(type_urls: Iterable[str]) -> None:
     """Load the message types these type URLs (or full names) name, where not known yet."""
     for name in {url.rsplit("/", 1)[-1] for url in type_urls}:
-        if not _known(name):
+        if _descriptor(name) is None:
             load_descriptors_for(name)
 
 
@@ -149,12 +152,12 @@ def load_descriptors_within(bodies: Iterable[bytes]) -> None:
     load_types(m.decode() for body in bodies for m in _TYPE_NAME_IN_BYTES.findall(body))
 
 
-def _known(full_name: str) -> bool:
+def _descriptor(full_name: str) -> Descriptor | None:
+    """The message type the descriptor pool knows by this name, or None."""
     try:
-        descriptor_pool.Default().FindMessageTypeByName(full_name)
+        return descriptor_pool.Default().FindMessageTypeByName(full_name)
     except KeyError:
-        return False
-    return True
+        return None
 
 
 @cache
@@ -178,9 +181,11 @@ def message_class_for(type_url: str) -> type[Message]:
     """The generated class of any message type the descriptor pool knows, or can learn by
     importing the package that defines it."""
     full_name = type_url.rsplit("/", 1)[-1]
-    if not _known(full_name) and not (load_descriptors_for(full_name) and _known(full_name)):
+    descriptor = _descriptor(full_name)
+    if descriptor is None and load_descriptors_for(full_name):
+        descriptor = _descriptor(full_name)
+    if descriptor is None:
         raise UnknownTypeError(f"unknown type {type_url!r}")
-    descriptor = descriptor_pool.Default().FindMessageTypeByName(full_name)
     return message_factory.GetMessageClass(descriptor)
 
 

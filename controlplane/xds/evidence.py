@@ -9,7 +9,7 @@ shared database, so every decision and every N/M counts the whole fleet.
 from __future__ import annotations
 
 import json
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -163,10 +163,7 @@ class FleetEvidence:
             return self._progress_cache[1]
         total = lagging = 0
         last_ack_at: float | None = None
-        for stream in self._fleet:
-            node = stream.node
-            if node is None or self._assignments.effective_group(node.group) != group:
-                continue
+        for stream in self._members(group):
             total += 1
             if not _holds(stream, version):
                 lagging += 1
@@ -185,15 +182,20 @@ class FleetEvidence:
         self._progress_cache = (key, found)
         return found
 
+    def _members(self, group: str) -> Iterator[XdsStream]:
+        """This replica's streams of nodes that `group`'s pointers govern."""
+        for stream in self._fleet:
+            node = stream.node
+            if node is not None and self._assignments.effective_group(node.group) == group:
+                yield stream
+
     def convergence(self, group: str, version: str) -> GroupConvergence:
         """`progress`, and the evidence of each node that lags."""
         found = self.progress(group, version)
         lagging = [
             of_stream(stream, self._assignments, self.replica)
-            for stream in self._fleet
-            if stream.node is not None
-            and self._assignments.effective_group(stream.node.group) == group
-            and not _holds(stream, version)
+            for stream in self._members(group)
+            if not _holds(stream, version)
         ]
         if self.remote is not None:
             lagging += [e for e in self.remote.nodes() if e.group == group and not e.holds(version)]

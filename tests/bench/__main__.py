@@ -1354,67 +1354,48 @@ def headline_table(r: dict[str, Any]) -> list[str]:
     h = r["headline"]
     up, rb, storm, mem = h["update"], h["rollback"], h["storm"], h["per_stream"]
     config_kb = round(r.get("snapshot", {}).get("config_bytes", 0) / 1000)
+
+    def compared(
+        label: str, row: dict[str, Any], figure: str, ratio: str, unit: str = "s"
+    ) -> tuple[str, str, str, float | None]:
+        """A row of xdscp's figure, the floor's and their ratio."""
+        return label, _s(row[f"xdscp_{figure}"], unit), _s(row[f"floor_{figure}"], unit), row[ratio]
+
     rows = [
-        (
+        compared(
             "**update**, from the start of `xdsctl publish` to the last ACK",
-            _s(up["xdscp_from_command_seconds"]),
-            _s(up["floor_from_command_seconds"]),
-            up["from_command_ratio"],
+            up,
+            "from_command_seconds",
+            "from_command_ratio",
         ),
-        (
-            "update fan-out, first push to last ACK",
-            _s(up["xdscp_fanout_seconds"]),
-            _s(up["floor_fanout_seconds"]),
-            up["ratio"],
-        ),
+        compared("update fan-out, first push to last ACK", up, "fanout_seconds", "ratio"),
         (
             f"`xdsctl publish` alone, a {config_kb} KB config",
             _s(up.get("xdsctl_publish_seconds")),
             "-",
             None,
         ),
-        (
+        compared(
             "**rollback**, from the start of `xdsctl rollback` to the last ACK",
-            _s(rb["xdscp_from_command_seconds"]),
-            _s(rb["floor_from_command_seconds"]),
-            rb["from_command_ratio"],
+            rb,
+            "from_command_seconds",
+            "from_command_ratio",
         ),
-        (
-            "rollback fan-out, first push to last ACK",
-            _s(rb["xdscp_fanout_seconds"]),
-            _s(rb["floor_fanout_seconds"]),
-            rb["ratio"],
-        ),
+        compared("rollback fan-out, first push to last ACK", rb, "fanout_seconds", "ratio"),
         (
             "rollback, as `xdsctl rollback` printed it (its wall time)",
             f"{_s(rb.get('xdsctl_printed_seconds'))} ({_s(rb.get('xdsctl_wall_seconds'))})",
             "-",
             None,
         ),
-        (
-            "connect storm, start of N streams to all ACKed",
-            _s(storm["xdscp_seconds"]),
-            _s(storm["floor_seconds"]),
-            storm["ratio"],
+        compared("connect storm, start of N streams to all ACKed", storm, "seconds", "ratio"),
+        compared(
+            "CPU per push per node, update", up, "cpu_ms_per_push_per_node", "cpu_ratio", "ms"
         ),
-        (
-            "CPU per push per node, update",
-            _s(up["xdscp_cpu_ms_per_push_per_node"], "ms"),
-            _s(up["floor_cpu_ms_per_push_per_node"], "ms"),
-            up["cpu_ratio"],
+        compared(
+            "CPU per push per node, rollback", rb, "cpu_ms_per_push_per_node", "cpu_ratio", "ms"
         ),
-        (
-            "CPU per push per node, rollback",
-            _s(rb["xdscp_cpu_ms_per_push_per_node"], "ms"),
-            _s(rb["floor_cpu_ms_per_push_per_node"], "ms"),
-            rb["cpu_ratio"],
-        ),
-        (
-            f"idle memory per stream ({mem['streams']} streams)",
-            _s(mem["xdscp_kib"], "KiB"),
-            _s(mem["floor_kib"], "KiB"),
-            mem["ratio"],
-        ),
+        compared(f"idle memory per stream ({mem['streams']} streams)", mem, "kib", "ratio", "KiB"),
     ]
     lines = ["| figure | xdscp | floor | ratio |", "|---|---|---|---|"]
     for name, ours, floor, ratio in rows:
