@@ -49,9 +49,20 @@ COMMAND_POLL_SECONDS = 1.0
 class SharedEvidence:
     """The other replicas' evidence, as last read (FleetEvidence.remote)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tables: ReplicaTables, replica_id: str) -> None:
         self.generation = 0
         self._by_replica: dict[str, tuple[int, list[NodeEvidence]]] = {}
+        self._tables = tables
+        self._replica_id = replica_id
+
+    async def refresh(self) -> None:
+        """Read what the other replicas wrote since the last read (StoreError if the
+        database cannot be read)."""
+        live = await asyncio.to_thread(self._tables.live_replicas)
+        live.pop(self._replica_id, None)
+        for replica in self.stale(live):
+            rows = await asyncio.to_thread(self._tables.evidence, replica)
+            self.replace(replica, live[replica], _parse(replica, rows))
 
     def nodes(self) -> list[NodeEvidence]:
         return [node for _, nodes in self._by_replica.values() for node in nodes]
@@ -83,7 +94,7 @@ class Replica:
         self._evidence = evidence
         self._metrics = metrics
         self._tables = ReplicaTables(store, replica_id)
-        self._shared = SharedEvidence()
+        self._shared = SharedEvidence(self._tables, replica_id)
         evidence.remote = self._shared
         self.commands = LeaderCommands(controller, store, self._tables, lambda: self.leading)
         self.leading = False
@@ -237,11 +248,7 @@ class Replica:
         self._written = mine
         self._shared_generation = generation
         self._registered = registered  # not found (expired): all of it again next time
-        live = await asyncio.to_thread(self._tables.live_replicas)
-        live.pop(self.replica_id, None)
-        for replica in self._shared.stale(live):
-            rows = await asyncio.to_thread(self._tables.evidence, replica)
-            self._shared.replace(replica, live[replica], _parse(replica, rows))
+        await self._shared.refresh()
 
     # -- the database's health --------------------------------------------------------------
 

@@ -382,10 +382,13 @@ class RolloutController:
         checked whenever this server's fleet progresses, and at least every 0.25 s (for
         nodes on other replicas)."""
         deadline = time.monotonic() + timeout
-        while (
-            self._evidence.progress(group, version).lagging
-            and (remaining := deadline - time.monotonic()) > 0
-        ):
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not self._evidence.progress(group, version).lagging:
+                # Converged as last read: read the other replicas now, so that a node one
+                # of them serves and this one had not heard of yet still counts.
+                await self._evidence.refresh_remote()
+                if not self._evidence.progress(group, version).lagging:
+                    break
             await self._evidence.wait_progress(min(remaining, 0.25))
             # Each look walks every stream, and a converging fleet progresses on every ACK.
             await asyncio.sleep(min(CONVERGENCE_LOOK_SECONDS, max(0.0, remaining)))

@@ -8,6 +8,7 @@ shared database, so every decision and every N/M counts the whole fleet.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Hashable, Iterator
 from dataclasses import asdict, dataclass
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 
 from controlplane import resources
 from controlplane.rollout.policy import PROBE_METADATA_KEY
+from controlplane.store import StoreError
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet, NodeStatus, SyncState, TypeStatus, node_status
 from controlplane.xds.stream import XdsStream
@@ -112,6 +114,9 @@ class RemoteEvidence(Protocol):
 
     def nodes(self) -> list[NodeEvidence]: ...
 
+    async def refresh(self) -> None:
+        """Read again what the other replicas wrote (StoreError if that fails)."""
+
 
 class FleetEvidence:
     def __init__(self, fleet: Fleet, assignments: Assignments, replica: str = "") -> None:
@@ -148,6 +153,14 @@ class FleetEvidence:
     def generation(self) -> int:
         """Grows whenever any node anywhere came, went, ACKed or NACKed."""
         return self._fleet.generation + (self.remote.generation if self.remote else 0)
+
+    async def refresh_remote(self) -> None:
+        """The other replicas' evidence as they last wrote it, not as last read (up to a
+        heartbeat ago): a judgement that ends a wait must count every node written by now.
+        Without the database, what was last read stands."""
+        if self.remote is not None:
+            with contextlib.suppress(StoreError):
+                await self.remote.refresh()
 
     async def wait_progress(self, timeout: float) -> None:
         """Until this replica's fleet progresses, or `timeout` (other replicas' progress is

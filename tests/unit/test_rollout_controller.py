@@ -380,3 +380,42 @@ async def test_fleet_progress_counts_who_lags_as_convergence_does_and_follows_ea
         SimEnvoy.settle(envoy)
         assert evidence.progress("edge", V2.version).lagging == lagging
     assert evidence.convergence("edge", V2.version).lagging == []
+
+
+class NotYetRead:
+    """Another replica's evidence: what it wrote is seen only once `refresh` reads it."""
+
+    def __init__(self, written: list) -> None:  # type: ignore[type-arg]
+        self.generation = 0
+        self._written = written
+        self._read: list = []  # type: ignore[type-arg]
+
+    def nodes(self) -> list:  # type: ignore[type-arg]
+        return list(self._read)
+
+    async def refresh(self) -> None:
+        self._read = list(self._written)
+        self.generation += 1
+
+
+async def test_a_wait_for_convergence_counts_a_node_another_replica_wrote_and_was_not_read(
+    tmp_path,
+) -> None:
+    """Nodes here are all on v1, but another replica wrote a node that lags and this one had
+    not read it yet: the wait reads again before it ends, and does not report 1/1."""
+    from dataclasses import replace as changed
+
+    from tests.unit.test_evidence import evidence
+
+    p = await Plane(tmp_path, policies={}).load()
+    await p.publish(V1)
+    SimEnvoy(p, "web-0", canary=False)
+    elsewhere = changed(evidence(), group="edge")  # NACKed, on another version: lagging
+    evidence_here = FleetEvidence(p.fleet, p.assignments)
+    evidence_here.remote = NotYetRead([elsewhere])
+    controller = RolloutController(
+        p.store, p.assignments, p.fleet, {}, clock=p.clock, evidence=evidence_here
+    )
+    found = await controller.wait_for_convergence("edge", V1.version, since=p.clock(), timeout=0.3)
+    assert (found.total, found.acked) == (2, 1)
+    assert [node for node, _ in found.lagging] == ["edge-1"]
