@@ -212,7 +212,10 @@ def parse_resource(
     descriptor = message.DESCRIPTOR
     resources.load_types(any_types(body))  # what its typed_configs name, before parsing
     error = _parse_error(body, message)
-    findings = list(_check_message(body, descriptor, _At((), descriptor.name), error is not None))
+    if error is None and not _spelled_twice(body, descriptor):
+        findings: list[_Finding] = []
+    else:
+        findings = list(_check_message(body, descriptor, _At((), descriptor.name)))
     if error is not None and not findings:
         findings = [_Finding((), descriptor.name, _clean(error, descriptor.name))]
     for finding in findings:
@@ -312,12 +315,14 @@ class _Probe:
         return _parse_error(self.wrap(value), message)
 
 
-def _check_message(value: Any, descriptor: Descriptor, at: _At, probe: bool) -> Iterator[_Finding]:
-    """Problems in `value` read as a `descriptor` message.
+def _check_message(value: Any, descriptor: Descriptor, at: _At) -> Iterator[_Finding]:
+    """Where json_format's refusal of `value` as a `descriptor` message lies.
 
     Structural problems (unknown field, wrong shape, a field or oneof set twice under two
-    spellings, unknown Any type) are found by the walk itself. With `probe`, each scalar and
+    spellings, unknown Any type) are found by the walk itself; each scalar and
     well-known-type value is also parsed on its own, to find which one protobuf rejects.
+    Walked only after json_format refused, or after `_spelled_twice` (json_format refuses
+    every other problem found here).
     """
     if not isinstance(value, dict):
         yield _Finding(
@@ -325,7 +330,7 @@ def _check_message(value: Any, descriptor: Descriptor, at: _At, probe: bool) -> 
         )
         return
     if descriptor.full_name == _ANY:
-        yield from _check_any(value, at, probe)
+        yield from _check_any(value, at)
         return
     fields = _fields_by_key(descriptor)
     set_by_field: dict[str, str] = {}
@@ -349,11 +354,43 @@ def _check_message(value: Any, descriptor: Descriptor, at: _At, probe: bool) -> 
                 continue
             set_by_oneof[oneof.name] = key
         if sub is not None:
-            yield from _check_field(sub, key, field, descriptor, at.field(key, field), probe)
+            yield from _check_field(sub, key, field, descriptor, at.field(key, field))
+
+
+def _spelled_twice(value: Any, descriptor: Descriptor) -> bool:
+    """Whether a value json_format accepted sets some field twice, under its proto name and
+    its JSON name: json_format takes both (the last wins)."""
+    if descriptor.full_name == _ANY:
+        message_class = resources.message_class_for(value[TYPE_KEY])
+        descriptor = message_class.DESCRIPTOR
+        if _is_leaf(descriptor):
+            return False
+    fields = _fields_by_key(descriptor)
+    names = set()
+    for key, sub in value.items():
+        field = fields.get(key)
+        if field is None:  # "@type" of an Any
+            continue
+        if field.name in names:
+            return True
+        names.add(field.name)
+        message_type = field.message_type
+        if sub is None or message_type is None:
+            continue
+        if _is_map(field):
+            message_type = message_type.fields_by_name["value"].message_type
+            if message_type is None:
+                continue
+            sub = sub.values()
+        elif not field.is_repeated:
+            sub = (sub,)
+        if not _is_leaf(message_type) and any(_spelled_twice(v, message_type) for v in sub):
+            return True
+    return False
 
 
 def _check_field(
-    value: Any, key: str, field: FieldDescriptor, parent: Descriptor, at: _At, probe: bool
+    value: Any, key: str, field: FieldDescriptor, parent: Descriptor, at: _At
 ) -> Iterator[_Finding]:
     if _is_map(field):
         if not isinstance(value, dict):
@@ -362,39 +399,33 @@ def _check_field(
         value_field = field.message_type.fields_by_name["value"]
         for map_key, item in value.items():
             wrap = _wrapper(key, lambda v, k=map_key: {k: v})
-            yield from _check_value(
-                item, value_field, at.item(map_key), _Probe(parent, wrap), probe
-            )
+            yield from _check_value(item, value_field, at.item(map_key), _Probe(parent, wrap))
     elif field.is_repeated:
         if not isinstance(value, list):
             yield _Finding(at.path, at.field_path, f"expected a list, got {_kind(value)}")
             return
         for index, item in enumerate(value):
             wrap = _wrapper(key, lambda v: [v])
-            yield from _check_value(item, field, at.item(index), _Probe(parent, wrap), probe)
+            yield from _check_value(item, field, at.item(index), _Probe(parent, wrap))
     else:
-        yield from _check_value(value, field, at, _Probe(parent, _wrapper(key, None)), probe)
+        yield from _check_value(value, field, at, _Probe(parent, _wrapper(key, None)))
 
 
 def _wrapper(key: str, inner: Callable[[Any], Any] | None) -> Callable[[Any], dict[str, Any]]:
     return lambda value: {key: inner(value) if inner else value}
 
 
-def _check_value(
-    value: Any, field: FieldDescriptor, at: _At, probe: _Probe, probing: bool
-) -> Iterator[_Finding]:
+def _check_value(value: Any, field: FieldDescriptor, at: _At, probe: _Probe) -> Iterator[_Finding]:
     message_type = field.message_type
     if message_type is not None and not _is_leaf(message_type):
-        yield from _check_message(value, message_type, at, probing)
-        return
-    if not probing:
+        yield from _check_message(value, message_type, at)
         return
     error = probe.error(value)
     if error is not None:
         yield _Finding(at.path, at.field_path, _leaf_message(error, field, value, probe.parent))
 
 
-def _check_any(value: dict[str, Any], at: _At, probe: bool) -> Iterator[_Finding]:
+def _check_any(value: dict[str, Any], at: _At) -> Iterator[_Finding]:
     type_url = value.get(TYPE_KEY)
     if not isinstance(type_url, str) or not type_url:
         yield _Finding(at.path, at.field_path, 'missing "@type" (a type URL naming the message)')
@@ -406,12 +437,12 @@ def _check_any(value: dict[str, Any], at: _At, probe: bool) -> Iterator[_Finding
         return
     descriptor = message_class.DESCRIPTOR
     if _is_leaf(descriptor):  # {"@type": ..., "value": ...}
-        error = _parse_error(value, any_pb2.Any()) if probe else None
+        error = _parse_error(value, any_pb2.Any())
         if error is not None:
             yield _Finding(at.path, at.field_path, _clean(error, "Any"))
         return
     fields = {key: sub for key, sub in value.items() if key != TYPE_KEY}
-    yield from _check_message(fields, descriptor, at, probe)
+    yield from _check_message(fields, descriptor, at)
 
 
 # --- Helpers -------------------------------------------------------------------------------

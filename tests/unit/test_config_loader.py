@@ -312,6 +312,48 @@ def test_same_field_in_two_spellings_is_an_error(tmp_path: Path) -> None:
     )
 
 
+def test_same_field_in_two_spellings_deep_inside_an_any_is_an_error(tmp_path: Path) -> None:
+    tls = (
+        "  transport_socket:\n"
+        "    name: envoy.transport_sockets.tls\n"
+        "    typed_config:\n"
+        '      "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n'
+        "      common_tls_context: {alpn_protocols: [h2], alpnProtocols: [h2]}\n"
+    )
+    path = write(tmp_path, "c.yaml", CLUSTER_WEB + tls)
+    problem = only_problem(tmp_path)
+    assert problem.location == Location(str(path), 12)
+    assert problem.message == '"alpnProtocols" and "alpn_protocols" both set field alpn_protocols'
+
+
+# Each structural problem the locating walk names, on a resource json_format must refuse: the
+# loader walks a resource only after json_format refused it, so one it accepted would pass.
+STRUCTURAL_PROBLEMS = [
+    (
+        "  load_assignment: {cluster_name: web}\n  cluster_type: {name: custom}\n",
+        9,
+        '"cluster_type" and "type" are alternatives (cluster_discovery_type); set only one',
+    ),
+    ("  health_checks: {timeout: 1s}\n", 8, "expected a list, got mapping"),
+    ("  metadata: {filter_metadata: [1]}\n", 8, "expected a mapping, got list"),
+    ("  circuit_breakers: 3\n", 8, "expected a mapping (CircuitBreakers), got number"),
+    (
+        "  transport_socket: {name: tls, typed_config: {sni: x}}\n",
+        8,
+        'missing "@type" (a type URL naming the message)',
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "line", "message"), STRUCTURAL_PROBLEMS)
+def test_every_structural_problem_is_refused_and_located(
+    tmp_path: Path, extra: str, line: int, message: str
+) -> None:
+    path = write(tmp_path, "c.yaml", CLUSTER_WEB + extra)
+    problem = only_problem(tmp_path)
+    assert (problem.location, problem.message) == (Location(str(path), line), message)
+
+
 def test_duplicate_resource_name_across_files_names_both_locations(tmp_path: Path) -> None:
     first = write(tmp_path, "a.yaml", CLUSTER_WEB)
     second = write(tmp_path, "b.yaml", "# another copy\n" + CLUSTER_WEB)
