@@ -23,7 +23,7 @@ from controlplane.admin import limits
 from controlplane.admin.node_views import NodeConfigTooLarge, NodeViews
 from controlplane.admin.v1 import admin_pb2, admin_pb2_grpc
 from controlplane.config.lint import LintRefusal
-from controlplane.publish import build_snapshot
+from controlplane.publish import FieldRuleRefusal, build_snapshot
 from controlplane.redaction import redact_pem_keys, redact_resource
 from controlplane.resources import UnknownTypeError
 from controlplane.rollout.controller import (
@@ -44,7 +44,14 @@ from controlplane.xds.fleet import Fleet, NodeStatus
 
 log = structlog.get_logger("admin")
 
-_INVALID = (UnknownTypeError, DecodeError, ConsistencyError, DuplicateResourceError, LintRefusal)
+_INVALID = (
+    UnknownTypeError,
+    DecodeError,
+    ConsistencyError,
+    DuplicateResourceError,
+    FieldRuleRefusal,
+    LintRefusal,
+)
 
 # Calls that change what the fleet gets: they need the write role.
 MUTATING_METHODS = {

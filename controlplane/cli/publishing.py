@@ -1,4 +1,5 @@
-"""`xdsctl publish`: check a config directory here, show its diff, and send it.
+"""`xdsctl publish`: read a config directory, show its diff, and send it to be checked and
+stored.
 
 A group other than default that has no snapshot yet needs --create-group: without it the
 server refuses the publish and names the groups it knows, so a typo creates nothing.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -108,30 +110,19 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from controlplane.cli import authoring
     from controlplane.config import ConfigError, snapshot_of
     from controlplane.config.environments import load_config
-    from controlplane.config.field_rules import check_field_rules
-    from controlplane.config.lint import refusals
 
     try:
         config = load_config(args.directory, args.env)
-        # Envoy's own field rules: Envoy would NACK a violation, so it never leaves here.
-        if problems := check_field_rules(config.resources, config.sources):
-            raise ConfigError(problems)
-        snapshot = snapshot_of(config.resources)
+        try:
+            snapshot = snapshot_of(config.resources)
+        except ConfigError:
+            _refuse_if_invalid(args, config)  # field rules and lint speak first, as in validate
+            raise
     except ConfigError as error:
-        for problem in error.problems:
-            print(f"error: {problem}", file=sys.stderr)
+        _print_errors(error.problems)
         raise CommandError(
             f"{args.directory}: {len(error.problems)} error(s); nothing published"
         ) from None
-    # Error-level lint findings: what Envoy would NACK or what breaks traffic (the server
-    # refuses them too, by the same rule).
-    if found := refusals(config.resources, config.sources):
-        for finding in found:
-            print(authoring.lint_problem(finding).text(), file=sys.stderr)
-        raise CommandError(
-            f"{args.directory}: {len(found)} lint error(s), as `xdsctl validate` shows; "
-            "nothing published"
-        )
     request = admin_pb2.PublishRequest(
         group=args.group,
         message=args.message,
@@ -144,12 +135,17 @@ def cmd_publish(args: argparse.Namespace) -> int:
     )
     if error := limits.too_large("the publish request", request.ByteSize()):
         raise CommandError(f"{args.directory}: {error}; nothing published")
-    print(authoring.publish_preview(snapshot, args.group, args), file=sys.stderr)
+    # The server checks Envoy's field rules and the lint errors on every publish
+    # (controlplane.publish): they run here only to locate, in the files, what it refused.
     try:
+        print(authoring.publish_preview(snapshot, args.group, args), file=sys.stderr)
         response = call(args, lambda stub, md: _send(stub, md, request))
     except CutOffError as error:
         print(f"xdsctl: {cut_off_text(args, snapshot.version, error.reason)}", file=sys.stderr)
         return EXIT_MAYBE_STORED
+    except CommandError:
+        _refuse_if_invalid(args, config)
+        raise
     counts = ", ".join(f"{n} {t}" for t, n in sorted(response.counts.items()) if n)
     outcome = {
         "promoted": f"published {response.version} to group {args.group}",
@@ -162,3 +158,28 @@ def cmd_publish(args: argparse.Namespace) -> int:
         return follow.after_publish(args, response)
     print(as_json(response) if args.json else response.version)
     return EXIT_OK
+
+
+def _refuse_if_invalid(args: argparse.Namespace, config: Any) -> None:
+    """Raise CommandError, after printing each at its file and line, if the config breaks
+    Envoy's field rules (Envoy would NACK it) or has error-level lint findings (a NACK or
+    broken traffic): the rules the server refuses a publish by."""
+    from controlplane.cli import authoring
+    from controlplane.config.field_rules import check_field_rules
+    from controlplane.config.lint import refusals
+
+    if problems := check_field_rules(config.resources, config.sources):
+        _print_errors(problems)
+        raise CommandError(f"{args.directory}: {len(problems)} error(s); nothing published")
+    if found := refusals(config.resources, config.sources):
+        for finding in found:
+            print(authoring.lint_problem(finding).text(), file=sys.stderr)
+        raise CommandError(
+            f"{args.directory}: {len(found)} lint error(s), as `xdsctl validate` shows; "
+            "nothing published"
+        )
+
+
+def _print_errors(problems: Iterable[object]) -> None:
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)

@@ -69,6 +69,16 @@ CASES = {
         'resources:\n- "@type": type.googleapis.com/envoy.config.cluster.v3.Clustr\n  name: a\n',
         ["clusters.yaml:2", "envoy.config.cluster.v3.Clustr"],
     ),
+    "field rule": (
+        "clusters.yaml",
+        f'resources:\n- "@type": {CLUSTER}\n  name: a\n  type: EDS\n  connect_timeout: 0s\n'
+        "  eds_cluster_config: {eds_config: {ads: {}}}\n",
+        [
+            "clusters.yaml:5: Cluster.connect_timeout: must be greater than 0s",
+            "[validate: duration.gt]",
+            "1 error(s); nothing published",
+        ],
+    ),
     "dangling reference": (
         "endpoints.yaml",
         "resources: []\n",
@@ -195,3 +205,23 @@ def test_unreachable_server_is_a_clear_error(tmp_path) -> None:
     result = xdsctl("publish", str(config), "--server", f"127.0.0.1:{free_port()}", check=False)
     assert result.returncode == 1
     assert "cannot reach xdscp at" in result.stderr
+
+
+def test_an_invalid_config_is_located_in_its_files_even_when_no_server_answers(
+    tmp_path: Path,
+) -> None:
+    """The server checks field rules and lint on every publish; xdsctl checks them itself to
+    locate what was refused, and also when the server cannot be asked."""
+    from tests.integration.harness import xdsctl
+
+    config = edge_config.write(
+        tmp_path / "c",
+        listener_port=free_port(),
+        backends={"a": 1},
+        routes=[edge_config.route_to("zzz", "/z"), edge_config.route_to("a")],
+    )
+    result = xdsctl("publish", str(config), "--server", f"127.0.0.1:{free_port()}", check=False)
+    assert result.returncode == 1
+    assert 'sends traffic to cluster "zzz", which is not in the config' in result.stderr
+    assert "1 lint error(s), as `xdsctl validate` shows; nothing published" in result.stderr
+    assert "cannot reach" not in result.stderr

@@ -13,8 +13,9 @@ from google.protobuf import any_pb2
 from controlplane import resources
 from controlplane.config.environments import load_config
 from controlplane.config.lint import ERROR, RULES, LintRefusal, refusals
-from controlplane.publish import REQUEST_LOCATION, build_snapshot
+from controlplane.publish import REQUEST_LOCATION, FieldRuleRefusal, build_snapshot
 from tests.unit.test_lint import (
+    CLUSTER,
     FIRING,
     LISTENER,
     ROUTE,
@@ -158,6 +159,24 @@ def test_the_server_refuses_by_the_same_rule(tmp_path: Path) -> None:
     suppress(hosts(config)[0]["routes"][0], "unknown-cluster", "cluster x comes next week")
     snapshot = asyncio.run(build_snapshot(packed(tmp_path, config)))
     assert "routes" in snapshot.resources(ROUTE)
+
+
+def test_the_server_refuses_a_field_rule_violation_each_time_it_is_sent(tmp_path: Path) -> None:
+    """Any admin client, not only xdsctl (which locates them in its files): field rules are
+    checked by the server too, and a resource it has seen pass is not let through changed."""
+    config = clean()
+    assert asyncio.run(build_snapshot(packed(tmp_path, config)))
+    ssh = find(config, CLUSTER, "ssh")
+    ssh["connect_timeout"] = "0s"
+    for _ in range(2):
+        with pytest.raises(FieldRuleRefusal) as caught:
+            asyncio.run(build_snapshot(packed(tmp_path, config)))
+        assert caught.value.problems == [
+            "cluster ssh: Cluster.connect_timeout: must be greater than 0s, got 0s "
+            "[validate: duration.gt]"
+        ]
+    ssh["connect_timeout"] = "5s"
+    assert asyncio.run(build_snapshot(packed(tmp_path, config)))
 
 
 def test_a_route_naming_a_cluster_specifier_plugin_its_config_lacks_is_refused(
