@@ -12,7 +12,7 @@ import collections
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
 import structlog
@@ -23,7 +23,7 @@ from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from controlplane import resources
 from controlplane.observability.metrics import Metrics
-from controlplane.xds import first_sync, limits, ordering, wire
+from controlplane.xds import first_sync, limits, ordering
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.delta import DeltaStream
 from controlplane.xds.fleet import Fleet
@@ -64,9 +64,7 @@ LARGE_REQUEST_BYTES = 256 << 10  # about 6,000 names: a few milliseconds of work
 LARGE_REQUEST_PAUSE_SECONDS = 0.005
 NODE_ID_LOG_CHARS = 256  # node id and group in each log line of a stream
 
-_WAKE = object()  # the group's snapshot may have changed
-_TICK = object()  # the stream's next deadline has come
-_END = object()  # the client closed its side
+_INTERNAL_ERROR = "internal error; see the server log"
 
 # HTTP/2 keepalive on xDS connections. Envoy's `connection_keepalive` pings the server; with
 # gRPC's defaults, pings more often than every 5 minutes on a connection that sends no data
@@ -130,9 +128,7 @@ class XdsServer:
         request_type: type[Request],
         types: Iterable[str] | None,
     ) -> grpc.RpcMethodHandler:
-        async def handle(
-            request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[wire.Outgoing]:
+        async def handle(_: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
             stream = protocol(
                 next(self._ids),
                 self._assignments.resolve,
@@ -141,104 +137,11 @@ class XdsServer:
                 first_sync_timeout=self._first_sync_timeout,
                 certificate=self._certificate(context),
             )
-            async for payload in self._serve(stream, request_type, request_iterator, context):
-                yield wire.Outgoing(payload)
-                del payload  # not kept while the stream idles (see _serve)
+            await _Session(self, stream, request_type, context).run()
 
-        return grpc.stream_stream_rpc_method_handler(
-            handle, request_deserializer=None, response_serializer=wire.take
-        )
-
-    async def _serve(
-        self,
-        stream: XdsStream,
-        request_type: type[Request],
-        request_iterator: AsyncIterator[bytes],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[bytes]:
-        events = _Inbox()
-        reader = asyncio.create_task(_read_into(request_iterator, events))
-        bound = log.bind(stream_id=stream.stream_id, peer=context.peer())
-        converged_on: str | None = None
-        was_stuck = False
-        timer = _Timer(events)
-        nack_log = LogRateLimit(NACK_LOG_INTERVAL_SECONDS)  # per stream, by type
-        # Logged once per stream: ("type", URL) of types not served, ("secret", name) of
-        # secrets asked for and not served.
-        logged_once: set[tuple[str, str]] = set()
-        try:
-            while (event := await events.get()) is not _END:
-                if event is _TICK:
-                    sends = stream.on_tick()
-                elif event is _WAKE:
-                    if stream.node is None:
-                        continue
-                    before = stream.snapshot
-                    sends = stream.on_snapshot(self._assignments.resolve(stream.node))
-                    if stream.snapshot is not before:
-                        # Its evidence changed (the version it is assigned) even if nothing
-                        # needs sending, e.g. a rollback to what it still holds.
-                        self._fleet.progressed()
-                else:
-                    raw: bytes = event  # type: ignore[assignment]
-                    async with self._turn(len(raw)):
-                        kind, state, sends = stream.receive(_parse(request_type, raw))
-                    if stream not in self._fleet and stream.node is not None:
-                        self._fleet.add(stream, _QueueControl(events))
-                        bound = bound.bind(
-                            node_id=limits.clip(stream.node.id, NODE_ID_LOG_CHARS),
-                            group=limits.clip(stream.group or "", NODE_ID_LOG_CHARS),
-                        )
-                        bound.info("stream opened", protocol=stream.protocol)
-                    self._record_request(bound, stream, kind, state, nack_log, logged_once)
-                    if kind in (RequestKind.ACK, RequestKind.NACK):
-                        self._fleet.progressed()
-                    converged_on = self._record_convergence(stream, converged_on)
-                # Nothing here keeps a response once written: an idle stream would hold its
-                # last one (see wire.Outgoing).
-                for send in sends:
-                    self._record_send(bound, stream, send)
-                    yield send.payload
-                    del send
-                del sends
-                if stream.stuck != was_stuck:
-                    was_stuck = stream.stuck
-                    self._record_stuck(bound, stream)
-                timer.set(stream.next_deadline())
-        except RemoteProtocolError as error:
-            suppressed = self._error_log.allow(error.reason, time.monotonic())
-            if suppressed is not None:
-                bound.warning(
-                    "protocol error",
-                    reason=error.reason,
-                    error=limits.clip(str(error)),
-                    suppressed=suppressed,
-                )
-            self._metrics.stream_errors.labels(error.reason).inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, limits.clip(str(error)))
-        except IdentityRefused as error:
-            suppressed = self._error_log.allow(error.reason, time.monotonic())
-            if suppressed is not None:
-                bound.warning(
-                    "identity refused",
-                    reason=error.reason,
-                    node_id=limits.clip(error.node_id, NODE_ID_LOG_CHARS),
-                    group=limits.clip(error.group, NODE_ID_LOG_CHARS),
-                    error=limits.clip(str(error)),
-                    suppressed=suppressed,
-                )
-            self._metrics.identity_refusals.labels(error.reason).inc()
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, limits.clip(str(error)))
-        except Exception:  # a bug of ours: logged in full here, never shown to the client
-            bound.exception("stream failed", reason="internal")
-            self._metrics.stream_errors.labels("internal").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-        finally:
-            reader.cancel()
-            timer.set(None)
-            if stream in self._fleet:
-                self._fleet.remove(stream)
-                bound.info("stream closed")
+        # No (de)serializers: a request is parsed by the session (after its size is known),
+        # and a response leaves as the bytes the stream encoded.
+        return grpc.stream_stream_rpc_method_handler(handle)
 
     def _certificate(self, context: grpc.aio.ServicerContext) -> Certificate | None:
         """The client's certificate; None on the Unix socket or when mTLS is off."""
@@ -388,37 +291,210 @@ class LogRateLimit:
         return suppressed
 
 
-class _Inbox:
-    """What a stream's loop handles next, in order: requests, wake-ups, ticks, the end. One
-    reader, never full. Every idle stream holds one, so it is one deque and a future rather
-    than an asyncio.Queue (four deques, ~3 KB)."""
+class _Session:
+    """One stream's shell. Its handler reads requests; wake-ups (the group's snapshot may
+    have changed) and ticks (the stream's deadline came) arrive as loop callbacks between
+    reads. Each event runs the sans-IO stream to completion, without awaiting, and queues
+    what it sends; one writer at a time drains the queue, in order. So a stream costs one
+    task while idle, and a push to it one callback and one short task (as the bench's floor).
+    """
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = (
+        "bound",
+        "context",
+        "converged_on",
+        "ending",
+        "logged_once",
+        "nack_log",
+        "outbox",
+        "request_type",
+        "server",
+        "stream",
+        "task",
+        "timer",
+        "wake_due",
+        "was_stuck",
+        "writer",
+    )
 
-    def __init__(self) -> None:
-        self._items: collections.deque[object] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
+    def __init__(
+        self,
+        server: XdsServer,
+        stream: XdsStream,
+        request_type: type[Request],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        self.server = server
+        self.stream = stream
+        self.request_type = request_type
+        self.context = context
+        self.bound: BoundLogger = log.bind(stream_id=stream.stream_id, peer=context.peer())
+        self.outbox: collections.deque[bytes] = collections.deque()
+        self.writer: asyncio.Task[None] | None = None  # draining the outbox, if any
+        self.wake_due = False
+        # Set by close() (OK) or by a failure outside the handler: why the handler ends.
+        self.ending: tuple[grpc.StatusCode, str] | None = None
+        self.task = asyncio.current_task()
+        self.timer = _Timer(self._on_tick)
+        self.converged_on: str | None = None
+        self.was_stuck = False
+        self.nack_log = LogRateLimit(NACK_LOG_INTERVAL_SECONDS)  # by type
+        # Logged once per stream: ("type", URL) of types not served, ("secret", name) of
+        # secrets asked for and not served.
+        self.logged_once: set[tuple[str, str]] = set()
 
-    def put_nowait(self, item: object) -> None:
-        self._items.append(item)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+    async def run(self) -> None:
+        server, bound = self.server, self.bound
+        try:
+            while (raw := await self.context.read()) is not grpc.aio.EOF:
+                await self._on_request(raw)  # type: ignore[arg-type]
+                del raw  # not kept while the stream idles
+                if self.outbox and self.writer is None:
+                    await self._drain()
+        except asyncio.CancelledError:
+            if self.ending is None:
+                raise  # gRPC ended the call
+            self.task.uncancel()  # type: ignore[union-attr]
+            code, message = self.ending
+            if code is not grpc.StatusCode.OK:
+                await self.context.abort(code, message)
+        except RemoteProtocolError as error:
+            suppressed = server._error_log.allow(error.reason, time.monotonic())
+            if suppressed is not None:
+                bound.warning(
+                    "protocol error",
+                    reason=error.reason,
+                    error=limits.clip(str(error)),
+                    suppressed=suppressed,
+                )
+            server._metrics.stream_errors.labels(error.reason).inc()
+            await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, limits.clip(str(error)))
+        except IdentityRefused as error:
+            suppressed = server._error_log.allow(error.reason, time.monotonic())
+            if suppressed is not None:
+                bound.warning(
+                    "identity refused",
+                    reason=error.reason,
+                    node_id=limits.clip(error.node_id, NODE_ID_LOG_CHARS),
+                    group=limits.clip(error.group, NODE_ID_LOG_CHARS),
+                    error=limits.clip(str(error)),
+                    suppressed=suppressed,
+                )
+            server._metrics.identity_refusals.labels(error.reason).inc()
+            await self.context.abort(grpc.StatusCode.PERMISSION_DENIED, limits.clip(str(error)))
+        except Exception:  # a bug of ours: logged in full here, never shown to the client
+            self._log_failure()
+            await self.context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_ERROR)
+        finally:
+            self.timer.set(None)
+            if self.writer is not None:
+                self.writer.cancel()
+            if self.stream in server._fleet:
+                server._fleet.remove(self.stream)
+                self.bound.info("stream closed")
 
-    async def get(self) -> object:
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._items.popleft()
+    async def _on_request(self, raw: bytes) -> None:
+        server, stream = self.server, self.stream
+        async with server._turn(len(raw)):
+            kind, state, sends = stream.receive(_parse(self.request_type, raw))
+        if stream not in server._fleet and stream.node is not None:
+            server._fleet.add(stream, self)
+            self.bound = self.bound.bind(
+                node_id=limits.clip(stream.node.id, NODE_ID_LOG_CHARS),
+                group=limits.clip(stream.group or "", NODE_ID_LOG_CHARS),
+            )
+            self.bound.info("stream opened", protocol=stream.protocol)
+        server._record_request(self.bound, stream, kind, state, self.nack_log, self.logged_once)
+        if kind in (RequestKind.ACK, RequestKind.NACK):
+            server._fleet.progressed()
+        self.converged_on = server._record_convergence(stream, self.converged_on)
+        self._queue(sends)
+
+    def _queue(self, sends: list[Send]) -> None:
+        for send in sends:
+            self.server._record_send(self.bound, self.stream, send)
+            self.outbox.append(send.payload)
+        if self.stream.stuck != self.was_stuck:
+            self.was_stuck = self.stream.stuck
+            self.server._record_stuck(self.bound, self.stream)
+        self.timer.set(self.stream.next_deadline())
+
+    async def _drain(self) -> None:
+        """Write the queued responses in order; one caller at a time (self.writer)."""
+        self.writer = asyncio.current_task()
+        try:
+            while self.outbox:
+                await self.context.write(self.outbox.popleft())
+        except Exception:  # the call ended under the write: the handler sees it and ends
+            self.outbox.clear()
+        finally:
+            self.writer = None
+
+    def _start_drain(self) -> None:
+        if self.outbox and self.writer is None:
+            self.writer = asyncio.get_running_loop().create_task(self._drain())
+
+    # --- StreamControl: what the fleet asks -----------------------------------------------
+
+    def wake(self) -> None:
+        """The group's snapshot may have changed: looked at once, however often asked."""
+        if not self.wake_due:
+            self.wake_due = True
+            asyncio.get_running_loop().call_soon(self._on_wake)
+
+    def close(self) -> None:
+        """End the stream cleanly (OK), as on shutdown."""
+        self._end(grpc.StatusCode.OK, "")
+
+    # --- Events outside the handler -------------------------------------------------------
+
+    def _on_wake(self) -> None:
+        self.wake_due = False
+        stream = self.stream
+        if stream.node is None or self.ending is not None:
+            return
+        try:
+            before = stream.snapshot
+            sends = stream.on_snapshot(self.server._assignments.resolve(stream.node))
+            if stream.snapshot is not before:
+                # Its evidence changed (the version it is assigned) even if nothing needs
+                # sending, e.g. a rollback to what it still holds.
+                self.server._fleet.progressed()
+            self._queue(sends)
+        except Exception:
+            self._log_failure()
+            self._end(grpc.StatusCode.INTERNAL, _INTERNAL_ERROR)
+            return
+        self._start_drain()
+
+    def _on_tick(self) -> None:
+        if self.ending is not None:
+            return
+        try:
+            self._queue(self.stream.on_tick())
+        except Exception:
+            self._log_failure()
+            self._end(grpc.StatusCode.INTERNAL, _INTERNAL_ERROR)
+            return
+        self._start_drain()
+
+    def _end(self, code: grpc.StatusCode, message: str) -> None:
+        if self.ending is None and self.task is not None:
+            self.ending = (code, message)
+            self.task.cancel()
+
+    def _log_failure(self) -> None:
+        self.bound.exception("stream failed", reason="internal")
+        self.server._metrics.stream_errors.labels("internal").inc()
 
 
 class _Timer:
     """At most one pending tick for a stream, at the deadline it last asked for."""
 
-    def __init__(self, events: _Inbox) -> None:
-        self._events = events
+    __slots__ = ("_deadline", "_fire", "_handle")
+
+    def __init__(self, fire: Callable[[], None]) -> None:
+        self._fire = fire
         self._deadline: float | None = None
         self._handle: asyncio.TimerHandle | None = None
 
@@ -431,22 +507,11 @@ class _Timer:
         self._deadline = deadline
         if deadline is not None:
             delay = max(0.0, deadline - time.monotonic())  # streams' deadline clock
-            self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
+            self._handle = asyncio.get_running_loop().call_later(delay, self._fired)
 
-    def _fire(self) -> None:
+    def _fired(self) -> None:
         self._deadline = self._handle = None
-        self._events.put_nowait(_TICK)
-
-
-class _QueueControl:
-    def __init__(self, events: _Inbox) -> None:
-        self._events = events
-
-    def wake(self) -> None:
-        self._events.put_nowait(_WAKE)
-
-    def close(self) -> None:
-        self._events.put_nowait(_END)
+        self._fire()
 
 
 def _parse(request_type: type[Request], raw: bytes) -> Request:
@@ -457,13 +522,3 @@ def _parse(request_type: type[Request], raw: bytes) -> Request:
         raise RemoteProtocolError(
             f"malformed {name}: {len(raw):,} bytes that do not decode", "malformed"
         ) from None
-
-
-async def _read_into(request_iterator: AsyncIterator[bytes], events: _Inbox) -> None:
-    try:
-        async for raw in request_iterator:
-            events.put_nowait(raw)
-    except (asyncio.CancelledError, grpc.aio.AioRpcError):
-        pass
-    finally:
-        events.put_nowait(_END)

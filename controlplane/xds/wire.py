@@ -32,21 +32,3 @@ def delta_response(
         control_plane=_CONTROL_PLANE,
     )
     return header.SerializeToString() + entries
-
-
-class Outgoing:
-    """A response on its way to gRPC, already encoded. gRPC's server loop keeps the last
-    message a handler yielded until the next one comes, which for an idle stream is forever:
-    the serializer (`take`) empties the box, so what stays is the box, not the response
-    (a 200-cluster RDS response is ~13 KB, per idle stream)."""
-
-    __slots__ = ("payload",)
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-
-
-def take(message: Outgoing) -> bytes:
-    """gRPC response serializer: the encoded response, taken out of its box."""
-    payload, message.payload = message.payload, b""
-    return payload

@@ -102,7 +102,8 @@ def check_steps(numbers: dict[str, Any], protocol: str, rounds: int) -> None:
             responses = {t: n for t, n in step["responses"].items() if n}
             assert responses == {"CDS": NODES, "EDS": NODES, "RDS": NODES}, step
             assert step["types_pushed"] == 3
-            assert step["cpu_ms_per_push_per_node"] > 0
+            # Read in clock ticks (10 ms): a step of a few dozen nodes may take less than one.
+            assert step["cpu_ms_per_push_per_node"] >= 0
         memory = server["memory"]
         assert memory["streams"] == NODES
         assert memory["rss_idle_kib"] > 0 and "per_stream_kib" in memory

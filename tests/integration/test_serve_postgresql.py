@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,7 +145,14 @@ def test_a_postgresql_restart_while_serving_keeps_envoy_served_and_loses_nothing
             plane, tmp_path / "v2", port, backends=backends, routes=[edge_config.route_to("b")]
         )
         wait_for(lambda: serving(hello, "backend=b path=/hello"), what="v2 after the DB is back")
-        history = json.loads(plane.xdsctl("snapshots", "--json").stdout)
+
+        def history_with_v2_last_good() -> dict[str, Any] | None:
+            # The gate records last_good once the fleet ACKed v2: read the history after it.
+            found = json.loads(plane.xdsctl("snapshots", "--json").stdout)
+            pointers = found["groups"]["edge"]["pointers"]
+            return found if pointers.get("last_good") == published else None
+
+        history = wait_for(history_with_v2_last_good, what="v2 recorded as last good")
         assert published in json.dumps(history)
     finally:
         assert plane.stop() == 0
