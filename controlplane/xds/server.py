@@ -8,7 +8,6 @@ nothing else. Time reaches a stream only as a tick at the deadline it asks for.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import time
@@ -65,6 +64,7 @@ LARGE_REQUEST_PAUSE_SECONDS = 0.005
 NODE_ID_LOG_CHARS = 256  # node id and group in each log line of a stream
 
 _INTERNAL_ERROR = "internal error; see the server log"
+_STRAIGHT_THROUGH = contextlib.nullcontext()  # the turn of a small request (stateless)
 
 # HTTP/2 keepalive on xDS connections. Envoy's `connection_keepalive` pings the server; with
 # gRPC's defaults, pings more often than every 5 minutes on a connection that sends no data
@@ -149,13 +149,15 @@ class XdsServer:
             return None
         return Certificate.from_auth_context(self._trust_domain, context.auth_context())
 
-    @contextlib.asynccontextmanager
-    async def _turn(self, request_bytes: int) -> AsyncIterator[None]:
+    def _turn(self, request_bytes: int) -> contextlib.AbstractAsyncContextManager[None]:
         """Large requests are handled one at a time, each followed by a pause in which
         everything else that is ready runs; small ones go straight through."""
         if request_bytes <= LARGE_REQUEST_BYTES:
-            yield
-            return
+            return _STRAIGHT_THROUGH
+        return self._large_turn()
+
+    @contextlib.asynccontextmanager
+    async def _large_turn(self) -> AsyncIterator[None]:
         async with self._large_requests:
             yield
             await asyncio.sleep(LARGE_REQUEST_PAUSE_SECONDS)
@@ -311,6 +313,7 @@ class _Session:
         "server",
         "stream",
         "task",
+        "tick_due",
         "timer",
         "wake_due",
         "was_stuck",
@@ -329,9 +332,11 @@ class _Session:
         self.request_type = request_type
         self.context = context
         self.bound: BoundLogger = log.bind(stream_id=stream.stream_id, peer=context.peer())
-        self.outbox: collections.deque[bytes] = collections.deque()
+        # (type URL, encoded response): a list, not a deque (760 bytes even when empty)
+        self.outbox: list[tuple[str, bytes]] = []
         self.writer: asyncio.Task[None] | None = None  # draining the outbox, if any
         self.wake_due = False
+        self.tick_due = False  # a deadline came while writing: looked at when the writes end
         # Set by close() (OK) or by a failure outside the handler: why the handler ends.
         self.ending: tuple[grpc.StatusCode, str] | None = None
         self.task = asyncio.current_task()
@@ -350,6 +355,7 @@ class _Session:
                 await self._on_request(raw)  # type: ignore[arg-type]
                 del raw  # not kept while the stream idles
                 if self.outbox and self.writer is None:
+                    self.writer = self.task
                     await self._drain()
         except asyncio.CancelledError:
             if self.ending is None:
@@ -413,18 +419,25 @@ class _Session:
     def _queue(self, sends: list[Send]) -> None:
         for send in sends:
             self.server._record_send(self.bound, self.stream, send)
-            self.outbox.append(send.payload)
+            self.outbox.append((send.type_url, send.payload))
         if self.stream.stuck != self.was_stuck:
             self.was_stuck = self.stream.stuck
             self.server._record_stuck(self.bound, self.stream)
         self.timer.set(self.stream.next_deadline())
 
     async def _drain(self) -> None:
-        """Write the queued responses in order; one caller at a time (self.writer)."""
-        self.writer = asyncio.current_task()
+        """Write the queued responses in order: run by the task its caller set as
+        self.writer, one at a time."""
         try:
             while self.outbox:
-                await self.context.write(self.outbox.popleft())
+                batch, self.outbox = self.outbox, []  # what is queued meanwhile comes next
+                for type_url, payload in batch:
+                    await self.context.write(payload)
+                    self.stream.on_written(type_url)
+                self.timer.set(self.stream.next_deadline())
+                if self.tick_due:
+                    self.tick_due = False
+                    self._tick()
         except Exception:  # the call ended under the write: the handler sees it and ends
             self.outbox.clear()
         finally:
@@ -470,13 +483,23 @@ class _Session:
     def _on_tick(self) -> None:
         if self.ending is not None:
             return
+        if self.writer is not None:
+            # Deadlines counted from a response (stream.on_written) start when it is
+            # written: look once the writes in progress are done.
+            self.tick_due = True
+            return
+        if self._tick():
+            self._start_drain()
+
+    def _tick(self) -> bool:
+        """The stream's deadline came: queue what it sends. False if that failed."""
         try:
             self._queue(self.stream.on_tick())
         except Exception:
             self._log_failure()
             self._end(grpc.StatusCode.INTERNAL, _INTERNAL_ERROR)
-            return
-        self._start_drain()
+            return False
+        return True
 
     def _end(self, code: grpc.StatusCode, message: str) -> None:
         if self.ending is None and self.task is not None:

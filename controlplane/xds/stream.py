@@ -401,18 +401,27 @@ class XdsStream:
         self._check_first_sync()
         return sends
 
+    def on_written(self, type_url: str) -> None:
+        """The shell finished writing a response of `type_url`. A subscription change that
+        response makes due is waited for from now (ordering.SUBSCRIPTION_GRACE_SECONDS), not
+        from when it was built: the client asks only once it has the response, and a large
+        one queued behind a fleet's worth of others can take longer than the grace to leave.
+        """
+        dependent_url = ordering.SUBSCRIBES_AFTER.get(type_url)
+        dependent = self.types.get(dependent_url) if dependent_url else None
+        if dependent is not None and dependent.subscription_due_by is not None:
+            due_by = self._monotonic() + ordering.SUBSCRIPTION_GRACE_SECONDS
+            dependent.subscription_due_by = max(dependent.subscription_due_by, due_by)
+
     def next_deadline(self) -> float | None:
         """When (on the monotonic clock) a type held back is released anyway, or the first
         sync runs out of time, if either is due."""
         now = self._monotonic()
-        deadlines = [
-            deadline
-            for state in self.types.values()
-            if state.subscribed and (deadline := self._held_until(state, now)) is not None
-        ]
-        if self._first_sync_due is not None:
-            deadlines.append(self._first_sync_due)
-        return min(deadlines, default=None)
+        soonest = self._first_sync_due
+        for state in self.types.values():
+            if state.subscribed and (held := self._held_until(state, now)) is not None:
+                soonest = held if soonest is None else min(soonest, held)
+        return soonest
 
     @property
     def stuck(self) -> bool:
@@ -524,17 +533,18 @@ class XdsStream:
     def _held_until(self, state: TypeState, now: float) -> float | None:
         """When `state`'s type stops waiting for the types ordering.WAITS_FOR names, or None
         if it is not waiting."""
-        deadlines = []
+        latest: float | None = None
         for blocker_url in ordering.blockers(state.type_url):
             blocker = self.types.get(blocker_url)
             if blocker is None or blocker.unacked_since is None:
                 continue
             deadline = blocker.unacked_since + self._warming_timeout
-            if deadline > now:
-                deadlines.append(deadline)
-        if state.subscription_due_by is not None and state.subscription_due_by > now:
-            deadlines.append(state.subscription_due_by)
-        return max(deadlines, default=None)
+            if deadline > now and (latest is None or deadline > latest):
+                latest = deadline
+        due_by = state.subscription_due_by
+        if due_by is not None and due_by > now and (latest is None or due_by > latest):
+            latest = due_by
+        return latest
 
     def _send_due(self) -> list[Send]:
         sends: list[Send] = []

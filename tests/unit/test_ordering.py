@@ -152,6 +152,27 @@ def test_endpoints_of_added_clusters_go_out_once_when_the_client_asks_for_them(p
 
 
 @protocols
+def test_the_wait_for_endpoints_counts_from_when_the_cds_response_was_written(protocol) -> None:
+    """A large CDS response queued behind a fleet's worth of others can take longer than the
+    grace to leave the server; the client asks only once it has it."""
+    client = Client(protocol, config("a"))
+    client.connect_and_sync()
+    built = client.now
+    assert types(client.publish(config("a", "b", route_to="b"))) == [CLUSTER]
+    client.now += 1.5
+    client.stream.on_written(CLUSTER)
+    assert client.stream.next_deadline() == client.now + SUBSCRIPTION_GRACE_SECONDS
+    client.now += SUBSCRIPTION_GRACE_SECONDS - 0.5  # past the grace counted from building it
+    assert client.stream.on_tick() == []
+    [eds] = client.subscribe(ENDPOINT, ("a", "b"), client.stream.types[ENDPOINT].latest_nonce)
+    if protocol == "delta":
+        assert delta_names(eds) == (["b"], [])
+    # Written again after the client asked: only the routes to b still wait (for b to warm).
+    client.stream.on_written(CLUSTER)
+    assert client.stream.next_deadline() == built + WARMING_TIMEOUT
+
+
+@protocols
 def test_endpoints_go_out_anyway_if_the_client_does_not_ask_in_time(protocol) -> None:
     client = Client(protocol, config("a"))
     client.connect_and_sync()
