@@ -239,6 +239,23 @@ def test_clients_moving_between_the_same_versions_share_one_diff_and_stay_correc
     assert sorted(decode(own).removed_resources) == ["b", "z"]
 
 
+def test_clients_starting_empty_share_their_first_answer_and_what_they_then_hold() -> None:
+    """An idle fleet keeps one copy of what its clients hold, not one per stream."""
+    from controlplane.xds import delta
+
+    delta._TRANSITIONS.clear()
+    first, second = Envoy(snapshot("a", "b")), Envoy(snapshot("a", "b"))
+    [one], [two] = first.send(request(CLUSTER)), second.send(request(CLUSTER))
+    assert len(delta._TRANSITIONS) == 1
+    assert one.payload == two.payload.replace(two.nonce.encode(), one.nonce.encode())
+    held = first.stream.types[CLUSTER].held
+    assert held is second.stream.types[CLUSTER].held
+    assert held == {n: r.version for n, r in first.current.resources(CLUSTER).items()}
+    # Shared, so never changed in place: a NACK gives the stream its own.
+    first.send(request(CLUSTER, nonce=one.nonce, error="no"))
+    assert second.stream.types[CLUSTER].held == held
+
+
 def test_resubscribing_to_a_name_the_client_holds_sends_it_again() -> None:
     envoy = Envoy(snapshot("a", "b"))
     [cds] = envoy.send(request(CLUSTER, subscribe=("a",)))
