@@ -299,6 +299,8 @@ class _Session:
     reads. Each event runs the sans-IO stream to completion, without awaiting, and queues
     what it sends; one writer at a time drains the queue, in order. So a stream costs one
     task while idle, and a push to it one callback and one short task (as the bench's floor).
+    While a write is in progress, wake-ups and ticks wait for it and the next request is not
+    read: a client that reads slowly holds one event's responses, never a backlog.
     """
 
     __slots__ = (
@@ -352,6 +354,11 @@ class _Session:
         server, bound = self.server, self.bound
         try:
             while (raw := await self.context.read()) is not grpc.aio.EOF:
+                if self.writer is not None:
+                    # A request is handled once what is queued is written: a client that
+                    # reads no responses is read no further (its requests wait in gRPC's
+                    # flow-controlled window), and nothing piles up here.
+                    await self.writer
                 await self._on_request(raw)  # type: ignore[arg-type]
                 del raw  # not kept while the stream idles
                 if self.outbox and self.writer is None:
@@ -435,6 +442,10 @@ class _Session:
                     await self.context.write(payload)
                     self.stream.on_written(type_url)
                 self.timer.set(self.stream.next_deadline())
+                # What came while writing, looked at now: a stream that writes slowly
+                # holds one event's responses at a time, however often it is woken.
+                if self.wake_due:
+                    self._wake()
                 if self.tick_due:
                     self.tick_due = False
                     self._tick()
@@ -450,10 +461,12 @@ class _Session:
     # --- StreamControl: what the fleet asks -----------------------------------------------
 
     def wake(self) -> None:
-        """The group's snapshot may have changed: looked at once, however often asked."""
+        """The group's snapshot may have changed: looked at once, however often asked (by
+        the writer when its writes are done, if one is writing)."""
         if not self.wake_due:
             self.wake_due = True
-            asyncio.get_running_loop().call_soon(self._on_wake)
+            if self.writer is None:
+                asyncio.get_running_loop().call_soon(self._on_wake)
 
     def close(self) -> None:
         """End the stream cleanly (OK), as on shutdown."""
@@ -462,6 +475,12 @@ class _Session:
     # --- Events outside the handler -------------------------------------------------------
 
     def _on_wake(self) -> None:
+        if self.writer is None and self.wake_due:  # (else the writer looks when done)
+            self._wake()
+            self._start_drain()
+
+    def _wake(self) -> None:
+        """Queue what the stream's current snapshot sends."""
         self.wake_due = False
         stream = self.stream
         if stream.node is None or self.ending is not None:
@@ -477,8 +496,6 @@ class _Session:
         except Exception:
             self._log_failure()
             self._end(grpc.StatusCode.INTERNAL, _INTERNAL_ERROR)
-            return
-        self._start_drain()
 
     def _on_tick(self) -> None:
         if self.ending is not None:
@@ -488,18 +505,16 @@ class _Session:
             # written: look once the writes in progress are done.
             self.tick_due = True
             return
-        if self._tick():
-            self._start_drain()
+        self._tick()
+        self._start_drain()
 
-    def _tick(self) -> bool:
-        """The stream's deadline came: queue what it sends. False if that failed."""
+    def _tick(self) -> None:
+        """The stream's deadline came: queue what it sends."""
         try:
             self._queue(self.stream.on_tick())
         except Exception:
             self._log_failure()
             self._end(grpc.StatusCode.INTERNAL, _INTERNAL_ERROR)
-            return False
-        return True
 
     def _end(self, code: grpc.StatusCode, message: str) -> None:
         if self.ending is None and self.task is not None:
