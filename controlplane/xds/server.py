@@ -351,7 +351,7 @@ class _Session:
         self.logged_once: set[tuple[str, str]] = set()
 
     async def run(self) -> None:
-        server, bound = self.server, self.bound
+        server = self.server
         try:
             while (raw := await self.context.read()) is not grpc.aio.EOF:
                 if self.writer is not None:
@@ -374,7 +374,7 @@ class _Session:
         except RemoteProtocolError as error:
             suppressed = server._error_log.allow(error.reason, time.monotonic())
             if suppressed is not None:
-                bound.warning(
+                self.bound.warning(
                     "protocol error",
                     reason=error.reason,
                     error=limits.clip(str(error)),
@@ -385,7 +385,7 @@ class _Session:
         except IdentityRefused as error:
             suppressed = server._error_log.allow(error.reason, time.monotonic())
             if suppressed is not None:
-                bound.warning(
+                self.bound.warning(
                     "identity refused",
                     reason=error.reason,
                     node_id=limits.clip(error.node_id, NODE_ID_LOG_CHARS),

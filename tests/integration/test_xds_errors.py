@@ -224,3 +224,16 @@ def test_per_type_cluster_service_serves_clusters(channel) -> None:
     assert response.type_url == resources.CLUSTER
     assert [r.type_url for r in response.resources] == [resources.CLUSTER]
     client.close()
+
+
+def test_a_protocol_error_later_in_a_stream_is_logged_with_its_node(control_plane, channel):
+    client = Client(channel)
+    client.send(first_request(resources.CLUSTER))
+    assert client.receive().type_url == resources.CLUSTER
+    client.send(b"\xff\xff not a DiscoveryRequest")
+    with pytest.raises(grpc.RpcError) as caught:
+        client.receive()
+    client.close()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [warning] = [e for e in control_plane.log_events() if e["event"] == "protocol error"]
+    assert (warning["reason"], warning["node_id"], warning["group"]) == ("malformed", "t-1", "default")
