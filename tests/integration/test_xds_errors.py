@@ -236,4 +236,5 @@ def test_a_protocol_error_later_in_a_stream_is_logged_with_its_node(control_plan
     client.close()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     [warning] = [e for e in control_plane.log_events() if e["event"] == "protocol error"]
-    assert (warning["reason"], warning["node_id"], warning["group"]) == ("malformed", "t-1", "default")
+    logged = (warning["reason"], warning["node_id"], warning["group"])
+    assert logged == ("malformed", "t-1", "default")
