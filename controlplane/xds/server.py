@@ -502,16 +502,23 @@ class _Session:
             return
         if self.writer is not None:
             # Deadlines counted from a response (stream.on_written) start when it is
-            # written: look once the writes in progress are done.
+            # written: look once the writes in progress are done. A first sync that ran
+            # out of time is marked now (a write may never end).
             self.tick_due = True
+            self._tick(send=False)
             return
         self._tick()
         self._start_drain()
 
-    def _tick(self) -> None:
-        """The stream's deadline came: queue what it sends."""
+    def _tick(self, *, send: bool = True) -> None:
+        """The stream's deadline came: queue what it sends or, without `send`, only mark a
+        first sync that ran out of time."""
         try:
-            self._queue(self.stream.on_tick())
+            if send:
+                self._queue(self.stream.on_tick())
+            else:
+                self.stream.check_first_sync()
+                self._queue([])
         except Exception:
             self._log_failure()
             self._end(grpc.StatusCode.INTERNAL, _INTERNAL_ERROR)

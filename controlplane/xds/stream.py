@@ -401,6 +401,12 @@ class XdsStream:
         self._check_first_sync()
         return sends
 
+    def check_first_sync(self) -> None:
+        """Time passed while the shell cannot send (a write is in progress): mark a first
+        sync that ran out of time, and leave what stopped waiting to `on_tick`, once the
+        shell can send."""
+        self._check_first_sync()
+
     def on_written(self, type_url: str) -> None:
         """The shell finished writing a response of `type_url`. A subscription change that
         response makes due is waited for from now (ordering.SUBSCRIPTION_GRACE_SECONDS), not
