@@ -57,30 +57,30 @@ def _digest(*parts: bytes) -> str:
 
 @dataclass(frozen=True)
 class Resource:
-    """One resource, serialized once, with its ready-to-send response fields: `wire_entry`
-    for state of the world (an Any) and `delta_entry` for delta (a Resource with its
-    name and version)."""
+    """One resource, serialized once, with its ready-to-send response fields, each built
+    the first time a response needs it (a fleet on one protocol never needs the other's,
+    and xdsctl's snapshots never send): `wire_entry` for state of the world (an Any) and
+    `delta_entry` for delta (a Resource with its name and version)."""
 
     type_url: str
     name: str
     body: bytes
     version: str = field(init=False)
-    wire_entry: bytes = field(init=False, repr=False)
-    delta_entry: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "version", _digest(self.body))
+
+    @cached_property
+    def wire_entry(self) -> bytes:
+        packed = any_pb2.Any(type_url=self.type_url, value=self.body).SerializeToString()
+        return _ANY_RESOURCES_TAG + _varint(len(packed)) + packed
+
+    @cached_property
+    def delta_entry(self) -> bytes:
         packed = any_pb2.Any(type_url=self.type_url, value=self.body)
-        version = _digest(self.body)
-        packed_bytes = packed.SerializeToString()
-        delta = discovery_pb2.Resource(name=self.name, version=version, resource=packed)
-        delta_bytes = delta.SerializeToString()
-        object.__setattr__(self, "version", version)
-        object.__setattr__(
-            self, "wire_entry", _ANY_RESOURCES_TAG + _varint(len(packed_bytes)) + packed_bytes
-        )
-        object.__setattr__(
-            self, "delta_entry", _DELTA_RESOURCES_TAG + _varint(len(delta_bytes)) + delta_bytes
-        )
+        delta = discovery_pb2.Resource(name=self.name, version=self.version, resource=packed)
+        serialized = delta.SerializeToString()
+        return _DELTA_RESOURCES_TAG + _varint(len(serialized)) + serialized
 
     def message(self) -> Message:
         return resources.parse(self.type_url, self.body)
@@ -99,7 +99,6 @@ class TypeResources:
     type_url: str
     by_name: Mapping[str, Resource]
     version: str = field(init=False)
-    wire_entries: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         names = sorted(self.by_name)
@@ -108,9 +107,11 @@ class TypeResources:
         for name in names:
             parts += [name.encode(), self.by_name[name].body]
         object.__setattr__(self, "version", _digest(*parts))
-        object.__setattr__(
-            self, "wire_entries", b"".join(r.wire_entry for r in self.by_name.values())
-        )
+
+    @cached_property
+    def wire_entries(self) -> bytes:
+        """Every resource's wire entry, in name order: a state-of-the-world answer to all."""
+        return b"".join(r.wire_entry for r in self.by_name.values())
 
     def entries_for(self, names: frozenset[str] | None) -> bytes:
         """Wire entries for the named resources (all of them when names is None). Joined once
