@@ -330,7 +330,7 @@ class XdsStream:
             self._adopt(state, request)
         # An ACK may release types held behind this one; a subscription change may be due.
         sends = self._send_due()
-        self._check_first_sync()
+        self.check_first_sync()
         return kind, state, sends
 
     # -- what each protocol defines ---------------------------------------------------------
@@ -391,21 +391,15 @@ class XdsStream:
     def on_snapshot(self, snapshot: Snapshot | None) -> list[Send]:
         self._assign(snapshot)
         sends = self._send_due()
-        self._check_first_sync()
+        self.check_first_sync()
         return sends
 
     def on_tick(self) -> list[Send]:
         """Time passed (the shell calls this at `next_deadline()`): send what stopped waiting,
         and mark a first sync that ran out of time."""
         sends = self._send_due()
-        self._check_first_sync()
+        self.check_first_sync()
         return sends
-
-    def check_first_sync(self) -> None:
-        """Time passed while the shell cannot send (a write is in progress): mark a first
-        sync that ran out of time, and leave what stopped waiting to `on_tick`, once the
-        shell can send."""
-        self._check_first_sync()
 
     def on_written(self, type_url: str) -> None:
         """The shell finished writing a response of `type_url`. A subscription change that
@@ -413,8 +407,7 @@ class XdsStream:
         from when it was built: the client asks only once it has the response, and a large
         one queued behind a fleet's worth of others can take longer than the grace to leave.
         """
-        dependent_url = ordering.SUBSCRIBES_AFTER.get(type_url)
-        dependent = self.types.get(dependent_url) if dependent_url else None
+        dependent = self._dependent(type_url)
         if dependent is not None and dependent.subscription_due_by is not None:
             due_by = self._monotonic() + ordering.SUBSCRIPTION_GRACE_SECONDS
             dependent.subscription_due_by = max(dependent.subscription_due_by, due_by)
@@ -447,7 +440,10 @@ class XdsStream:
             envoy_on_ads=self._ads and self.node is not None and self.node.user_agent == "envoy",
         )
 
-    def _check_first_sync(self) -> None:
+    def check_first_sync(self) -> None:
+        """Mark a first sync done, or run out of time. Part of every event; the shell also
+        calls it alone when time passes while it cannot send (a write is in progress), and
+        leaves what stopped waiting to `on_tick`."""
         if self.first_synced_at is not None:
             return
         due = self._first_sync_due is not None and self._monotonic() >= self._first_sync_due
@@ -597,13 +593,18 @@ class XdsStream:
         payload, removed = encoded
         return Send(state.type_url, current.version, nonce, names, payload, removed)
 
+    def _dependent(self, type_url: str) -> TypeState | None:
+        """The state of the type whose names a response of `type_url` decides (EDS for CDS,
+        RDS for LDS: ordering.SUBSCRIBES_AFTER), if the client has it."""
+        dependent_url = ordering.SUBSCRIBES_AFTER.get(type_url)
+        return self.types.get(dependent_url) if dependent_url else None
+
     def _refresh_dependents(
         self, type_url: str, previous: TypeResources | None, current: TypeResources, tick: float
     ) -> None:
         """Resources added or changed by this response get what they need to warm again;
         names the client does not ask for yet, it will ask for at once: wait for that."""
-        dependent_url = ordering.SUBSCRIBES_AFTER.get(type_url)
-        dependent = self.types.get(dependent_url) if dependent_url else None
+        dependent = self._dependent(type_url)
         if previous is None or dependent is None or not dependent.subscribed:
             return  # the client asks for what its new resources need when it first gets them
         if type_url in ordering.RECREATED_ON_CHANGE:
