@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+from controlplane.resources import ENDPOINT
 from tests.integration import edge_config
 from tests.integration.harness import (
     ENVOY_BINARY,
@@ -166,6 +167,32 @@ def test_an_added_eds_cluster_gets_its_endpoints_before_cds_is_acked(
     assert warming_clusters(envoy) == 0
     assert envoy.cluster_hosts("b") == {f"127.0.0.1:{b.port}"}
     assert envoy.stats()["cluster_manager.cds.update_rejected"] == "0"
+
+
+@PROTOCOLS
+def test_endpoints_go_out_once_for_the_names_envoy_asks_for_after_a_cluster_is_added(
+    api_type: str,
+    edge: Edge,
+    upstream: Callable[[str], HttpUpstream],
+    start_envoy: StartEnvoy,
+) -> None:
+    """Envoy asks for an added cluster's endpoints once it has applied the CDS response that
+    adds it. xdscp holds EDS for that request (ordering.SUBSCRIPTION_GRACE_SECONDS, counted
+    from when the CDS response was written), so a change to the endpoints Envoy already
+    asks for and the added cluster's endpoints go out in one EDS response, not two."""
+    plane = edge.plane
+    a, moved, b = upstream("a"), upstream("a"), upstream("b")
+    edge.publish({"a": a.port}, [edge_config.route_to("a")])
+    envoy = start_envoy("edge-1", "edge", plane.xds_port, api_type=api_type)
+    bounded(lambda: synced_on(plane, "edge-1"), "edge-1 SYNCED on v1", plane, envoy)
+    eds_pushes = plane.metric("xdscp_pushes_total", type_url=ENDPOINT)
+
+    v2, _ = edge.publish({"a": moved.port, "b": b.port}, [edge_config.route_to("b")])
+
+    bounded(lambda: synced_on(plane, "edge-1", v2), "edge-1 SYNCED on v2", plane, envoy)
+    assert envoy.cluster_hosts("a") == {f"127.0.0.1:{moved.port}"}
+    assert envoy.cluster_hosts("b") == {f"127.0.0.1:{b.port}"}
+    assert plane.metric("xdscp_pushes_total", type_url=ENDPOINT) - eds_pushes == 1
 
 
 @PROTOCOLS
