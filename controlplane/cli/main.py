@@ -10,6 +10,7 @@ rollback), completion. `manual` gives every command its description and examples
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -35,6 +36,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def run() -> None:
+    """xdsctl as a program: the console script's entry point, and `python -m`'s."""
+    # Python's cycle collector looks at every object it tracks, and most here never die: the
+    # imported modules (Envoy's descriptors: freeze them out of its reach) and what a
+    # command builds (a publish's values, line maps and messages: collect young objects
+    # after 100,000 allocations rather than 700). A publish spent a sixth of its time there.
+    gc.freeze()
+    gc.set_threshold(100_000)
+    status = main()
+    gc.freeze()  # what is left dies with the process: spare the interpreter's last pass
+    sys.exit(status)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +90,6 @@ def package_version() -> str:
 if __name__ == "__main__":
     # `python -m` runs this file as __main__, a second copy of controlplane.cli.main: run the
     # package's own, so that main() catches the CommandError its commands raise.
-    from controlplane.cli.main import main as package_main
+    from controlplane.cli.main import run as package_run
 
-    sys.exit(package_main())
+    package_run()
