@@ -187,21 +187,13 @@ def _is_sensitive(field: descriptor.FieldDescriptor) -> bool:
     return field.GetOptions().Extensions[sensitive_pb2.sensitive]
 
 
-@cache
 def _may_hold_secrets(message_type: descriptor.Descriptor) -> bool:
     """Whether any message of this type can hold key material: a sensitive field, or an Any
     (which can hold anything), somewhere below it."""
-    seen = {message_type.full_name}
-    pending = [message_type]
-    while pending:
-        current = pending.pop()
-        if current.full_name in (_ANY, *_TYPED_STRUCTS):
-            return True
-        for field in current.fields:
-            if _is_sensitive(field):
-                return True
-            sub = field.message_type
-            if sub is not None and sub.full_name not in seen:
-                seen.add(sub.full_name)
-                pending.append(sub)
-    return False
+    return resources.may_hold(message_type, _holds_secrets)
+
+
+def _holds_secrets(message_type: descriptor.Descriptor) -> bool:
+    return message_type.full_name in (_ANY, *_TYPED_STRUCTS) or any(
+        _is_sensitive(field) for field in message_type.fields
+    )

@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import pkgutil
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 
@@ -195,10 +195,14 @@ def unpack_any(packed: any_pb2.Any) -> Message:
     return message
 
 
-def _sub_messages(message: Message) -> Iterator[Message]:
-    """Every message directly inside `message`, including repeated fields and map values."""
+def _sub_messages(message: Message, wanted: Callable[[Descriptor], bool]) -> Iterator[Message]:
+    """Every message directly inside `message` (repeated fields and map values included)
+    that may hold, itself or below it, a message `wanted` picks: a walk looking for those
+    skips the rest (an endpoint's address, a timeout), which cannot."""
     for field, value in message.ListFields():
         if field.type != field.TYPE_MESSAGE:
+            continue
+        if not (field.is_extension or may_hold(field.message_type, wanted)):
             continue
         if field.message_type.GetOptions().map_entry:
             value_field = field.message_type.fields_by_name["value"]
@@ -210,13 +214,36 @@ def _sub_messages(message: Message) -> Iterator[Message]:
             yield value
 
 
+@cache
+def may_hold(message_type: Descriptor, wanted: Callable[[Descriptor], bool]) -> bool:
+    """Whether a message of this type can hold a message that `wanted` picks, at any depth
+    (itself included), going by the types its fields can hold. `wanted` should pick Any
+    too: an Any can hold any message."""
+    seen = {message_type.full_name}
+    pending = [message_type]
+    while pending:
+        current = pending.pop()
+        if wanted(current):
+            return True
+        for field in current.fields:
+            sub = field.message_type
+            if sub is not None and sub.full_name not in seen:
+                seen.add(sub.full_name)
+                pending.append(sub)
+    return False
+
+
+def _is_any(message_type: Descriptor) -> bool:
+    return message_type.full_name == _ANY
+
+
 def canonicalize(message: Message) -> None:
     """Re-pack every nested Any with deterministic serialization, in place.
 
     Map order inside an Any's bytes otherwise depends on how the message was built, and the
     snapshot version is a hash of these bytes.
     """
-    for sub in _sub_messages(message):
+    for sub in _sub_messages(message, _is_any):
         if sub.DESCRIPTOR.full_name == _ANY:
             inner = unpack_any(sub)
             canonicalize(inner)
@@ -263,8 +290,16 @@ def _discovers_its_config(message: Message) -> bool:
     return _served_by_us(source.config_source) and not source.HasField("default_config")
 
 
+def _may_reference(message_type: Descriptor) -> bool:
+    """A message of this type may name a resource of the snapshot (or is an Any)."""
+    return (
+        message_type.full_name in (_ANY, _HCM_RDS, _SDS_SECRET_CONFIG)
+        or "config_discovery" in message_type.fields_by_name
+    )
+
+
 def _nested_references(message: Message) -> Iterator[tuple[str, str]]:
-    for sub in _sub_messages(message):
+    for sub in _sub_messages(message, _may_reference):
         full_name = sub.DESCRIPTOR.full_name
         if full_name == _ANY:
             try:
