@@ -90,6 +90,29 @@ def redact_snapshot(snapshot: Snapshot, mask: Mask = constant_mask) -> Snapshot:
     return Snapshot.from_serialized((r.type_url, r.name, r.body) for r in shown)
 
 
+def redact_differences(
+    old: Snapshot | None, new: Snapshot, mask: Mask = constant_mask
+) -> tuple[Snapshot | None, Snapshot]:
+    """What a diff of `old` and `new` shows: the resources in which they differ, each side
+    redacted. What both hold alike shows in no diff, so it is left out, not redacted (with
+    one mask, equal resources would stay equal)."""
+    if old is None:
+        return None, redact_snapshot(new, mask)
+    return (
+        redact_snapshot(_differing(old, new), mask),
+        redact_snapshot(_differing(new, old), mask),
+    )
+
+
+def _differing(these: Snapshot, others: Snapshot) -> Snapshot:
+    """The resources of `these` that `others` lacks or holds with other bytes."""
+    return Snapshot.from_serialized(
+        (r.type_url, r.name, r.body)
+        for r in these.all_resources()
+        if (other := others.resources(r.type_url).get(r.name)) is None or other.body != r.body
+    )
+
+
 def redact_pem_keys(text: str) -> str:
     """`text` with every PEM private key block (or what is left of one) replaced."""
     if "PRIVATE KEY-----" not in text:

@@ -34,7 +34,7 @@ from controlplane.config.environments import (
 )
 from controlplane.config.loader import ConfigError, ConfigProblem, snapshot_of
 from controlplane.diff import UNSET, ResourceDiff, diff_snapshots, render_diff
-from controlplane.redaction import fingerprint_mask, redact_snapshot
+from controlplane.redaction import fingerprint_mask, redact_differences, redact_snapshot
 from controlplane.snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -286,9 +286,7 @@ def publish_preview(new: Snapshot, group: str, args: argparse.Namespace) -> str:
     header = f"+++ version {new.version}\n"
     old, old_label = _stable(args, group, include_secrets=True)
     if not args.show_secrets:
-        mask = fingerprint_mask()
-        old = redact_snapshot(old, mask) if old is not None else None
-        new = redact_snapshot(new, mask)
+        old, new = redact_differences(old, new, fingerprint_mask())
     return f"--- {old_label}\n{header}" + render_diff(diff_snapshots(old, new))
 
 

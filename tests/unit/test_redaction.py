@@ -271,6 +271,44 @@ def test_a_redacted_snapshot_holds_no_key_but_the_same_resources() -> None:
     assert KEYS.certificate.encode() in shown.resources(resources.CLUSTER)["api"].body
 
 
+def test_redacting_what_differs_gives_the_diff_that_redacting_everything_gives() -> None:
+    from controlplane.diff import diff_snapshots
+
+    other = factories.key_pair("other.test")
+    cluster = parse(resources.CLUSTER, upstream_tls_cluster())
+    old = Snapshot.from_messages(
+        [
+            (resources.SECRET, factories.secret("kept", KEYS.private_key)),
+            (resources.SECRET, factories.secret("rotated", KEYS.private_key)),
+            (resources.SECRET, factories.secret("dropped", KEYS.private_key)),
+            (resources.CLUSTER, cluster),
+        ]
+    )
+    new = Snapshot.from_messages(
+        [
+            (resources.SECRET, factories.secret("kept", KEYS.private_key)),
+            (resources.SECRET, factories.secret("rotated", other.private_key)),
+            (resources.SECRET, factories.secret("added", other.private_key)),
+            (resources.CLUSTER, cluster),
+        ]
+    )
+    mask = redaction.fingerprint_mask()
+    old_shown, new_shown = redaction.redact_differences(old, new, mask)
+    assert old_shown is not None
+    assert diff_snapshots(old_shown, new_shown) == diff_snapshots(
+        redaction.redact_snapshot(old, mask), redaction.redact_snapshot(new, mask)
+    )
+    assert [r.name for r in old_shown.all_resources()] == ["dropped", "rotated"]
+    assert [r.name for r in new_shown.all_resources()] == ["added", "rotated"]
+    for shown in (old_shown, new_shown):
+        for key in (KEYS.private_key, other.private_key):
+            assert all(key.encode() not in r.body for r in shown.all_resources())
+    none_shown, everything = redaction.redact_differences(None, new, mask)
+    assert none_shown is None
+    assert [r.name for r in everything.all_resources()] == ["api", "added", "kept", "rotated"]
+    assert all(other.private_key.encode() not in r.body for r in everything.all_resources())
+
+
 def test_a_fingerprint_tells_values_apart_without_showing_them() -> None:
     mask = redaction.fingerprint_mask()
     first, again, other = mask(b"key one"), mask(b"key one"), mask(b"key two")
