@@ -508,8 +508,19 @@ def _substitute(
 
         return _VARIABLE.sub(one, text)
 
-    item.body = _walk_strings(item.body, (), value_of)
+    if _mentions_variables(item.body):
+        item.body = _walk_strings(item.body, (), value_of)
     return len(problems) == before
+
+
+def _mentions_variables(value: Any) -> bool:
+    if isinstance(value, str):
+        return "${" in value
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, list):
+        return False
+    return any(_mentions_variables(item) for item in value)
 
 
 def _walk_strings(value: Any, path: ValuePath, change: Callable[[str, ValuePath], Any]) -> Any:

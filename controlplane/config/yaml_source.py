@@ -92,7 +92,8 @@ def parse_text(text: str, *, is_json: bool = False) -> YamlDocument:
         raise YamlSourceError([_yaml_problem(err)]) from None
     if root is None:
         return YamlDocument(None)
-    _Measure().check(root)
+    if "&" in text:  # an anchor, so maybe aliases: size what they add before building
+        _Measure().check(root)
     return _Builder().document(root)
 
 
@@ -192,6 +193,8 @@ class _Builder:
         return YamlDocument(value, self.key_lines, self.value_lines)
 
     def build(self, node: Node, path: ValuePath) -> Any:
+        if len(path) > inputs.MAX_DEPTH:  # measured already if the file has aliases
+            raise YamlSourceError([SourceProblem(_line(node), _too_deep())])
         self.value_lines[path] = _line(node)
         if id(node) in self._active:
             self.problems.append(SourceProblem(_line(node), "recursive alias"))
