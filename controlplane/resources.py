@@ -156,7 +156,7 @@ def _descriptor(full_name: str) -> Descriptor | None:
     """The message type the descriptor pool knows by this name, or None."""
     try:
         return descriptor_pool.Default().FindMessageTypeByName(full_name)
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: not text upb can take (an unpaired surrogate)
         return None
 
 

@@ -27,7 +27,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from controlplane import resources
-from controlplane.config import inputs
+from controlplane.config import inputs, plain_values
 from controlplane.config.inputs import CONFIG_SUFFIXES
 from controlplane.config.yaml_source import (
     ValuePath,
@@ -210,14 +210,15 @@ def parse_resource(
     item_path = (RESOURCES_KEY, index)
     message = resource_type.message_class()
     descriptor = message.DESCRIPTOR
-    resources.load_types(any_types(body))  # what its typed_configs name, before parsing
-    error = _parse_error(body, message)
-    if error is None and not _spelled_twice(body, descriptor):
-        findings: list[_Finding] = []
-    else:
-        findings = list(_check_message(body, descriptor, _At((), descriptor.name)))
-    if error is not None and not findings:
-        findings = [_Finding((), descriptor.name, _clean(error, descriptor.name))]
+    findings: list[_Finding] = []
+    if not plain_values.fill(message, body):  # json_format's reading, done faster, or not
+        message = resource_type.message_class()
+        resources.load_types(any_types(body))  # what its typed_configs name, before parsing
+        error = _parse_error(body, message)
+        if error is not None or _spelled_twice(body, descriptor):
+            findings = list(_check_message(body, descriptor, _At((), descriptor.name)))
+        if error is not None and not findings:
+            findings = [_Finding((), descriptor.name, _clean(error, descriptor.name))]
     for finding in findings:
         location = Location(file, document.line((*item_path, *finding.path)))
         problems.append(ConfigProblem(location, finding.field_path, finding.message))
@@ -249,7 +250,7 @@ def _parse_error(value: Any, message: Message) -> str | None:
     """json_format's complaint about `value` as `message` (which it fills), or None."""
     try:
         json_format.ParseDict(value, message, ignore_unknown_fields=False)
-    except (json_format.ParseError, ValueError, TypeError, AttributeError) as err:
+    except plain_values.JSON_FORMAT_REFUSALS as err:
         return str(err)
     return None
 
@@ -332,7 +333,7 @@ def _check_message(value: Any, descriptor: Descriptor, at: _At) -> Iterator[_Fin
     if descriptor.full_name == _ANY:
         yield from _check_any(value, at)
         return
-    fields = _fields_by_key(descriptor)
+    fields = plain_values.fields_by_key(descriptor)
     set_by_field: dict[str, str] = {}
     set_by_oneof: dict[str, str] = {}
     for key, sub in value.items():
@@ -365,7 +366,7 @@ def _spelled_twice(value: Any, descriptor: Descriptor) -> bool:
         descriptor = message_class.DESCRIPTOR
         if _is_leaf(descriptor):
             return False
-    fields = _fields_by_key(descriptor)
+    fields = plain_values.fields_by_key(descriptor)
     names = set()
     for key, sub in value.items():
         field = fields.get(key)
@@ -449,17 +450,11 @@ def _check_any(value: dict[str, Any], at: _At) -> Iterator[_Finding]:
 
 
 @cache
-def _fields_by_key(descriptor: Descriptor) -> dict[str, FieldDescriptor]:
-    """Fields by every spelling json_format accepts: proto name and JSON (camelCase) name."""
-    fields = {field.json_name: field for field in descriptor.fields}
-    fields.update(descriptor.fields_by_name)
-    return fields
-
-
 def _is_map(field: FieldDescriptor) -> bool:
     return field.message_type is not None and field.message_type.GetOptions().map_entry
 
 
+@cache
 def _is_leaf(descriptor: Descriptor) -> bool:
     return descriptor.full_name in _LEAF_MESSAGES or descriptor.file.name == _WRAPPERS_FILE
 

@@ -544,3 +544,24 @@ def test_location_and_problem_strings() -> None:
     assert str(Location("a.yaml", 3)) == "a.yaml:3"
     assert str(Location("a.yaml")) == "a.yaml"
     assert str(ConfigProblem(Location("a.yaml"), None, "oops")) == "a.yaml: oops"
+
+
+def test_values_json_format_lets_python_errors_out_for_are_refused_at_their_line(
+    tmp_path: Path,
+) -> None:
+    cluster = '"@type": type.googleapis.com/envoy.config.cluster.v3.Cluster'
+    write(tmp_path, "a.yaml", f"resources:\n- {cluster}\n  name: a\n  lb_policy: .inf\n")
+    surrogate = {"@type": resources.CLUSTER, "name": "b", "common_lb_config": "\ud800"}
+    unknown = {"@type": resources.CLUSTER, "name": "c", "transport_socket": {"name": "t"}}
+    unknown["transport_socket"]["typed_config"] = {"@type": "type.googleapis.com/\ud800"}
+    text = json.dumps({"resources": [surrogate, unknown]})
+    (tmp_path / "b.json").write_text(text)
+    found = [(p.location.line, p.field_path, p.message) for p in problems_of(tmp_path)]
+    assert found[0][:2] == (4, "Cluster.lb_policy")
+    assert "invalid value inf" in found[0][2]
+    assert found[1][1:] == (
+        "Cluster.common_lb_config",
+        "expected a mapping (CommonLbConfig), got string",
+    )
+    assert found[2][1] == "Cluster.transport_socket.typed_config"
+    assert len(found) == 3
