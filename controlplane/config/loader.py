@@ -38,7 +38,7 @@ from controlplane.config.yaml_source import (
 from controlplane.snapshot import ConsistencyError, Snapshot
 
 RESOURCES_KEY = "resources"
-TYPE_KEY = "@type"
+TYPE_KEY = plain_values.TYPE_KEY  # "@type": one spelling, where messages are filled
 
 _ANY = "google.protobuf.Any"
 # Messages json_format reads from a scalar or free-form value: checked by parsing, not walked.
