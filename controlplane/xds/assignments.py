@@ -4,6 +4,8 @@
   served group `default`'s.
 - While a group has a rollout, its canary nodes (as the rollout's selector decides) get the
   candidate instead, including canaries that connect mid-rollout.
+- Every change starts a new epoch (`epoch`): the streams it wakes number their responses
+  within it, so that streams doing the same thing send the same bytes (stream.py, nonces).
 - Secrets go only to their owners: a node gets the secrets its group's listeners, clusters
   and other resources reference, and none from a group it falls back on (see
   Snapshot.as_served).
@@ -31,6 +33,11 @@ class Assignments:
         self._stable: dict[str, Snapshot] = {}
         self._rollouts: dict[str, tuple[Snapshot, Selector]] = {}
         self._listeners: list[Listener] = []
+        self._epoch = 0
+
+    def epoch(self) -> int:
+        """How many times the assignments changed: it only grows."""
+        return self._epoch
 
     def effective_group(self, group: str) -> str:
         """The group whose pointers govern nodes that name `group` as their node.cluster."""
@@ -79,5 +86,6 @@ class Assignments:
         self._listeners.append(listener)
 
     def _changed(self) -> None:
+        self._epoch += 1
         for listener in self._listeners:
             listener()

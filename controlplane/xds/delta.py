@@ -143,9 +143,7 @@ class DeltaStream(XdsStream):
         if len(state.in_flight) >= IN_FLIGHT_LIMIT:
             state.in_flight.pop(next(iter(state.in_flight)))
         state.in_flight[nonce] = (current.version, changed + removed)
-        payload = wire.delta_response(
-            current.version, state.type_url, nonce, entries, list(removed)
-        )
+        payload = wire.delta_response(current.version, state.type_url, nonce, entries, removed)
         return payload, removed
 
 

@@ -125,6 +125,7 @@ class FleetEvidence:
         self.replica = replica
         self.remote: RemoteEvidence | None = None  # set when replicas share a database
         self._progress_cache: tuple[tuple[str, str, int], GroupProgress] | None = None
+        self._tallies: dict[tuple[str, str], _LocalTally] = {}  # oldest first
 
     def local(self) -> list[NodeEvidence]:
         return [
@@ -174,15 +175,7 @@ class FleetEvidence:
         key = (group, version, self.generation)
         if self._progress_cache is not None and self._progress_cache[0] == key:
             return self._progress_cache[1]
-        total = lagging = 0
-        last_ack_at: float | None = None
-        for stream in self._members(group):
-            total += 1
-            if not _holds(stream, version):
-                lagging += 1
-                continue
-            acked = max((t.acked_at or 0.0) for t in stream.types.values() if t.subscribed)
-            last_ack_at = max(acked, last_ack_at or acked)
+        total, lagging, last_ack_at = self._tally(group, version).look()
         for evidence in self.remote.nodes() if self.remote is not None else ():
             if evidence.group != group:
                 continue
@@ -194,6 +187,15 @@ class FleetEvidence:
         found = GroupProgress(total, lagging, last_ack_at)
         self._progress_cache = (key, found)
         return found
+
+    def _tally(self, group: str, version: str) -> _LocalTally:
+        tally = self._tallies.pop((group, version), None)
+        if tally is None:
+            tally = _LocalTally(self._fleet, self._assignments, group, version)
+            if len(self._tallies) >= TALLIES_KEPT:
+                self._tallies.pop(next(iter(self._tallies))).close()
+        self._tallies[(group, version)] = tally  # now the newest
+        return tally
 
     def _members(self, group: str) -> Iterator[XdsStream]:
         """This replica's streams of nodes that `group`'s pointers govern."""
@@ -218,6 +220,60 @@ class FleetEvidence:
 def _holds(stream: XdsStream, version: str) -> bool:
     """The stream is assigned `version` and ACKed every type of it (NodeEvidence.holds)."""
     return stream.snapshot is not None and stream.snapshot.version == version and stream.synced()
+
+
+TALLIES_KEPT = 8  # (group, version) pairs whose local progress is kept up to date
+
+
+class _LocalTally:
+    """Which of this replica's streams of a group hold a version. A converging fleet is
+    looked at on every ACK: each look reads again only the streams that took an event since
+    the one before (Fleet.watch), and all of them when the assignments changed."""
+
+    def __init__(self, fleet: Fleet, assignments: Assignments, group: str, version: str) -> None:
+        self._fleet = fleet
+        self._assignments = assignments
+        self._group = group
+        self._version = version
+        self._changed = fleet.watch()
+        self._epoch: int | None = None  # of the assignments when every stream was read
+        self._members: set[int] = set()
+        self._holders: dict[int, float] = {}  # member stream id -> its latest ACK
+
+    def look(self) -> tuple[int, int, float | None]:
+        """(members, members that do not hold the version, latest ACK of those that do)."""
+        if self._epoch != self._assignments.epoch():
+            self._epoch = self._assignments.epoch()
+            self._changed.clear()
+            self._members.clear()
+            self._holders.clear()
+            for stream in self._fleet:
+                self._read(stream.stream_id, stream)
+        else:
+            while self._changed:
+                stream_id = self._changed.pop()
+                self._read(stream_id, self._fleet.get(stream_id))
+        return (
+            len(self._members),
+            len(self._members) - len(self._holders),
+            max(self._holders.values(), default=None),
+        )
+
+    def _read(self, stream_id: int, stream: XdsStream | None) -> None:
+        self._members.discard(stream_id)
+        self._holders.pop(stream_id, None)
+        if stream is None or stream.node is None:
+            return
+        if self._assignments.effective_group(stream.node.group) != self._group:
+            return
+        self._members.add(stream_id)
+        if _holds(stream, self._version):
+            self._holders[stream_id] = max(
+                (t.acked_at or 0.0) for t in stream.types.values() if t.subscribed
+            )
+
+    def close(self) -> None:
+        self._fleet.unwatch(self._changed)
 
 
 @dataclass(frozen=True)

@@ -105,14 +105,40 @@ class Fleet:
         self._streams: dict[int, tuple[XdsStream, StreamControl]] = {}
         self.generation = 0  # bumped on every change a watcher could care about
         self._progress: asyncio.Event | None = None
+        # Sets of ids of the streams that came, went or took an event since their owner
+        # last looked (see `watch`).
+        self._watchers: list[set[int]] = []
 
     def add(self, stream: XdsStream, control: StreamControl) -> None:
         self._streams[stream.stream_id] = (stream, control)
+        self.touched(stream)
         self.progressed()
 
     def remove(self, stream: XdsStream) -> None:
         self._streams.pop(stream.stream_id, None)
+        self.touched(stream)
         self.progressed()
+
+    def get(self, stream_id: int) -> XdsStream | None:
+        found = self._streams.get(stream_id)
+        return found[0] if found else None
+
+    def watch(self) -> set[int]:
+        """A set the fleet adds the id of every stream to that comes, goes or takes an
+        event (a request, a snapshot, a tick) from now on; its owner empties it as it looks,
+        and gives it back with `unwatch`."""
+        changed: set[int] = set()
+        self._watchers.append(changed)
+        return changed
+
+    def unwatch(self, changed: set[int]) -> None:
+        self._watchers = [w for w in self._watchers if w is not changed]
+
+    def touched(self, stream: XdsStream) -> None:
+        """The stream took an event: what it holds may have changed (the shell calls this
+        after each one)."""
+        for changed in self._watchers:
+            changed.add(stream.stream_id)
 
     def progressed(self) -> None:
         """A stream ACKed, NACKed, came or went: wake whoever waits on the fleet."""

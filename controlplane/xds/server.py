@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
+from typing import Protocol
 
 import grpc
 import structlog
@@ -107,6 +109,7 @@ class XdsServer:
         self._counter_cache: dict[tuple[str, str], tuple[Counter, ...]] = {}
         self._fleet = fleet
         self._ids = itertools.count(1)
+        self._deadlines = Deadlines()
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         handlers = []
@@ -136,6 +139,7 @@ class XdsServer:
                 warming_timeout=self._warming_timeout,
                 first_sync_timeout=self._first_sync_timeout,
                 certificate=self._certificate(context),
+                epoch=self._assignments.epoch,
             )
             await _Session(self, stream, request_type, context).run()
 
@@ -307,6 +311,7 @@ class _Session:
         "bound",
         "context",
         "converged_on",
+        "deadline",
         "ending",
         "logged_once",
         "nack_log",
@@ -316,7 +321,6 @@ class _Session:
         "stream",
         "task",
         "tick_due",
-        "timer",
         "wake_due",
         "was_stuck",
         "writer",
@@ -342,7 +346,7 @@ class _Session:
         # Set by close() (OK) or by a failure outside the handler: why the handler ends.
         self.ending: tuple[grpc.StatusCode, str] | None = None
         self.task = asyncio.current_task()
-        self.timer = _Timer(self._on_tick)
+        self.deadline: float | None = None  # when the stream asked to be ticked (Deadlines)
         self.converged_on: str | None = None
         self.was_stuck = False
         self.nack_log = LogRateLimit(NACK_LOG_INTERVAL_SECONDS)  # by type
@@ -399,7 +403,7 @@ class _Session:
             self._log_failure()
             await self.context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_ERROR)
         finally:
-            self.timer.set(None)
+            server._deadlines.move(self, None)
             if self.writer is not None:
                 self.writer.cancel()
             if self.stream in server._fleet:
@@ -424,13 +428,15 @@ class _Session:
         self._queue(sends)
 
     def _queue(self, sends: list[Send]) -> None:
+        """After each event of the stream: queue what it sends, and tell the fleet."""
+        self.server._fleet.touched(self.stream)
         for send in sends:
             self.server._record_send(self.bound, self.stream, send)
             self.outbox.append((send.type_url, send.payload))
         if self.stream.stuck != self.was_stuck:
             self.was_stuck = self.stream.stuck
             self.server._record_stuck(self.bound, self.stream)
-        self.timer.set(self.stream.next_deadline())
+        self.server._deadlines.move(self, self.stream.next_deadline())
 
     async def _drain(self) -> None:
         """Write the queued responses in order: run by the task its caller set as
@@ -441,7 +447,7 @@ class _Session:
                 for type_url, payload in batch:
                     await self.context.write(payload)
                     self.stream.on_written(type_url)
-                self.timer.set(self.stream.next_deadline())
+                self.server._deadlines.move(self, self.stream.next_deadline())
                 # What came while writing, looked at now: a stream that writes slowly
                 # holds one event's responses at a time, however often it is woken.
                 if self.wake_due:
@@ -497,7 +503,8 @@ class _Session:
             self._log_failure()
             self._end(grpc.StatusCode.INTERNAL, _INTERNAL_ERROR)
 
-    def _on_tick(self) -> None:
+    def on_tick(self) -> None:
+        """The deadline the stream asked for came (Deadlines)."""
         if self.ending is not None:
             return
         if self.writer is not None:
@@ -533,30 +540,49 @@ class _Session:
         self.server._metrics.stream_errors.labels("internal").inc()
 
 
-class _Timer:
-    """At most one pending tick for a stream, at the deadline it last asked for."""
+class Ticked(Protocol):
+    deadline: float | None  # when it asked to be ticked, kept by Deadlines
 
-    __slots__ = ("_deadline", "_fire", "_handle")
+    def on_tick(self) -> None: ...
 
-    def __init__(self, fire: Callable[[], None]) -> None:
-        self._fire = fire
-        self._deadline: float | None = None
-        self._handle: asyncio.TimerHandle | None = None
 
-    def set(self, deadline: float | None) -> None:
-        if deadline == self._deadline:
+class Deadlines:
+    """When each stream asked to be ticked, on one loop timer per slot of SLOT_SECONDS
+    rather than one per stream: a push moves the deadlines of a whole fleet (a type starts
+    or stops waiting for an ACK), and moving one is a set operation. A tick comes at most a
+    slot late, never early; the deadlines it serves are seconds long (ordering.py,
+    first_sync.py)."""
+
+    SLOT_SECONDS = 0.05
+
+    def __init__(self) -> None:
+        self._slots: dict[int, set[Ticked]] = {}  # slot -> the sessions due in it
+
+    def move(self, session: Ticked, deadline: float | None) -> None:
+        """`session` is due at `deadline` (on the streams' monotonic clock) now, or never."""
+        if deadline == session.deadline:
             return
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self._deadline = deadline
+        if session.deadline is not None:
+            due = self._slots.get(self._slot(session.deadline))
+            if due is not None:
+                due.discard(session)
+        session.deadline = deadline
         if deadline is not None:
-            delay = max(0.0, deadline - time.monotonic())  # streams' deadline clock
-            self._handle = asyncio.get_running_loop().call_later(delay, self._fired)
+            slot = self._slot(deadline)
+            due = self._slots.get(slot)
+            if due is None:
+                due = self._slots[slot] = set()
+                delay = max(0.0, slot * self.SLOT_SECONDS - time.monotonic())
+                asyncio.get_running_loop().call_later(delay, self._fire, slot)
+            due.add(session)
 
-    def _fired(self) -> None:
-        self._deadline = self._handle = None
-        self._fire()
+    def _slot(self, deadline: float) -> int:
+        return math.ceil(deadline / self.SLOT_SECONDS)
+
+    def _fire(self, slot: int) -> None:
+        for session in self._slots.pop(slot, ()):
+            session.deadline = None
+            session.on_tick()
 
 
 def _parse(request_type: type[Request], raw: bytes) -> Request:

@@ -13,8 +13,12 @@ Rules kept here and nowhere else:
 - Every request is checked against the limits in limits.py before anything else.
 - The Node comes from the first request; a stream without one is refused. With a client
   certificate, the node may claim only what the certificate grants (identity.py).
-- Every response has its own nonce. A request naming a nonce that is not its type's latest
-  is stale: it is neither an ACK nor a NACK, but the subscription it carries still counts.
+- Every response has its own nonce, never used before on the stream: "<epoch>.<n>", the
+  n-th response of the stream in the epoch of assignments (assignments.py) it was sent in.
+  Streams that do the same thing in an epoch (a fleet taking a push) number their responses
+  alike, so they send the same bytes (wire.py encodes each distinct response once). A
+  request naming a nonce that is not its type's latest is stale: it is neither an ACK nor a
+  NACK, but the subscription it carries still counts.
   A request with no nonce is an initial request (or a resubscription).
 - A request answering the latest nonce is a NACK when `error_detail` is set, else an ACK.
 - A newer response supersedes an unACKed one: a type is never held behind its own ACK, so a
@@ -256,8 +260,10 @@ class XdsStream:
         warming_timeout: float = ordering.DEFAULT_WARMING_TIMEOUT_SECONDS,
         first_sync_timeout: float = first_sync.DEFAULT_FIRST_SYNC_TIMEOUT_SECONDS,
         certificate: Certificate | None = None,
+        epoch: Callable[[], int] = lambda: 0,
     ) -> None:
-        """`resolve(node)` gives the snapshot a node should hold; `types` limits the stream
+        """`resolve(node)` gives the snapshot a node should hold, `epoch()` how many times
+        what nodes should hold has changed (it numbers the nonces); `types` limits the stream
         to those type URLs (a per-type service), default every type (ADS); types wait for a
         CDS ACK at most `warming_timeout` seconds; the first sync is judged
         `first_sync_timeout` seconds after it starts (first_sync.py). `certificate` is the
@@ -284,7 +290,9 @@ class XdsStream:
         self.stuck_since: float | None = None  # when its first sync ran out of time
         # When (monotonic) the first sync is judged; None once judged, or once complete.
         self._first_sync_due: float | None = monotonic() + first_sync_timeout
-        self._nonce_counter = 0
+        self._epoch = epoch
+        self._nonce_epoch = -1
+        self._nonces_in_epoch = 0
 
     def receive(self, request: Request) -> tuple[RequestKind, TypeState, list[Send]]:
         """Take one request; return what it was, the type's state after it, and what to send."""
@@ -570,7 +578,9 @@ class XdsStream:
         if unchanged and not state.refresh:
             return None  # holds it already, or NACKed exactly this: never resend in a loop
         state.refresh = False
-        nonce = str(self._nonce_counter + 1)
+        epoch = self._epoch()
+        sent_in_epoch = self._nonces_in_epoch if epoch == self._nonce_epoch else 0
+        nonce = f"{epoch}.{sent_in_epoch + 1}"
         previous = state.sent_resources
         encoded = self._encode(state, current, names, nonce)
         state.sent_version = current.version
@@ -583,7 +593,7 @@ class XdsStream:
                 state.acked_version = current.version
                 state.acked_at = now
             return None
-        self._nonce_counter += 1
+        self._nonce_epoch, self._nonces_in_epoch = epoch, sent_in_epoch + 1
         state.latest_nonce = nonce
         if not state.awaiting_ack:
             state.unacked_since = tick

@@ -1,8 +1,10 @@
-"""Encoding DiscoveryResponses from pre-serialized resource entries.
+"""Encoding DiscoveryResponses from pre-serialized resource entries, once per distinct response.
 
 A protobuf message may be encoded as the concatenation of its fields in any order, so a
-response is a small per-stream header (version, type, nonce) followed by resource entries
-that each snapshot serialized once. No resource is re-encoded per stream.
+response is a small header (version, type, nonce) followed by resource entries that each
+snapshot serialized once. No resource is re-encoded per stream, and a response is encoded
+once however many streams send it: streams number their nonces alike (stream.py), so a push
+to a fleet is the same bytes on every stream, and writing it copies nothing per stream here.
 """
 
 from __future__ import annotations
@@ -10,25 +12,50 @@ from __future__ import annotations
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
+from controlplane.caches import ByteBoundedCache
+
 CONTROL_PLANE_ID = "xdscp"
 _CONTROL_PLANE = base_pb2.ControlPlane(identifier=CONTROL_PLANE_ID)
 
+# Keyed by everything the bytes are made of (the entries by value: snapshots share them).
+_SOTW: ByteBoundedCache[tuple[str, str, str, bytes], bytes] = ByteBoundedCache(
+    "sotw_responses", 64 << 20
+)
+_DELTA: ByteBoundedCache[tuple[str, str, str, bytes, tuple[str, ...]], bytes] = ByteBoundedCache(
+    "delta_responses", 64 << 20
+)
+
 
 def sotw_response(version: str, type_url: str, nonce: str, entries: bytes) -> bytes:
-    header = discovery_pb2.DiscoveryResponse(
-        version_info=version, type_url=type_url, nonce=nonce, control_plane=_CONTROL_PLANE
-    )
-    return header.SerializeToString() + entries
+    key = (version, type_url, nonce, entries)
+    payload = _SOTW.get(key)
+    if payload is None:
+        header = discovery_pb2.DiscoveryResponse(
+            version_info=version, type_url=type_url, nonce=nonce, control_plane=_CONTROL_PLANE
+        )
+        payload = _SOTW.put(key, header.SerializeToString() + entries, _size(key))
+    return payload
 
 
 def delta_response(
-    system_version: str, type_url: str, nonce: str, entries: bytes, removed: list[str]
+    system_version: str, type_url: str, nonce: str, entries: bytes, removed: tuple[str, ...]
 ) -> bytes:
-    header = discovery_pb2.DeltaDiscoveryResponse(
-        system_version_info=system_version,
-        type_url=type_url,
-        nonce=nonce,
-        removed_resources=removed,
-        control_plane=_CONTROL_PLANE,
-    )
-    return header.SerializeToString() + entries
+    key = (system_version, type_url, nonce, entries, removed)
+    payload = _DELTA.get(key)
+    if payload is None:
+        header = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=system_version,
+            type_url=type_url,
+            nonce=nonce,
+            removed_resources=removed,
+            control_plane=_CONTROL_PLANE,
+        )
+        payload = _DELTA.put(key, header.SerializeToString() + entries, _size(key))
+    return payload
+
+
+def _size(key: tuple[str, str, str, bytes] | tuple[str, str, str, bytes, tuple[str, ...]]) -> int:
+    """The response and its key: the entries twice, as the key may be all that keeps them."""
+    removed = key[4] if len(key) == 5 else ()
+    texts = sum(map(len, (*key[:3], *removed)))
+    return 2 * len(key[3]) + 2 * texts + 200

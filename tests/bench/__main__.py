@@ -752,7 +752,7 @@ def snapshot_info(dirs: dict[str, Path]) -> dict[str, Any]:
                         url,
                         "1",
                         b"".join(r.delta_entry for r in current.by_name.values()),
-                        [],
+                        (),
                     )
                 ),
             }
@@ -998,6 +998,7 @@ def phase(
             SHORT.get(t, t): n - (before.responses.get(t, 0) if before else 0)
             for t, n in sorted(count.responses.items())
         },
+        "response_bytes": count.response_bytes - (before.response_bytes if before else 0),
         "response_megabytes": round(
             (count.response_bytes - (before.response_bytes if before else 0)) / 1e6, 2
         ),

@@ -136,8 +136,10 @@ class Encoded:
                 if names is None or name in names
             }
             changed = sorted(n for n, v in wanted.items() if held_versions.get(n) != v)
-            removed = sorted(
-                n for n in held_versions if n not in wanted and (names is None or n in names)
+            removed = tuple(
+                sorted(
+                    n for n in held_versions if n not in wanted and (names is None or n in names)
+                )
             )
             if held is not None and not changed and not removed:
                 return None

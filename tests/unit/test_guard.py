@@ -110,6 +110,7 @@ class StartingEnvoy:
     def wake(self) -> None:
         assert self.stream.node is not None
         self.pending += self.stream.on_snapshot(self.plane.assignments.resolve(self.stream.node))
+        self.plane.fleet.touched(self.stream)
         self.settle()
 
     def close(self) -> None:
@@ -125,6 +126,7 @@ class StartingEnvoy:
             if sent.type_url == CLUSTER and self.initializes and LISTENER not in self.stream.types:
                 asked = discovery_pb2.DiscoveryRequest(type_url=LISTENER)
                 self.pending += self.stream.receive(asked)[2]
+            self.plane.fleet.touched(self.stream)
             self.plane.fleet.progressed()
 
 
@@ -142,6 +144,7 @@ class NackingEnvoy(SimEnvoy):
             else:
                 reply.version_info = sent.version
             self.pending += self.stream.receive(reply)[2]
+            self.plane.fleet.touched(self.stream)
             self.plane.fleet.progressed()
 
 

@@ -69,6 +69,7 @@ class SimEnvoy:
     def wake(self) -> None:
         assert self.stream.node is not None
         self.pending += self.stream.on_snapshot(self.plane.assignments.resolve(self.stream.node))
+        self.plane.fleet.touched(self.stream)
         self.settle()
 
     def close(self) -> None:
@@ -85,7 +86,9 @@ class SimEnvoy:
             else:
                 reply.version_info = sent.version
             self.pending += self.stream.receive(reply)[2]
-            self.plane.fleet.progressed()  # as the gRPC shell does after an ACK or NACK
+            # as the gRPC shell does after each event, and after an ACK or NACK
+            self.plane.fleet.touched(self.stream)
+            self.plane.fleet.progressed()
 
     @property
     def version(self) -> str | None:
@@ -380,6 +383,16 @@ async def test_fleet_progress_counts_who_lags_as_convergence_does_and_follows_ea
         SimEnvoy.settle(envoy)
         assert evidence.progress("edge", V2.version).lagging == lagging
     assert evidence.convergence("edge", V2.version).lagging == []
+
+    # A node that leaves stops counting; one that comes (on V2 at once) counts.
+    envoys[0].close()
+    assert evidence.progress("edge", V2.version) == GroupProgress(2, 0, pytest.approx(p.clock()))
+    SimEnvoy(p, "web-3", canary=False)
+    assert (evidence.progress("edge", V2.version).total, lagging) == (3, 0)
+    # Looking at another version does not lose track of this one.
+    assert evidence.progress("edge", V1.version).lagging == 3
+    envoys[1].close()
+    assert evidence.progress("edge", V2.version).total == 2
 
 
 class NotYetRead:

@@ -145,6 +145,58 @@ def test_every_response_has_its_own_nonce(snapshot) -> None:
     assert cds.nonce != eds.nonce
 
 
+def synced_stream(active: Assignments, stream_id: int) -> tuple[SotwStream, list[Send]]:
+    """A stream numbering its nonces in `active`'s epochs, that ACKed all it was sent."""
+    stream = SotwStream(stream_id, active.resolve, epoch=active.epoch)
+    sent = stream.receive(request(CLUSTER, node=NODE))[2]
+    sent += stream.receive(request(ENDPOINT, names=EDS_NAMES))[2]
+    sent += stream.receive(request(LISTENER))[2]
+    return stream, sent + ack_all(stream, sent)
+
+
+EDS_NAMES = ("web", "api")
+
+
+def ack_all(stream: SotwStream, sent: list[Send]) -> list[Send]:
+    """ACK each response, and what those ACKs release, as Envoy would; what was sent."""
+    more: list[Send] = []
+    for send in sent:
+        names = EDS_NAMES if send.type_url == ENDPOINT else ()
+        ack = request(send.type_url, version=send.version, nonce=send.nonce, names=names)
+        more += stream.receive(ack)[2]
+    return more + ack_all(stream, more) if more else []
+
+
+def test_a_nonce_is_never_used_twice_on_a_stream_even_when_a_rollback_resends_the_same(
+    snapshot,
+) -> None:
+    active = Assignments()
+    active.set_stable("edge", snapshot)
+    stream, sent = synced_stream(active, 1)
+    v2 = factories.edge_snapshot(backend_port=8081)
+    for target in (v2, snapshot, v2, snapshot):  # the same responses again, epoch after epoch
+        active.set_stable("edge", target)
+        pushed = stream.on_snapshot(active.resolve(stream.node))  # type: ignore[arg-type]
+        assert pushed, "each move sends something"
+        sent += pushed + ack_all(stream, pushed)
+    nonces = [s.nonce for s in sent]
+    assert len(set(nonces)) == len(nonces)
+    assert {decode(s).nonce for s in sent} == set(nonces)
+
+
+def test_streams_that_do_the_same_in_an_epoch_send_the_same_bytes(snapshot) -> None:
+    """A fleet taking a push sends one encoded response to every stream, not one each."""
+    active = Assignments()
+    active.set_stable("edge", snapshot)
+    (first, first_sent), (second, second_sent) = synced_stream(active, 1), synced_stream(active, 2)
+    assert [s.payload for s in first_sent] == [s.payload for s in second_sent]
+    assert all(a.payload is b.payload for a, b in zip(first_sent, second_sent, strict=True))
+    active.set_stable("edge", factories.edge_snapshot(backend_port=8081))
+    [a] = first.on_snapshot(active.resolve(first.node))  # type: ignore[arg-type]
+    [b] = second.on_snapshot(active.resolve(second.node))  # type: ignore[arg-type]
+    assert a.payload is b.payload and a.nonce.startswith(f"{active.epoch()}.")
+
+
 def test_listeners_and_routes_wait_for_the_cds_ack_but_endpoints_do_not(snapshot) -> None:
     envoy = FakeEnvoy(snapshot)
     [cds] = envoy.send(request(CLUSTER))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from controlplane.resources import CLUSTER, ENDPOINT
 from controlplane.snapshot import Snapshot
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.fleet import Fleet
-from controlplane.xds.server import XdsServer
+from controlplane.xds.server import Deadlines, XdsServer
 from tests import factories
 
 WAIT_SECONDS = 10.0
@@ -129,3 +130,33 @@ def test_a_first_sync_that_runs_out_of_time_is_marked_while_a_write_is_blocked()
             assert client.session.writer is not None  # the write never ended
 
     asyncio.run(asyncio.wait_for(scenario(), 4 * WAIT_SECONDS))
+
+
+class TickedSession:
+    """What Deadlines needs of a session: its deadline, and a tick to take."""
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+        self.ticked_at: list[float] = []
+
+    def on_tick(self) -> None:
+        self.ticked_at.append(time.monotonic())
+
+
+async def test_deadlines_tick_each_session_once_never_early_and_at_most_a_slot_late() -> None:
+    deadlines = Deadlines()
+    now = time.monotonic()
+    moved, kept, dropped, same_slot = (TickedSession() for _ in range(4))
+    deadlines.move(moved, now + 0.05)
+    deadlines.move(moved, now + 0.2)  # moved later: only the new deadline ticks
+    deadlines.move(kept, now + 0.1)
+    deadlines.move(same_slot, now + 0.1)
+    deadlines.move(dropped, now + 0.1)
+    deadlines.move(dropped, None)
+    await until(lambda: moved.ticked_at and kept.ticked_at and same_slot.ticked_at, "the ticks")
+    await asyncio.sleep(0.2)  # nothing else comes
+    slot = Deadlines.SLOT_SECONDS
+    assert len(moved.ticked_at) == len(kept.ticked_at) == len(same_slot.ticked_at) == 1
+    assert dropped.ticked_at == [] and moved.deadline is None
+    for session, due in ((moved, now + 0.2), (kept, now + 0.1), (same_slot, now + 0.1)):
+        assert due <= session.ticked_at[0] < due + slot + 0.1  # (0.1: a busy machine's lag)
