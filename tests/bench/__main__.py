@@ -106,6 +106,9 @@ FLOOR_START_SECONDS = 60.0
 FLOOR_COMMAND_SECONDS = 30.0
 PROFILER_START_SECONDS = 15.0
 PROFILER_STOP_SECONDS = 60.0
+# A step's CPU is counted until the server is quiet again (wait_until_quiet).
+QUIET_WINDOW_SECONDS = 0.1
+QUIET_TIMEOUT_SECONDS = 5.0
 # Each replica holds 2 connections; tests/integration/postgres.py allows 50.
 MAX_REPLICAS = 8
 
@@ -808,6 +811,7 @@ def scenario(
         cpu0 = cpu_pair(server, fleet)
         t0 = fleet.connect()
         storm = fleet.wait_until_all("storm", args.wait_timeout)
+        wait_until_quiet(server.pids)
         out["connect_storm"] = phase(storm, t0, cpu_since(cpu0, server, fleet), fleet.workers)
         if not storm.ok:
             out["connect_storm"]["lagging"] = fleet.lagging("storm")
@@ -842,7 +846,9 @@ def scenario(
             t0 = time.time()
             command = server.publish(variant)
             push = fleet.wait_until_all(variant, args.wait_timeout)
+            quiet = wait_until_quiet(server.pids)
             step = phase(push, t0, cpu_since(cpu0, server, fleet), fleet.workers, before, changed)
+            step["quiet_wait_seconds"] = round(quiet, 3)
             step["version"] = version
             step["publish_command_wall_seconds"] = command["command_wall_seconds"]
             out["pushes"].append(step)
@@ -860,7 +866,9 @@ def scenario(
             t0 = time.time()
             command = server.rollback(v1)
             back = fleet.wait_until_all(key, args.wait_timeout)
+            quiet = wait_until_quiet(server.pids)
             step = phase(back, t0, cpu_since(cpu0, server, fleet), fleet.workers, before, changed)
+            step["quiet_wait_seconds"] = round(quiet, 3)
             step.update(command)
             out["rollbacks"].append(step)
             out.setdefault("rollback", step)
@@ -1164,6 +1172,23 @@ def cpu_pair(server: Any, fleet: SimulatedFleet) -> Cpu:
         None if database is None else cpu_seconds(database),
         machine_busy_seconds() - own_cpu_seconds(),
     )
+
+
+def wait_until_quiet(pids: list[int]) -> float:
+    """Until the server has done what the last step gave it: the simulated nodes count as
+    holding a version once they wrote their ACKs, and the server may still be reading them
+    (a fleet's worth of ACKs takes a while). Quiet: at most one clock tick of CPU in a
+    QUIET_WINDOW_SECONDS window; at most QUIET_TIMEOUT_SECONDS. Returns the time waited."""
+    start = time.monotonic()
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    used = cpu_seconds(pids)
+    while time.monotonic() - start < QUIET_TIMEOUT_SECONDS:
+        time.sleep(QUIET_WINDOW_SECONDS)
+        now = cpu_seconds(pids)
+        if now - used <= tick * 1.5:
+            break
+        used = now
+    return time.monotonic() - start
 
 
 def cpu_since(before: Cpu, server: Any, fleet: SimulatedFleet) -> Cpu:
