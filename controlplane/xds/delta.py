@@ -28,7 +28,7 @@ What delta adds to the shared rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -48,6 +48,8 @@ IN_FLIGHT_LIMIT = 16
 
 class DeltaStream(XdsStream):
     protocol = "delta"
+
+    __slots__ = ()
 
     def _acked_version(self, state: TypeState, request: Request) -> str:
         return state.sent_version or ""  # a delta ACK names no version: it accepts what we sent
@@ -100,7 +102,8 @@ class DeltaStream(XdsStream):
         state.names = shared_names(frozenset((state.names | subscribe) - unsubscribe - {WILDCARD}))
 
     def _nacked(self, state: TypeState, nonce: str, error: str, now: float) -> None:
-        version, touched = state.in_flight.get(nonce, ("", tuple(state.held)))
+        sent = state.in_flight.get(nonce) if state.in_flight else None
+        version, touched = sent or ("", tuple(state.held))
         # (an unremembered response: nothing the client holds of the type is certain)
         _mark_unknown(state, touched)
         if nonce != state.latest_nonce:
@@ -140,7 +143,9 @@ class DeltaStream(XdsStream):
             return None  # the client holds exactly this (e.g. a reconnect): send nothing
         state.held = held
         state.held_key = (current.version, names) if exact else None
-        if len(state.in_flight) >= IN_FLIGHT_LIMIT:
+        if state.in_flight is None:
+            state.in_flight = {}
+        elif len(state.in_flight) >= IN_FLIGHT_LIMIT:
             state.in_flight.pop(next(iter(state.in_flight)))
         state.in_flight[nonce] = (current.version, changed + removed)
         payload = wire.delta_response(current.version, state.type_url, nonce, entries, removed)
@@ -184,7 +189,7 @@ def _size_of(transition: Transition) -> int:
 
 
 def _transition(
-    held: dict[str, str], current: TypeResources, names: frozenset[str] | None
+    held: Mapping[str, str], current: TypeResources, names: frozenset[str] | None
 ) -> Transition:
     wanted = {
         name: resource.version

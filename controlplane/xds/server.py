@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -110,6 +111,10 @@ class XdsServer:
         self._fleet = fleet
         self._ids = itertools.count(1)
         self._deadlines = Deadlines()
+        # Bound once, shared by every stream (a bound method is an object per stream).
+        self._resolve, self._epoch = assignments.resolve, assignments.epoch
+        # Debug lines are not even built at other levels (the level is set at start-up).
+        self._log_debug = log.is_enabled_for(logging.DEBUG)
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         handlers = []
@@ -134,12 +139,12 @@ class XdsServer:
         async def handle(_: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
             stream = protocol(
                 next(self._ids),
-                self._assignments.resolve,
+                self._resolve,
                 types=types,
                 warming_timeout=self._warming_timeout,
                 first_sync_timeout=self._first_sync_timeout,
                 certificate=self._certificate(context),
-                epoch=self._assignments.epoch,
+                epoch=self._epoch,
             )
             await _Session(self, stream, request_type, context).run()
 
@@ -182,13 +187,15 @@ class XdsServer:
         """The metrics label: the group whose pointers serve the node (a bounded set)."""
         return self._assignments.effective_group(stream.group or "")
 
-    def _record_send(self, bound: BoundLogger, stream: XdsStream, send: Send) -> None:
-        pushes, pushed_bytes, _, _ = self._counters(send.type_url, stream)
+    def _record_send(self, session: _Session, send: Send) -> None:
+        pushes, pushed_bytes, _, _ = self._counters(send.type_url, session.stream)
         pushes.inc()
         pushed_bytes.inc(len(send.payload))
         # Per push and per ACK lines are debug: a publish to N nodes makes thousands of them,
         # and at info they cost more CPU than the pushes. NACKs stay warnings.
-        bound.debug(
+        if not self._log_debug:
+            return
+        session.bound.debug(
             "push",
             type_url=send.type_url,
             version=send.version,
@@ -197,57 +204,46 @@ class XdsServer:
             **({"removed": list(send.removed)} if send.removed else {}),
         )
 
-    def _record_request(
-        self,
-        bound: BoundLogger,
-        stream: XdsStream,
-        kind: RequestKind,
-        state: TypeState,
-        nack_log: LogRateLimit,
-        logged_once: set[tuple[str, str]],
-    ) -> None:
+    def _record_request(self, session: _Session, kind: RequestKind, state: TypeState) -> None:
+        _, _, acks, nacks = self._counters(state.type_url, session.stream)
         fields = {"type_url": limits.clip(state.type_url), "nonce": state.latest_nonce}
-        _, _, acks, nacks = self._counters(state.type_url, stream)
-        if kind is RequestKind.NACK:
+        if kind is RequestKind.ACK:
+            acks.inc()
+            if self._log_debug:
+                session.bound.debug("ack", version=state.acked_version, **fields)
+        elif kind is RequestKind.NACK:
             nacks.inc()
-            suppressed = nack_log.allow(state.type_url, time.monotonic())
+            suppressed = session.nack_log().allow(state.type_url, time.monotonic())
             if suppressed is not None:
-                bound.warning(
+                session.bound.warning(
                     "nack",
                     version=state.nacked_version,
                     error=state.nack_error,
                     suppressed=suppressed,
                     **fields,
                 )
-        elif kind is RequestKind.ACK:
-            acks.inc()
-            bound.debug("ack", version=state.acked_version, **fields)
-        elif kind is RequestKind.STALE:
-            bound.debug("stale request ignored", **fields)
-        elif kind is RequestKind.UPDATE:
-            bound.debug("subscription update", names=len(state.names), **fields)
+        elif self._log_debug and kind is RequestKind.STALE:
+            session.bound.debug("stale request ignored", **fields)
+        elif self._log_debug and kind is RequestKind.UPDATE:
+            session.bound.debug("subscription update", names=len(state.names), **fields)
         if state.type_url == resources.SECRET and kind in (RequestKind.INITIAL, RequestKind.UPDATE):
-            self._report_unserved_secrets(bound, stream, state.names, logged_once)
+            self._report_unserved_secrets(session, state.names)
         if kind is RequestKind.UNSUPPORTED:
             self._metrics.ignored_requests.labels("unsupported_type").inc()
-            if ("type", state.type_url) not in logged_once:
-                logged_once.add(("type", state.type_url))
-                bound.warning("request for a type not served: ignored", type_url=state.type_url)
+            if session.first_time(("type", state.type_url)):
+                session.bound.warning(
+                    "request for a type not served: ignored", type_url=state.type_url
+                )
 
     @staticmethod
-    def _report_unserved_secrets(
-        bound: BoundLogger,
-        stream: XdsStream,
-        names: frozenset[str],
-        logged_once: set[tuple[str, str]],
-    ) -> None:
+    def _report_unserved_secrets(session: _Session, names: frozenset[str]) -> None:
         """Once per stream and name: a secret asked for and not served (see Snapshot.as_served),
         which leaves the listener or cluster that needs it warming on the Envoy."""
+        stream = session.stream
         served = stream.snapshot.resources(resources.SECRET) if stream.snapshot else {}
-        missing = sorted(n for n in names if n not in served and ("secret", n) not in logged_once)
+        missing = sorted(n for n in names if n not in served and session.first_time(("secret", n)))
         if missing:
-            logged_once.update(("secret", n) for n in missing)
-            bound.warning(
+            session.bound.warning(
                 "secrets not served",
                 why="not published in the node's group, not referenced by the group's config, "
                 "or the group falls back on default's config",
@@ -255,8 +251,9 @@ class XdsServer:
                 more=max(0, len(missing) - 20),
             )
 
-    def _record_stuck(self, bound: BoundLogger, stream: XdsStream) -> None:
+    def _record_stuck(self, session: _Session) -> None:
         """A node ran out of time for its first sync, or completed it after all."""
+        stream, bound = session.stream, session.bound
         if stream.stuck:
             bound.warning(
                 "node stuck starting up",
@@ -308,14 +305,14 @@ class _Session:
     """
 
     __slots__ = (
-        "bound",
         "context",
         "converged_on",
         "deadline",
         "ending",
-        "logged_once",
-        "nack_log",
+        "logged",
+        "nacks_logged",
         "outbox",
+        "peer",
         "request_type",
         "server",
         "stream",
@@ -337,7 +334,7 @@ class _Session:
         self.stream = stream
         self.request_type = request_type
         self.context = context
-        self.bound: BoundLogger = log.bind(stream_id=stream.stream_id, peer=context.peer())
+        self.peer = context.peer()
         # (type URL, encoded response): a list, not a deque (760 bytes even when empty)
         self.outbox: list[tuple[str, bytes]] = []
         self.writer: asyncio.Task[None] | None = None  # draining the outbox, if any
@@ -349,10 +346,38 @@ class _Session:
         self.deadline: float | None = None  # when the stream asked to be ticked (Deadlines)
         self.converged_on: str | None = None
         self.was_stuck = False
-        self.nack_log = LogRateLimit(NACK_LOG_INTERVAL_SECONDS)  # by type
+        self.nacks_logged: LogRateLimit | None = None  # by type; made at the first NACK
         # Logged once per stream: ("type", URL) of types not served, ("secret", name) of
-        # secrets asked for and not served.
-        self.logged_once: set[tuple[str, str]] = set()
+        # secrets asked for and not served. None until the first.
+        self.logged: set[tuple[str, str]] | None = None
+
+    @property
+    def bound(self) -> BoundLogger:
+        """The stream's logger, made for each line rather than kept: a fleet holds
+        thousands of streams, and logs little of each at info."""
+        node = self.stream.node
+        if node is None:
+            return log.bind(stream_id=self.stream.stream_id, peer=self.peer)
+        return log.bind(
+            stream_id=self.stream.stream_id,
+            peer=self.peer,
+            node_id=limits.clip(node.id, NODE_ID_LOG_CHARS),
+            group=limits.clip(node.group, NODE_ID_LOG_CHARS),
+        )
+
+    def nack_log(self) -> LogRateLimit:
+        if self.nacks_logged is None:
+            self.nacks_logged = LogRateLimit(NACK_LOG_INTERVAL_SECONDS)
+        return self.nacks_logged
+
+    def first_time(self, key: tuple[str, str]) -> bool:
+        """True once per stream and key: what is logged once."""
+        if self.logged is None:
+            self.logged = set()
+        elif key in self.logged:
+            return False
+        self.logged.add(key)
+        return True
 
     async def run(self) -> None:
         server = self.server
@@ -416,12 +441,8 @@ class _Session:
             kind, state, sends = stream.receive(_parse(self.request_type, raw))
         if stream not in server._fleet and stream.node is not None:
             server._fleet.add(stream, self)
-            self.bound = self.bound.bind(
-                node_id=limits.clip(stream.node.id, NODE_ID_LOG_CHARS),
-                group=limits.clip(stream.group or "", NODE_ID_LOG_CHARS),
-            )
             self.bound.info("stream opened", protocol=stream.protocol)
-        server._record_request(self.bound, stream, kind, state, self.nack_log, self.logged_once)
+        server._record_request(self, kind, state)
         if kind in (RequestKind.ACK, RequestKind.NACK):
             server._fleet.progressed()
         self.converged_on = server._record_convergence(stream, self.converged_on)
@@ -431,11 +452,11 @@ class _Session:
         """After each event of the stream: queue what it sends, and tell the fleet."""
         self.server._fleet.touched(self.stream)
         for send in sends:
-            self.server._record_send(self.bound, self.stream, send)
+            self.server._record_send(self, send)
             self.outbox.append((send.type_url, send.payload))
         if self.stream.stuck != self.was_stuck:
             self.was_stuck = self.stream.stuck
-            self.server._record_stuck(self.bound, self.stream)
+            self.server._record_stuck(self)
         self.server._deadlines.move(self, self.stream.next_deadline())
 
     async def _drain(self) -> None:

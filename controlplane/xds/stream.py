@@ -46,9 +46,11 @@ State of the world (SotwStream):
 from __future__ import annotations
 
 import enum
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -64,6 +66,7 @@ from controlplane.xds.identity import CLAIMED, Certificate, Trust
 from controlplane.xds.limits import RemoteProtocolError
 
 WILDCARD = "*"
+_ADS_TYPE_URLS = tuple(t.type_url for t in ADS_ORDER)
 
 
 class RequestKind(enum.Enum):
@@ -85,6 +88,9 @@ class Send:
     resource_names: frozenset[str] | None  # None: every resource of the type
     payload: bytes
     removed: tuple[str, ...] = ()  # delta: names the client is told to drop
+
+
+NOTHING_HELD: Mapping[str, str] = MappingProxyType({})  # one empty `held` for every stream
 
 
 @dataclass(slots=True)
@@ -115,8 +121,9 @@ class TypeState:
     nacked_at: float | None = None
     stale_requests: int = 0
     # Delta only: what the client holds (name -> resource version; UNKNOWN after a NACK),
-    # counting every response sent as applied unless it is NACKed.
-    held: dict[str, str] = field(default_factory=dict)
+    # counting every response sent as applied unless it is NACKed. Replaced, never changed
+    # in place: streams share it.
+    held: Mapping[str, str] = field(default_factory=lambda: NOTHING_HELD)
     # (type version, names) when `held` is exactly that version's resources for those
     # names: then the diff to the next version is the same for every such client.
     held_key: tuple[str, frozenset[str] | None] | None = None
@@ -124,13 +131,16 @@ class TypeState:
     # carries each, or names it in removed_resources if it does not exist.
     unanswered: frozenset[str] = frozenset()
     # Delta only: nonce -> (version, the names it added, changed or removed) of each
-    # unACKed response.
-    in_flight: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    # unACKed response; None while there is none.
+    in_flight: dict[str, tuple[str, tuple[str, ...]]] | None = None
     # Since when (monotonic) a response of this type has been awaiting its ACK (not reset
     # when a newer one supersedes it): what the warming timeout counts from.
     unacked_since: float | None = None
     # Subscribed on the client's behalf (ordering.IMPLIES_SUBSCRIPTION), not asked for yet.
     implied: bool = False
+
+
+NO_METADATA: Mapping[str, object] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -139,7 +149,7 @@ class NodeInfo:
     group: str
     build_version: str
     user_agent: str
-    metadata: dict[str, object] = field(default_factory=dict)
+    metadata: Mapping[str, object] = field(default_factory=lambda: NO_METADATA)
     trust: Trust = CLAIMED
 
     @classmethod
@@ -148,12 +158,15 @@ class NodeInfo:
         if node.HasField("user_agent_build_version"):
             v = node.user_agent_build_version.version
             build = f"{v.major_number}.{v.minor_number}.{v.patch}"
+        # A fleet's nodes share their group, build and user agent: one string each.
         return cls(
             id=node.id,
-            group=node.cluster or DEFAULT_GROUP,
-            build_version=build,
-            user_agent=node.user_agent_name,
-            metadata=json_format.MessageToDict(node.metadata),
+            group=sys.intern(node.cluster or DEFAULT_GROUP),
+            build_version=sys.intern(build),
+            user_agent=sys.intern(node.user_agent_name),
+            metadata=json_format.MessageToDict(node.metadata)
+            if node.metadata.fields
+            else NO_METADATA,
         )
 
 
@@ -248,6 +261,30 @@ class XdsStream:
     """The protocol core both state-of-the-world and delta streams run on."""
 
     protocol = ""
+    # A fleet holds thousands of these: no per-instance dict.
+    __slots__ = (
+        "_ads",
+        "_allowed",
+        "_certificate",
+        "_clock",
+        "_epoch",
+        "_first_sync_due",
+        "_first_sync_timeout",
+        "_monotonic",
+        "_nonce_epoch",
+        "_nonces_in_epoch",
+        "_resolve",
+        "_warming_timeout",
+        "assigned_at",
+        "first_synced_at",
+        "node",
+        "snapshot",
+        "started_at",
+        "started_empty",
+        "stream_id",
+        "stuck_since",
+        "types",
+    )
 
     def __init__(
         self,
@@ -277,8 +314,7 @@ class XdsStream:
         self._first_sync_timeout = first_sync_timeout
         self._certificate = certificate
         self._ads = types is None
-        allowed = tuple(types) if types is not None else tuple(t.type_url for t in ADS_ORDER)
-        self._allowed = allowed
+        self._allowed = tuple(types) if types is not None else _ADS_TYPE_URLS
         self.types: dict[str, TypeState] = {}  # created on a type's first request
         self.node: NodeInfo | None = None
         self.snapshot: Snapshot | None = None
@@ -328,7 +364,7 @@ class XdsStream:
             state.unacked_since = None
             state.acked_version = self._acked_version(state, request)
             state.acked_at = now
-            state.in_flight.clear()
+            state.in_flight = None
         elif kind is RequestKind.INITIAL:
             self._initial(state, request)
             self._imply_paused_subscription(state.type_url, request)
@@ -580,7 +616,7 @@ class XdsStream:
         state.refresh = False
         epoch = self._epoch()
         sent_in_epoch = self._nonces_in_epoch if epoch == self._nonce_epoch else 0
-        nonce = f"{epoch}.{sent_in_epoch + 1}"
+        nonce = sys.intern(f"{epoch}.{sent_in_epoch + 1}")  # one object fleet-wide
         previous = state.sent_resources
         encoded = self._encode(state, current, names, nonce)
         state.sent_version = current.version
@@ -634,10 +670,12 @@ class SotwStream(XdsStream):
     """State of the world: every response carries every resource the client asked for."""
 
     protocol = "sotw"
+    __slots__ = ()
 
     def _acked_version(self, state: TypeState, request: Request) -> str:
         assert isinstance(request, discovery_pb2.DiscoveryRequest)
-        return request.version_info
+        version = request.version_info
+        return state.sent_version if version == state.sent_version else version  # (shared)
 
     def _initial(self, state: TypeState, request: Request) -> None:
         assert isinstance(request, discovery_pb2.DiscoveryRequest)
