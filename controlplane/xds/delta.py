@@ -59,13 +59,16 @@ class DeltaStream(XdsStream):
         if request.initial_resource_versions:
             self.started_empty = False
         if not state.subscribed:
-            state.held = limits.versions(request.initial_resource_versions)
+            state.held = limits.versions(request.initial_resource_versions, request.ByteSize())
             state.held_key = None
 
     def _subscribe(self, state: TypeState, request: Request) -> None:
         assert isinstance(request, discovery_pb2.DeltaDiscoveryRequest)
-        subscribe = limits.names("resource_names_subscribe", request.resource_names_subscribe)
-        unsubscribe = limits.names("resource_names_unsubscribe", request.resource_names_unsubscribe)
+        size = request.ByteSize()
+        subscribe = limits.names("resource_names_subscribe", request.resource_names_subscribe, size)
+        unsubscribe = limits.names(
+            "resource_names_unsubscribe", request.resource_names_unsubscribe, size
+        )
         first = not state.subscribed
         if first:
             state.subscribed = True

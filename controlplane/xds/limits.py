@@ -62,16 +62,18 @@ def _check_count(what: str, names: object) -> None:
         raise _refuse(what, count, MAX_NAMES_PER_REQUEST, "names", "names")
 
 
-def names(what: str, field: Iterable[str]) -> frozenset[str]:
+def names(what: str, field: Iterable[str], request_bytes: int) -> frozenset[str]:
     """The names of a request field (already within MAX_NAMES_PER_REQUEST, see
     check_request), each refused if over MAX_NAME_BYTES. Read once: a request's names are
-    turned into Python strings one time."""
+    turned into Python strings one time. `request_bytes`: the size of the request."""
     found = frozenset(field)
-    _check_lengths(what, found)
+    _check_lengths(what, found, request_bytes)
     return found
 
 
-def _check_lengths(what: str, names: Collection[str]) -> None:
+def _check_lengths(what: str, names: Collection[str], request_bytes: int) -> None:
+    if request_bytes <= MAX_NAME_BYTES:
+        return  # no name is longer than the request that holds it
     if names and max(map(len, names)) > MAX_NAME_BYTES // 4:  # (a character is 1 to 4 bytes)
         for name in names:
             if (size := len(name.encode())) > MAX_NAME_BYTES:
@@ -135,9 +137,9 @@ def _finite(number: float) -> bool:
     return number - number == 0.0  # False for NaN and both infinities
 
 
-def versions(field: Mapping[str, str]) -> dict[str, str]:
+def versions(field: Mapping[str, str], request_bytes: int) -> dict[str, str]:
     """A delta request's initial_resource_versions (within MAX_NAMES_PER_REQUEST), each
-    name refused if over MAX_NAME_BYTES."""
+    name refused if over MAX_NAME_BYTES. `request_bytes`: the size of the request."""
     held = dict(field)
-    _check_lengths("initial_resource_versions", held)
+    _check_lengths("initial_resource_versions", held, request_bytes)
     return held

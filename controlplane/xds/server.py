@@ -67,7 +67,6 @@ LARGE_REQUEST_PAUSE_SECONDS = 0.005
 NODE_ID_LOG_CHARS = 256  # node id and group in each log line of a stream
 
 _INTERNAL_ERROR = "internal error; see the server log"
-_STRAIGHT_THROUGH = contextlib.nullcontext()  # the turn of a small request (stateless)
 
 # HTTP/2 keepalive on xDS connections. Envoy's `connection_keepalive` pings the server; with
 # gRPC's defaults, pings more often than every 5 minutes on a connection that sends no data
@@ -158,15 +157,10 @@ class XdsServer:
             return None
         return Certificate.from_auth_context(self._trust_domain, context.auth_context())
 
-    def _turn(self, request_bytes: int) -> contextlib.AbstractAsyncContextManager[None]:
-        """Large requests are handled one at a time, each followed by a pause in which
-        everything else that is ready runs; small ones go straight through."""
-        if request_bytes <= LARGE_REQUEST_BYTES:
-            return _STRAIGHT_THROUGH
-        return self._large_turn()
-
     @contextlib.asynccontextmanager
     async def _large_turn(self) -> AsyncIterator[None]:
+        """Large requests are handled one at a time, each followed by a pause in which
+        everything else that is ready runs (small ones go straight through)."""
         async with self._large_requests:
             yield
             await asyncio.sleep(LARGE_REQUEST_PAUSE_SECONDS)
@@ -388,7 +382,11 @@ class _Session:
                     # reads no responses is read no further (its requests wait in gRPC's
                     # flow-controlled window), and nothing piles up here.
                     await self.writer
-                await self._on_request(raw)  # type: ignore[arg-type]
+                if len(raw) > LARGE_REQUEST_BYTES:  # type: ignore[arg-type]
+                    async with server._large_turn():
+                        self._on_request(raw)  # type: ignore[arg-type]
+                else:
+                    self._on_request(raw)  # type: ignore[arg-type]
                 del raw  # not kept while the stream idles
                 if self.outbox and self.writer is None:
                     self.writer = self.task
@@ -435,10 +433,9 @@ class _Session:
                 server._fleet.remove(self.stream)
                 self.bound.info("stream closed")
 
-    async def _on_request(self, raw: bytes) -> None:
+    def _on_request(self, raw: bytes) -> None:
         server, stream = self.server, self.stream
-        async with server._turn(len(raw)):
-            kind, state, sends = stream.receive(_parse(self.request_type, raw))
+        kind, state, sends = stream.receive(_parse(self.request_type, raw))
         if stream not in server._fleet and stream.node is not None:
             server._fleet.add(stream, self)
             self.bound.info("stream opened", protocol=stream.protocol)

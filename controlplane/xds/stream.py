@@ -194,6 +194,13 @@ def shared_names(names: frozenset[str]) -> frozenset[str]:
     return shared
 
 
+def _holds_sent(state: TypeState, current: TypeResources, names: frozenset[str] | None) -> bool:
+    """What was last sent of the type is `current` for `names` (shared name sets are
+    compared by identity first: equal sets of thousands of names cost a walk)."""
+    sent = state.sent_names
+    return state.sent_version == current.version and (sent is names or sent == names)
+
+
 def classify(state: TypeState, request: Request) -> RequestKind:
     if not request.response_nonce:
         return RequestKind.INITIAL
@@ -579,7 +586,8 @@ class XdsStream:
     def _held_until(self, state: TypeState, now: float) -> float | None:
         """When `state`'s type stops waiting for the types ordering.WAITS_FOR names, or None
         if it is not waiting."""
-        latest: float | None = None
+        due_by = state.subscription_due_by
+        latest = due_by if due_by is not None and due_by > now else None
         for blocker_url in ordering.blockers(state.type_url):
             blocker = self.types.get(blocker_url)
             if blocker is None or blocker.unacked_since is None:
@@ -587,32 +595,41 @@ class XdsStream:
             deadline = blocker.unacked_since + self._warming_timeout
             if deadline > now and (latest is None or deadline > latest):
                 latest = deadline
-        due_by = state.subscription_due_by
-        if due_by is not None and due_by > now and (latest is None or due_by > latest):
-            latest = due_by
         return latest
 
     def _send_due(self) -> list[Send]:
         sends: list[Send] = []
-        now, tick = self._clock(), self._monotonic()
-        for resource_type in ADS_ORDER:
-            state = self.types.get(resource_type.type_url)
-            if state is None or not state.subscribed or self._held_until(state, tick):
+        snapshot = self.snapshot
+        if snapshot is None:
+            return sends
+        times: tuple[float, float] | None = None  # (now, tick), read once something is due
+        for type_url in _ADS_TYPE_URLS:
+            state = self.types.get(type_url)
+            if state is None or not state.subscribed:
                 continue
-            send = self._send_if_changed(state, now, tick)
+            current = snapshot.of_type(type_url)
+            names = names_to_send(state)
+            if not state.refresh and _holds_sent(state, current, names):
+                continue  # holds it already, or NACKed exactly this: never resend in a loop
+            if times is None:
+                times = (self._clock(), self._monotonic())
+            if self._held_until(state, times[1]):
+                continue
+            send = self._send(state, current, names, *times)
             if send is not None:
                 sends.append(send)
         return sends
 
-    def _send_if_changed(self, state: TypeState, now: float, tick: float) -> Send | None:
-        """`now` stamps what the status shows; `tick` (monotonic) starts deadlines."""
-        if self.snapshot is None:
-            return None
-        current = self.snapshot.of_type(state.type_url)
-        names = names_to_send(state)
-        unchanged = state.sent_version == current.version and state.sent_names == names
-        if unchanged and not state.refresh:
-            return None  # holds it already, or NACKed exactly this: never resend in a loop
+    def _send(
+        self,
+        state: TypeState,
+        current: TypeResources,
+        names: frozenset[str] | None,
+        now: float,
+        tick: float,
+    ) -> Send | None:
+        """Bring the client to `current` of `names`. `now` stamps what the status shows;
+        `tick` (monotonic) starts deadlines."""
         state.refresh = False
         epoch = self._epoch()
         sent_in_epoch = self._nonces_in_epoch if epoch == self._nonce_epoch else 0
@@ -684,14 +701,15 @@ class SotwStream(XdsStream):
 
     def _subscribe(self, state: TypeState, request: Request) -> None:
         assert isinstance(request, discovery_pb2.DiscoveryRequest)
-        names = limits.names("resource_names", request.resource_names)
+        names = limits.names("resource_names", request.resource_names, request.ByteSize())
         if not state.subscribed:
             state.subscribed = True
             state.legacy_wildcard = not names and resources.resource_type(state.type_url).wildcard
         elif names:
             state.legacy_wildcard = False
-        state.wildcard = state.legacy_wildcard or WILDCARD in names
-        state.names = shared_names(names - {WILDCARD})
+        asks_for_all = WILDCARD in names
+        state.wildcard = state.legacy_wildcard or asks_for_all
+        state.names = shared_names(names - {WILDCARD} if asks_for_all else names)
 
     def _adopt(self, state: TypeState, request: Request) -> None:
         """A reconnecting client reports the version it holds; on a wildcard subscription,

@@ -59,6 +59,24 @@ def test_a_name_over_the_length_limit_is_refused() -> None:
         "limit_name: resource_names: a name: 5,000 bytes, over the limit of 4,096 bytes"
     )
     assert refusal(sotw(type_url="t" * 5000)).startswith("limit_name: type_url: 5,000 chars")
+    # Counted in bytes: 2,049 characters of two bytes each, among short names.
+    over = "é" * 2048 + "x"
+    assert refusal(sotw(resource_names=["web", over, "api"])) == (
+        "limit_name: resource_names: a name: 4,097 bytes, over the limit of 4,096 bytes"
+    )
+    for field in ("resource_names_subscribe", "resource_names_unsubscribe"):
+        delta = discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER, node=NODE)
+        getattr(delta, field).extend(["web", over])
+        assert refusal(delta) == (
+            f"limit_name: {field}: a name: 4,097 bytes, over the limit of 4,096 bytes"
+        )
+    delta = discovery_pb2.DeltaDiscoveryRequest(
+        type_url=CLUSTER, node=NODE, initial_resource_versions={over: "v"}
+    )
+    assert refusal(delta).startswith("limit_name: initial_resource_versions: a name: 4,097")
+    at_the_limit = sotw(resource_names=["web", over[:-1], "api"])
+    stream = SotwStream(1, lambda node: factories.edge_snapshot())
+    assert stream.receive(at_the_limit)[0].value == "initial"
 
 
 def test_node_fields_and_metadata_over_their_limits_are_refused() -> None:
