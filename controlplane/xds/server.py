@@ -67,6 +67,9 @@ LARGE_REQUEST_PAUSE_SECONDS = 0.005
 NODE_ID_LOG_CHARS = 256  # node id and group in each log line of a stream
 
 _INTERNAL_ERROR = "internal error; see the server log"
+# Requests after which a stream may hold all of its snapshot (a stale request or a NACK
+# changes nothing it holds).
+_MAY_COMPLETE_SYNC = frozenset({RequestKind.ACK, RequestKind.INITIAL, RequestKind.UPDATE})
 
 # HTTP/2 keepalive on xDS connections. Envoy's `connection_keepalive` pings the server; with
 # gRPC's defaults, pings more often than every 5 minutes on a connection that sends no data
@@ -200,11 +203,10 @@ class XdsServer:
 
     def _record_request(self, session: _Session, kind: RequestKind, state: TypeState) -> None:
         _, _, acks, nacks = self._counters(state.type_url, session.stream)
-        fields = {"type_url": limits.clip(state.type_url), "nonce": state.latest_nonce}
         if kind is RequestKind.ACK:
             acks.inc()
             if self._log_debug:
-                session.bound.debug("ack", version=state.acked_version, **fields)
+                session.bound.debug("ack", version=state.acked_version, **_about(state))
         elif kind is RequestKind.NACK:
             nacks.inc()
             suppressed = session.nack_log().allow(state.type_url, time.monotonic())
@@ -214,12 +216,12 @@ class XdsServer:
                     version=state.nacked_version,
                     error=state.nack_error,
                     suppressed=suppressed,
-                    **fields,
+                    **_about(state),
                 )
         elif self._log_debug and kind is RequestKind.STALE:
-            session.bound.debug("stale request ignored", **fields)
+            session.bound.debug("stale request ignored", **_about(state))
         elif self._log_debug and kind is RequestKind.UPDATE:
-            session.bound.debug("subscription update", names=len(state.names), **fields)
+            session.bound.debug("subscription update", names=len(state.names), **_about(state))
         if state.type_url == resources.SECRET and kind in (RequestKind.INITIAL, RequestKind.UPDATE):
             self._report_unserved_secrets(session, state.names)
         if kind is RequestKind.UNSUPPORTED:
@@ -442,7 +444,8 @@ class _Session:
         server._record_request(self, kind, state)
         if kind in (RequestKind.ACK, RequestKind.NACK):
             server._fleet.progressed()
-        self.converged_on = server._record_convergence(stream, self.converged_on)
+        if kind in _MAY_COMPLETE_SYNC:
+            self.converged_on = server._record_convergence(stream, self.converged_on)
         self._queue(sends)
 
     def _queue(self, sends: list[Send]) -> None:
@@ -601,6 +604,11 @@ class Deadlines:
         for session in self._slots.pop(slot, ()):
             session.deadline = None
             session.on_tick()
+
+
+def _about(state: TypeState) -> dict[str, str | None]:
+    """What a log line about a request says of its type."""
+    return {"type_url": limits.clip(state.type_url), "nonce": state.latest_nonce}
 
 
 def _parse(request_type: type[Request], raw: bytes) -> Request:

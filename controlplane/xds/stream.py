@@ -48,9 +48,10 @@ from __future__ import annotations
 import enum
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import NamedTuple
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -78,9 +79,9 @@ class RequestKind(enum.Enum):
     UNSUPPORTED = "unsupported"  # a type this server does not serve: ignored
 
 
-@dataclass(frozen=True)
-class Send:
-    """Action: write `payload` (an encoded DiscoveryResponse) to the stream."""
+class Send(NamedTuple):
+    """Action: write `payload` (an encoded DiscoveryResponse) to the stream. (A tuple: a
+    push makes one per node and type.)"""
 
     type_url: str
     version: str
@@ -177,6 +178,28 @@ Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
 _NAME_SETS: ByteBoundedCache[frozenset[str], frozenset[str]] = ByteBoundedCache(
     "name_sets", 32 << 20, lambda names: (names,)
 )
+
+
+# The same again, by the list as a request carries it: a fleet's ACKs repeat their
+# subscription (an Envoy's EDS ACK names every cluster), and a tuple of the names costs less
+# to look up than a set costs to build and compare. (Checked against the limits once, when
+# first seen.)
+_NAME_LISTS: ByteBoundedCache[tuple[str, ...], frozenset[str]] = ByteBoundedCache(
+    "name_lists", 16 << 20
+)
+
+
+def requested_names(
+    what: str, field: Sequence[str], request_bytes: Callable[[], int]
+) -> frozenset[str]:
+    """The names of a request field, checked against the limits, as one shared set (see
+    limits.names; `request_bytes()`: the request's size)."""
+    listed = tuple(field)
+    names = _NAME_LISTS.get(listed)
+    if names is None:
+        names = shared_names(limits.names(what, listed, request_bytes()))
+        _NAME_LISTS.put(listed, names, size_of_names(listed) + 8 * len(listed))
+    return names
 
 
 def names_to_send(state: TypeState) -> frozenset[str] | None:
@@ -525,13 +548,20 @@ class XdsStream:
 
     def synced(self) -> bool:
         """ACKed every type it subscribed to, on the snapshot it is assigned."""
-        if self.snapshot is None:
+        snapshot = self.snapshot
+        if snapshot is None:
             return False
-        subscribed = [s for s in self.types.values() if s.subscribed]
-        return bool(subscribed) and all(
-            not s.awaiting_ack and s.acked_version == self.snapshot.of_type(s.type_url).version
-            for s in subscribed
-        )
+        subscribed = False
+        for state in self.types.values():
+            if not state.subscribed:
+                continue
+            if (
+                state.awaiting_ack
+                or state.acked_version != snapshot.of_type(state.type_url).version
+            ):
+                return False
+            subscribed = True
+        return subscribed
 
     def warming(self) -> bool:
         """Sent resources the client ACKs only once they warm, and it has not ACKed yet."""
@@ -701,7 +731,7 @@ class SotwStream(XdsStream):
 
     def _subscribe(self, state: TypeState, request: Request) -> None:
         assert isinstance(request, discovery_pb2.DiscoveryRequest)
-        names = limits.names("resource_names", request.resource_names, request.ByteSize())
+        names = requested_names("resource_names", request.resource_names, request.ByteSize)
         if not state.subscribed:
             state.subscribed = True
             state.legacy_wildcard = not names and resources.resource_type(state.type_url).wildcard

@@ -10,8 +10,16 @@ from google.rpc import status_pb2
 from controlplane import resources
 from controlplane.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from controlplane.snapshot import Snapshot
+from controlplane.xds import limits
 from controlplane.xds.assignments import Assignments
-from controlplane.xds.stream import NodeInfo, RemoteProtocolError, RequestKind, Send, SotwStream
+from controlplane.xds.stream import (
+    NodeInfo,
+    RemoteProtocolError,
+    RequestKind,
+    Send,
+    SotwStream,
+    requested_names,
+)
 from tests import factories
 
 NODE = base_pb2.Node(id="edge-1", cluster="edge")
@@ -422,3 +430,15 @@ def test_subscription_changes_on_a_stale_nonce_are_honoured(snapshot) -> None:
     assert kind is RequestKind.STALE and state.names == {"web", "api"}
     [both] = sends
     assert sorted(names_in(both)) == ["api", "web"] and both.nonce != newer.nonce
+
+
+def test_requests_naming_the_same_resources_share_one_set_and_over_the_limit_stay_refused() -> None:
+    size = lambda: 100  # noqa: E731 (a request this small holds no name over the limit)
+    first = requested_names("resource_names", ["web", "api"], size)
+    assert requested_names("resource_names", ["web", "api"], size) is first
+    assert requested_names("resource_names", ["api", "web"], size) is first  # any order
+    assert first == frozenset({"web", "api"})
+    over = ["x" * (limits.MAX_NAME_BYTES + 1)]
+    for _ in range(2):  # refused names are not remembered as checked
+        with pytest.raises(RemoteProtocolError, match="over the limit"):
+            requested_names("resource_names", over, lambda: 10_000)
