@@ -465,10 +465,12 @@ class _Session:
         try:
             while self.outbox:
                 batch, self.outbox = self.outbox, []  # what is queued meanwhile comes next
+                moved = False
                 for type_url, payload in batch:
                     await self.context.write(payload)
-                    self.stream.on_written(type_url)
-                self.server._deadlines.move(self, self.stream.next_deadline())
+                    moved = self.stream.on_written(type_url) or moved
+                if moved:
+                    self.server._deadlines.move(self, self.stream.next_deadline())
                 # What came while writing, looked at now: a stream that writes slowly
                 # holds one event's responses at a time, however often it is woken.
                 if self.wake_due:

@@ -281,6 +281,26 @@ def references(
     return found
 
 
+_SUBSCRIPTION_CHANGES: ByteBoundedCache[
+    tuple[frozenset[str], frozenset[str], frozenset[str]], bool
+] = ByteBoundedCache("subscription_changes", 8 << 20, lambda key: (key[2],))
+
+
+def changes_subscription(
+    before: frozenset[str], after: frozenset[str], subscribed: frozenset[str]
+) -> bool:
+    """A client subscribed to `subscribed` that held resources referencing `before` and now
+    those referencing `after` will subscribe to some name or drop one. The same for every
+    client of a push (the sets are shared ones), so worked out once."""
+    key = (before, after, subscribed)
+    changes = _SUBSCRIPTION_CHANGES.get(key)
+    if changes is None:
+        changes = bool(after - subscribed or (before - after) & subscribed)
+        # (sized as if it held the sets alone: it may be what keeps them)
+        _SUBSCRIPTION_CHANGES.put(key, changes, size_of_names(before) + size_of_names(after))
+    return changes
+
+
 def _referenced(among: Iterable[Resource], to_type: str) -> frozenset[str]:
     return frozenset(
         name for resource in among for type_url, name in resource.references if type_url == to_type
@@ -475,16 +495,19 @@ class XdsStream:
         self.check_first_sync()
         return sends
 
-    def on_written(self, type_url: str) -> None:
+    def on_written(self, type_url: str) -> bool:
         """The shell finished writing a response of `type_url`. A subscription change that
         response makes due is waited for from now (ordering.SUBSCRIPTION_GRACE_SECONDS), not
         from when it was built: the client asks only once it has the response, and a large
         one queued behind a fleet's worth of others can take longer than the grace to leave.
+        True if that moved a deadline.
         """
         dependent = self._dependent(type_url)
-        if dependent is not None and dependent.subscription_due_by is not None:
-            due_by = self._monotonic() + ordering.SUBSCRIPTION_GRACE_SECONDS
-            dependent.subscription_due_by = max(dependent.subscription_due_by, due_by)
+        if dependent is None or dependent.subscription_due_by is None:
+            return False
+        due_by = self._monotonic() + ordering.SUBSCRIPTION_GRACE_SECONDS
+        dependent.subscription_due_by = max(dependent.subscription_due_by, due_by)
+        return True
 
     def next_deadline(self) -> float | None:
         """When (on the monotonic clock) a type held back is released anyway, or the first
@@ -704,12 +727,12 @@ class XdsStream:
             names = added_or_changed_references(previous, current, dependent.type_url)
             if names:
                 self._refresh(dependent, names)
+        if dependent.wildcard:
+            return
         sent_names = names_to_send(self.types[type_url])
         before = references(previous, sent_names, dependent.type_url)
         after = references(current, sent_names, dependent.type_url)
-        will_add = after - dependent.names
-        will_drop = (before - after) & dependent.names
-        if not dependent.wildcard and (will_add or will_drop):
+        if changes_subscription(before, after, dependent.names):
             dependent.subscription_due_by = tick + ordering.SUBSCRIPTION_GRACE_SECONDS
 
 

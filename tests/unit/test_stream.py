@@ -18,6 +18,7 @@ from controlplane.xds.stream import (
     RequestKind,
     Send,
     SotwStream,
+    changes_subscription,
     requested_names,
 )
 from tests import factories
@@ -442,3 +443,12 @@ def test_requests_naming_the_same_resources_share_one_set_and_over_the_limit_sta
     for _ in range(2):  # refused names are not remembered as checked
         with pytest.raises(RemoteProtocolError, match="over the limit"):
             requested_names("resource_names", over, lambda: 10_000)
+
+
+def test_whether_a_push_changes_a_subscription_is_worked_out_on_the_sets() -> None:
+    web, both = frozenset({"web"}), frozenset({"web", "api"})
+    assert changes_subscription(web, both, web)  # a new name to ask for
+    assert changes_subscription(both, web, both)  # a name to drop
+    assert not changes_subscription(web, both, both)  # already asked for
+    assert not changes_subscription(both, web, web)  # already dropped
+    assert changes_subscription(web, both, web)  # the same answer from the cache
