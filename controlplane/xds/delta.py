@@ -28,7 +28,7 @@ What delta adds to the shared rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -94,8 +94,11 @@ class DeltaStream(XdsStream):
         if dropped_wildcard:  # the client drops what it held through the wildcard alone
             forget |= held.keys() - ((state.names | subscribe) - unsubscribe)
         if forget:
-            state.held = {n: v for n, v in held.items() if n not in forget}
-            state.held_key = None
+            _change_held(
+                state,
+                ("forgot", frozenset(forget)),
+                lambda held: {n: v for n, v in held.items() if n not in forget},
+            )
         _mark_unknown(state, resubscribed | answer)  # send it again
         if resubscribed or answer or forget:
             state.refresh = True
@@ -160,10 +163,30 @@ def _mark_unknown(state: TypeState, names: Iterable[str]) -> bool:
     (`held` is replaced, never changed in place: it may be shared with other streams).
     True if there were any."""
     unknown = dict.fromkeys(names, UNKNOWN)
-    if unknown:
-        state.held = state.held | unknown
-        state.held_key = None
-    return bool(unknown)
+    if not unknown:
+        return False
+    _change_held(state, ("unknown", frozenset(unknown)), lambda held: {**held, **unknown})
+    return True
+
+
+def _change_held(
+    state: TypeState,
+    change: tuple[str, frozenset[str]],
+    apply: Callable[[Mapping[str, str]], dict[str, str]],
+) -> None:
+    """Replace what the client holds by `apply(held)`. When `held` was known exactly (a
+    held key), what it becomes is too, and is the same for every client making the same
+    change (a fleet taking a push re-creates the same clusters, drops the same names): so
+    it is shared, and so is the diff to the next version."""
+    if state.held_key is None:
+        state.held = apply(state.held)
+        return
+    held_version, held_names = state.held_key
+    key = ((held_version, change), held_names)
+    held = _CHANGED_HELD.get(key)
+    if held is None:
+        held = _CHANGED_HELD.put(key, apply(state.held), size_of_names(state.held))
+    state.held, state.held_key = held, key
 
 
 # entries to send, the names they carry, names removed, what the client then holds, and
@@ -182,6 +205,11 @@ _TRANSITIONS: ByteBoundedCache[tuple[object, str, frozenset[str] | None], Transi
     )
 )
 
+
+# What clients hold after a change to what they held exactly (_change_held), by held key.
+_CHANGED_HELD: ByteBoundedCache[tuple[object, frozenset[str] | None], dict[str, str]] = (
+    ByteBoundedCache("delta_changed_held", 16 << 20, lambda key: (key[1],))
+)
 
 _HOLDS_NOTHING = ("", None)  # the held_key of a client that holds nothing (no version is "")
 

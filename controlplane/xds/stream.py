@@ -126,8 +126,9 @@ class TypeState:
     # in place: streams share it.
     held: Mapping[str, str] = field(default_factory=lambda: NOTHING_HELD)
     # (type version, names) when `held` is exactly that version's resources for those
-    # names: then the diff to the next version is the same for every such client.
-    held_key: tuple[str, frozenset[str] | None] | None = None
+    # names, ((type version, names it lost track of), names) after delta._mark_unknown:
+    # then the diff to the next version is the same for every such client.
+    held_key: tuple[object, frozenset[str] | None] | None = None
     # Delta only: names just subscribed that the client does not hold: the next response
     # carries each, or names it in removed_resources if it does not exist.
     unanswered: frozenset[str] = frozenset()

@@ -338,3 +338,31 @@ def test_unsubscribing_the_wildcard_forgets_what_came_through_it() -> None:
     assert envoy.stream.types[CLUSTER].held == {}
     [again] = envoy.send(request(CLUSTER, subscribe=("*",), nonce=cds.nonce))
     assert sorted(names(again)) == ["a", "b"]
+
+
+def test_a_push_that_recreates_clusters_sends_the_fleet_one_shared_endpoint_diff() -> None:
+    """Every client loses track of the changed clusters' endpoints (Envoy re-creates the
+    clusters and they warm only once their endpoints come again) in the same way, so the diff
+    that sends them again is computed once and what the clients then hold is shared."""
+    from controlplane.xds import delta
+
+    before = snapshot("a", "b")
+    changed = factories.cluster("a")
+    changed.connect_timeout.FromSeconds(7)
+    after = Snapshot.from_messages(
+        [(CLUSTER, changed), (CLUSTER, factories.cluster("b"))]
+        + [(ENDPOINT, factories.endpoints(n, 8080)) for n in ("a", "b")]
+    )
+    envoys = [Envoy(before), Envoy(before)]
+    for envoy in envoys:
+        [cds] = envoy.send(request(CLUSTER))
+        [eds] = envoy.send(request(ENDPOINT, subscribe=("a", "b")))
+        envoy.ack(cds), envoy.ack(eds)
+    delta._TRANSITIONS.clear()
+    pushed = [envoy.publish(after) for envoy in envoys]
+    assert [[s.type_url for s in p] for p in pushed] == [[CLUSTER, ENDPOINT]] * 2
+    (_, first), (_, second) = pushed
+    assert names(first) == ["a"] and first.payload is second.payload
+    assert len(delta._TRANSITIONS) == 2  # the CDS diff and the endpoints sent again
+    states = [envoy.stream.types[ENDPOINT] for envoy in envoys]
+    assert states[0].held is states[1].held and states[0].held_key is not None
