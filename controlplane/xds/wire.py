@@ -18,11 +18,15 @@ CONTROL_PLANE_ID = "xdscp"
 _CONTROL_PLANE = base_pb2.ControlPlane(identifier=CONTROL_PLANE_ID)
 
 # Keyed by everything the bytes are made of (the entries by value: snapshots share them).
+# A response stays while there is room: a push's stragglers and the nodes that connect in
+# the same epoch are sent the same bytes. What is left when the fleet moves on is at most
+# RESPONSES_KEPT_BYTES each; a response over an eighth of it is encoded per stream instead.
+RESPONSES_KEPT_BYTES = 32 << 20
 _SOTW: ByteBoundedCache[tuple[str, str, str, bytes], bytes] = ByteBoundedCache(
-    "sotw_responses", 64 << 20
+    "sotw_responses", RESPONSES_KEPT_BYTES
 )
 _DELTA: ByteBoundedCache[tuple[str, str, str, bytes, tuple[str, ...]], bytes] = ByteBoundedCache(
-    "delta_responses", 64 << 20
+    "delta_responses", RESPONSES_KEPT_BYTES
 )
 
 
