@@ -16,7 +16,8 @@ measures, each step bounded by --wait-timeout:
   the headline takes the median of the rounds;
 - control-plane RSS: empty, with v1 published, idle with N streams, and per stream;
 - CPU seconds of the server during each step, and per push per node (CPU of the push step /
-  (nodes x types the push changed)).
+  (nodes x types the push changed)); a step's CPU is counted from its start until the
+  server is quiet again, so that the last ACKs it reads count (wait_until_quiet).
 
 Each step is timed from the command's start and from the first push seen (the first
 response any node received after the step began; the "fan-out": pushing to N streams and
