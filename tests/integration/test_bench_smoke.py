@@ -198,7 +198,9 @@ def test_bench_delta_with_floor(tmp_path: Path) -> None:
     extra = ["--protocol", "delta", "--rounds", "1"]
     profiling = _py_spy_works()
     if profiling:
-        extra += ["--profile", str(profile)]
+        # 50 nodes keep the floor busy for a few tens of milliseconds per step: at py-spy's
+        # default 100 samples/s it drew no sample at all about one run in twenty.
+        extra += ["--profile", str(profile), "--profile-rate", "1000"]
     report, numbers = run_bench(tmp_path, *extra)
     check_steps(numbers, "delta", rounds=1)
     # Delta pushes only what changed: far fewer bytes than the storm's full fetch.
