@@ -64,6 +64,10 @@ class DeltaStream(XdsStream):
 
     def _subscribe(self, state: TypeState, request: Request) -> None:
         assert isinstance(request, discovery_pb2.DeltaDiscoveryRequest)
+        if state.subscribed and not (
+            request.resource_names_subscribe or request.resource_names_unsubscribe
+        ):
+            return  # an ACK or NACK: the subscription stays as it is
         size = request.ByteSize()
         subscribe = limits.names("resource_names_subscribe", request.resource_names_subscribe, size)
         unsubscribe = limits.names(
