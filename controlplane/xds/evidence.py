@@ -18,7 +18,14 @@ from controlplane import resources
 from controlplane.rollout.policy import PROBE_METADATA_KEY
 from controlplane.store import StoreError
 from controlplane.xds.assignments import Assignments
-from controlplane.xds.fleet import Fleet, NodeStatus, SyncState, TypeStatus, node_status
+from controlplane.xds.fleet import (
+    REREAD_ALL,
+    Fleet,
+    NodeStatus,
+    SyncState,
+    TypeStatus,
+    node_status,
+)
 from controlplane.xds.stream import XdsStream
 
 
@@ -242,7 +249,7 @@ class _LocalTally:
 
     def look(self) -> tuple[int, int, float | None]:
         """(members, members that do not hold the version, latest ACK of those that do)."""
-        if self._epoch != self._assignments.epoch():
+        if self._epoch != self._assignments.epoch() or REREAD_ALL in self._changed:
             self._epoch = self._assignments.epoch()
             self._changed.clear()
             self._members.clear()

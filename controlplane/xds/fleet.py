@@ -100,6 +100,13 @@ def type_status(state: TypeState, snapshot: Snapshot | None) -> TypeStatus:
     )
 
 
+# In a set from Fleet.watch: more streams changed than it is worth listing; re-read them all.
+REREAD_ALL = -1
+# A watched set holds at most this many ids beyond the open streams: one nobody looks at any
+# more (a tally of a version long superseded) stays small however many streams come and go.
+WATCH_SLACK = 1024
+
+
 class Fleet:
     def __init__(self) -> None:
         self._streams: dict[int, tuple[XdsStream, StreamControl]] = {}
@@ -125,8 +132,9 @@ class Fleet:
 
     def watch(self) -> set[int]:
         """A set the fleet adds the id of every stream to that comes, goes or takes an
-        event (a request, a snapshot, a tick) from now on; its owner empties it as it looks,
-        and gives it back with `unwatch`."""
+        event (a request, a snapshot, a tick) from now on, or REREAD_ALL once that would be
+        more than the open streams and WATCH_SLACK; its owner empties it as it looks, and
+        gives it back with `unwatch`."""
         changed: set[int] = set()
         self._watchers.append(changed)
         return changed
@@ -137,8 +145,12 @@ class Fleet:
     def touched(self, stream: XdsStream) -> None:
         """The stream took an event: what it holds may have changed (the shell calls this
         after each one)."""
+        bound = len(self._streams) + WATCH_SLACK
         for changed in self._watchers:
             changed.add(stream.stream_id)
+            if len(changed) > bound:
+                changed.clear()
+                changed.add(REREAD_ALL)
 
     def progressed(self) -> None:
         """A stream ACKed, NACKed, came or went: wake whoever waits on the fleet."""

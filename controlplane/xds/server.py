@@ -67,9 +67,6 @@ LARGE_REQUEST_PAUSE_SECONDS = 0.005
 NODE_ID_LOG_CHARS = 256  # node id and group in each log line of a stream
 
 _INTERNAL_ERROR = "internal error; see the server log"
-# Requests after which a stream may hold all of its snapshot (a stale request or a NACK
-# changes nothing it holds).
-_MAY_COMPLETE_SYNC = frozenset({RequestKind.ACK, RequestKind.INITIAL, RequestKind.UPDATE})
 
 # HTTP/2 keepalive on xDS connections. Envoy's `connection_keepalive` pings the server; with
 # gRPC's defaults, pings more often than every 5 minutes on a connection that sends no data
@@ -428,6 +425,8 @@ class _Session:
             self._log_failure()
             await self.context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_ERROR)
         finally:
+            if self.ending is None:
+                self.ending = (grpc.StatusCode.CANCELLED, "the stream ended")  # wakes, ticks: none
             server._deadlines.move(self, None)
             if self.writer is not None:
                 self.writer.cancel()
@@ -444,7 +443,7 @@ class _Session:
         server._record_request(self, kind, state)
         if kind in (RequestKind.ACK, RequestKind.NACK):
             server._fleet.progressed()
-        if kind in _MAY_COMPLETE_SYNC:
+        if kind is not RequestKind.UNSUPPORTED:  # (even a NACK may drop its last names)
             self.converged_on = server._record_convergence(stream, self.converged_on)
         self._queue(sends)
 
@@ -603,9 +602,16 @@ class Deadlines:
         return math.ceil(deadline / self.SLOT_SECONDS)
 
     def _fire(self, slot: int) -> None:
-        for session in self._slots.pop(slot, ()):
+        due = self._slots.pop(slot, ())
+        for session in due:
             session.deadline = None
-            session.on_tick()
+        for session in due:
+            try:
+                session.on_tick()
+            except Exception as error:  # as the loop reports a failed callback; others tick
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": "stream tick failed", "exception": error}
+                )
 
 
 def _about(state: TypeState) -> dict[str, str | None]:

@@ -198,9 +198,9 @@ def requested_names(
     listed = tuple(field)
     names = _NAME_LISTS.get(listed)
     if names is None:
-        names = shared_names(limits.names(what, listed, request_bytes()))
+        names = limits.names(what, listed, request_bytes())
         _NAME_LISTS.put(listed, names, size_of_names(listed) + 8 * len(listed))
-    return names
+    return shared_names(names)  # (the one object of that set now, whatever this cache kept)
 
 
 def names_to_send(state: TypeState) -> frozenset[str] | None:

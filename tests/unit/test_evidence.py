@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.resources import CLUSTER
-from controlplane.xds.evidence import NodeEvidence, from_json, to_json
-from controlplane.xds.fleet import NodeStatus, SyncState, TypeStatus
+from controlplane.xds.assignments import Assignments
+from controlplane.xds.evidence import FleetEvidence, NodeEvidence, from_json, to_json
+from controlplane.xds.fleet import WATCH_SLACK, Fleet, NodeStatus, SyncState, TypeStatus
+from controlplane.xds.stream import SotwStream
+from tests import factories
 
 
 def evidence() -> NodeEvidence:
@@ -54,3 +59,28 @@ def test_evidence_reads_back_as_written() -> None:
 def test_evidence_that_is_not_evidence_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match="not node evidence"):
         from_json(text)
+
+
+def test_a_tally_nobody_looks_at_stays_small_however_many_streams_come_and_go() -> None:
+    """A version's progress, looked at once while its push converged, is not looked at
+    again; the streams that change meanwhile must not pile up in it."""
+    snapshot = factories.edge_snapshot()
+    assignments, fleet = Assignments(), Fleet()
+    assignments.set_stable("edge", snapshot)
+    evidence = FleetEvidence(fleet, assignments)
+
+    def connect(stream_id: int) -> SotwStream:
+        stream = SotwStream(stream_id, assignments.resolve)
+        node = base_pb2.Node(id=f"edge-{stream_id}", cluster="edge")
+        stream.receive(discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node=node))
+        fleet.add(stream, control=None)  # type: ignore[arg-type]
+        return stream
+
+    kept = [connect(i) for i in range(3)]
+    assert evidence.progress("edge", snapshot.version).total == 3
+    fleet.remove(kept[1])  # noted first, then lost among the many that follow
+    for stream_id in range(100, 100 + 3 * WATCH_SLACK):  # reconnects, hour after hour
+        fleet.remove(connect(stream_id))
+    assert all(len(changed) <= len(fleet) + WATCH_SLACK for changed in fleet._watchers)
+    fleet.remove(kept[0])
+    assert evidence.progress("edge", snapshot.version).total == 1  # still counted right

@@ -160,3 +160,24 @@ async def test_deadlines_tick_each_session_once_never_early_and_at_most_a_slot_l
     assert dropped.ticked_at == [] and moved.deadline is None
     for session, due in ((moved, now + 0.2), (kept, now + 0.1), (same_slot, now + 0.1)):
         assert due <= session.ticked_at[0] < due + slot + 0.1  # (0.1: a busy machine's lag)
+
+
+class FailingSession(TickedSession):
+    def on_tick(self) -> None:
+        super().on_tick()
+        raise RuntimeError("a bug in one stream's tick")
+
+
+async def test_a_tick_that_fails_is_reported_and_the_others_due_with_it_still_tick() -> None:
+    deadlines, loop = Deadlines(), asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    due = time.monotonic() + 0.05
+    sessions = [FailingSession(), TickedSession(), FailingSession(), TickedSession()]
+    for session in sessions:
+        deadlines.move(session, due)
+    await until(lambda: all(s.ticked_at for s in sessions), "every session's tick")
+    assert [len(s.ticked_at) for s in sessions] == [1, 1, 1, 1]
+    assert all(s.deadline is None for s in sessions)
+    assert [type(r["exception"]) for r in reported] == [RuntimeError, RuntimeError]
+    loop.set_exception_handler(None)
