@@ -181,3 +181,30 @@ async def test_a_tick_that_fails_is_reported_and_the_others_due_with_it_still_ti
     assert all(s.deadline is None for s in sessions)
     assert [type(r["exception"]) for r in reported] == [RuntimeError, RuntimeError]
     loop.set_exception_handler(None)
+
+
+def test_convergence_is_seen_when_a_nack_completes_the_sync() -> None:
+    """A NACK that narrows a subscription to nothing leaves the node holding all it asks
+    for: the shell must look for convergence after it, not only after ACKs."""
+
+    async def scenario() -> None:
+        config = factories.edge_snapshot()
+        async with slow_reader(config) as client:
+            cds = await client.call.read()
+            await client.requests.put(  # as Envoy: endpoints for the new cluster, then the ACK
+                discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=["web"])
+            )
+            eds = await client.call.read()
+            await client.requests.put(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=CLUSTER, version_info=cds.version_info, response_nonce=cds.nonce
+                )
+            )
+            await until(lambda: client.session.stream.types[CLUSTER].acked_version, "the ACK")
+            assert eds.type_url == ENDPOINT and client.session.converged_on is None
+            nack = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, response_nonce=eds.nonce)
+            nack.error_detail.message = "rejected; and no endpoints wanted any more"
+            await client.requests.put(nack)
+            await until(lambda: client.session.converged_on == config.version, "convergence")
+
+    asyncio.run(asyncio.wait_for(scenario(), 4 * WAIT_SECONDS))
