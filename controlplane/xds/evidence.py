@@ -131,7 +131,7 @@ class FleetEvidence:
         self._assignments = assignments
         self.replica = replica
         self.remote: RemoteEvidence | None = None  # set when replicas share a database
-        self._progress_cache: tuple[tuple[str, str, int], GroupProgress] | None = None
+        self._progress_cache: tuple[tuple[str, str, int, int], GroupProgress] | None = None
         self._tallies: dict[tuple[str, str], _LocalTally] = {}  # oldest first
 
     def local(self) -> list[NodeEvidence]:
@@ -178,8 +178,9 @@ class FleetEvidence:
     def progress(self, group: str, version: str) -> GroupProgress:
         """How many nodes of `group` hold `version` and how many lag, without building any
         node's evidence. Checked on every ACK while a fleet converges, by several waiters:
-        computed once per fleet generation."""
-        key = (group, version, self.generation)
+        computed once per fleet generation and stream event (a stream may come to hold a
+        version on a request that is not an ACK, or on a tick)."""
+        key = (group, version, self.generation, self._fleet.events)
         if self._progress_cache is not None and self._progress_cache[0] == key:
             return self._progress_cache[1]
         total, lagging, last_ack_at = self._tally(group, version).look()

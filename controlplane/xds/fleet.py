@@ -111,6 +111,7 @@ class Fleet:
     def __init__(self) -> None:
         self._streams: dict[int, tuple[XdsStream, StreamControl]] = {}
         self.generation = 0  # bumped on every change a watcher could care about
+        self.events = 0  # bumped on every event of any stream (touched)
         self._progress: asyncio.Event | None = None
         # Sets of ids of the streams that came, went or took an event since their owner
         # last looked (see `watch`).
@@ -145,6 +146,7 @@ class Fleet:
     def touched(self, stream: XdsStream) -> None:
         """The stream took an event: what it holds may have changed (the shell calls this
         after each one)."""
+        self.events += 1
         bound = len(self._streams) + WATCH_SLACK
         for changed in self._watchers:
             changed.add(stream.stream_id)

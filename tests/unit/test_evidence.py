@@ -6,7 +6,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane.resources import CLUSTER
+from controlplane.resources import CLUSTER, ENDPOINT
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.evidence import FleetEvidence, NodeEvidence, from_json, to_json
 from controlplane.xds.fleet import WATCH_SLACK, Fleet, NodeStatus, SyncState, TypeStatus
@@ -84,3 +84,30 @@ def test_a_tally_nobody_looks_at_stays_small_however_many_streams_come_and_go() 
     assert all(len(changed) <= len(fleet) + WATCH_SLACK for changed in fleet._watchers)
     fleet.remove(kept[0])
     assert evidence.progress("edge", snapshot.version).total == 1  # still counted right
+
+
+def test_progress_follows_a_stream_that_comes_to_hold_its_version_without_an_ack() -> None:
+    """A request that narrows the last unACKed subscription to nothing completes the sync;
+    the shell tells the fleet of the event (touched) but nothing was ACKed."""
+    snapshot = factories.edge_snapshot()
+    assignments, fleet = Assignments(), Fleet()
+    assignments.set_stable("edge", snapshot)
+    evidence = FleetEvidence(fleet, assignments)
+    stream = SotwStream(1, assignments.resolve)
+    node = base_pb2.Node(id="edge-1", cluster="edge")
+    [cds] = stream.receive(discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node=node))[2]
+    fleet.add(stream, control=None)  # type: ignore[arg-type]
+    asked = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=["web"])
+    assert len(stream.receive(asked)[2]) == 1  # the endpoints, before the CDS ACK
+    ack = discovery_pb2.DiscoveryRequest(
+        type_url=CLUSTER, version_info=cds.version, response_nonce=cds.nonce
+    )
+    stream.receive(ack)
+    fleet.touched(stream)
+    fleet.progressed()
+    assert evidence.progress("edge", snapshot.version).lagging == 1  # EDS not ACKed
+    stale = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, response_nonce="0.99")
+    stream.receive(stale)  # stale, asking for no endpoints any more: nothing left to ACK
+    fleet.touched(stream)  # (no ACK: the generation stays)
+    assert stream.synced()
+    assert evidence.progress("edge", snapshot.version).lagging == 0
