@@ -62,7 +62,6 @@ class NodeEvidence:
 
 def of_stream(stream: XdsStream, assignments: Assignments, replica: str = "") -> NodeEvidence:
     assert stream.node is not None
-    acked = [t.acked_at for t in stream.types.values() if t.subscribed and t.acked_at]
     return NodeEvidence(
         status=node_status(stream, replica),
         group=assignments.effective_group(stream.node.group),
@@ -74,7 +73,7 @@ def of_stream(stream: XdsStream, assignments: Assignments, replica: str = "") ->
         owed=_owed(stream),
         first_synced=stream.first_synced_at is not None,
         first_sync_missing=stream.first_sync_missing(),
-        last_ack_at=max(acked, default=None),
+        last_ack_at=_last_ack_at(stream),
     )
 
 
@@ -207,10 +206,7 @@ class FleetEvidence:
 
     def _members(self, group: str) -> Iterator[XdsStream]:
         """This replica's streams of nodes that `group`'s pointers govern."""
-        for stream in self._fleet:
-            node = stream.node
-            if node is not None and self._assignments.effective_group(node.group) == group:
-                yield stream
+        return (s for s in self._fleet if _governed_by(s, group, self._assignments))
 
     def convergence(self, group: str, version: str) -> GroupConvergence:
         """`progress`, and the evidence of each node that lags."""
@@ -223,6 +219,19 @@ class FleetEvidence:
         if self.remote is not None:
             lagging += [e for e in self.remote.nodes() if e.group == group and not e.holds(version)]
         return GroupConvergence(found.total, lagging, found.last_ack_at)
+
+
+def _governed_by(stream: XdsStream, group: str, assignments: Assignments) -> bool:
+    """The stream's node is one that `group`'s pointers govern."""
+    node = stream.node
+    return node is not None and assignments.effective_group(node.group) == group
+
+
+def _last_ack_at(stream: XdsStream) -> float | None:
+    """When the stream last ACKed a type it subscribes to."""
+    return max(
+        (t.acked_at for t in stream.types.values() if t.subscribed and t.acked_at), default=None
+    )
 
 
 def _holds(stream: XdsStream, version: str) -> bool:
@@ -270,15 +279,11 @@ class _LocalTally:
     def _read(self, stream_id: int, stream: XdsStream | None) -> None:
         self._members.discard(stream_id)
         self._holders.pop(stream_id, None)
-        if stream is None or stream.node is None:
-            return
-        if self._assignments.effective_group(stream.node.group) != self._group:
+        if stream is None or not _governed_by(stream, self._group, self._assignments):
             return
         self._members.add(stream_id)
         if _holds(stream, self._version):
-            self._holders[stream_id] = max(
-                (t.acked_at or 0.0) for t in stream.types.values() if t.subscribed
-            )
+            self._holders[stream_id] = _last_ack_at(stream) or 0.0
 
     def close(self) -> None:
         self._fleet.unwatch(self._changed)

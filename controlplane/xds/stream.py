@@ -763,7 +763,7 @@ class SotwStream(XdsStream):
             state.legacy_wildcard = False
         asks_for_all = WILDCARD in names
         state.wildcard = state.legacy_wildcard or asks_for_all
-        state.names = shared_names(names - {WILDCARD} if asks_for_all else names)
+        state.names = shared_names(names - {WILDCARD}) if asks_for_all else names  # (shared)
 
     def _adopt(self, state: TypeState, request: Request) -> None:
         """A reconnecting client reports the version it holds; on a wildcard subscription,

@@ -37,7 +37,9 @@ def sotw_response(version: str, type_url: str, nonce: str, entries: bytes) -> by
         header = discovery_pb2.DiscoveryResponse(
             version_info=version, type_url=type_url, nonce=nonce, control_plane=_CONTROL_PLANE
         )
-        payload = _SOTW.put(key, header.SerializeToString() + entries, _size(key))
+        payload = _SOTW.put(
+            key, header.SerializeToString() + entries, _size(entries, version, type_url, nonce)
+        )
     return payload
 
 
@@ -54,12 +56,11 @@ def delta_response(
             removed_resources=removed,
             control_plane=_CONTROL_PLANE,
         )
-        payload = _DELTA.put(key, header.SerializeToString() + entries, _size(key))
+        size = _size(entries, system_version, type_url, nonce, *removed)
+        payload = _DELTA.put(key, header.SerializeToString() + entries, size)
     return payload
 
 
-def _size(key: tuple[str, str, str, bytes] | tuple[str, str, str, bytes, tuple[str, ...]]) -> int:
-    """The response and its key: the entries twice, as the key may be all that keeps them."""
-    removed = key[4] if len(key) == 5 else ()
-    texts = sum(map(len, (*key[:3], *removed)))
-    return 2 * len(key[3]) + 2 * texts + 200
+def _size(entries: bytes, *texts: str) -> int:
+    """A response and its key: the entries twice, as the key may be all that keeps them."""
+    return 2 * len(entries) + 2 * sum(map(len, texts)) + 200
