@@ -39,6 +39,7 @@ BOUND = 10.0  # seconds, for what should take well under 2 s
 TYPES = ("Cluster", "ClusterLoadAssignment", "Listener", "RouteConfiguration")
 CANARY = {"canary": "true"}
 STUCK = "stuck"  # the cluster that never warms
+WARMING_TIMEOUT = 1  # serve --warming-timeout, where a test waits for it
 StartEnvoy = Callable[..., Envoy]
 
 
@@ -359,6 +360,43 @@ def test_a_cluster_that_never_warms_is_released_by_rollback(
     assert re.fullmatch(rf"1/1 nodes ACKed {v1} in \d+\.\d\ds\n", result.stdout), result.stdout
 
     assert_released(edge, envoy, v1, a, start_envoy, api_type)
+
+
+@PROTOCOLS
+def test_routes_held_behind_a_cluster_that_never_warms_go_out_when_the_warming_timeout_ends(
+    api_type: str,
+    tmp_path: Path,
+    upstream: Callable[[str], HttpUpstream],
+    start_envoy: StartEnvoy,
+) -> None:
+    """Routes wait for the CDS ACK (make before break), which Envoy holds while a cluster
+    warms; once the warming timeout passes they are sent anyway, on the shell's tick
+    (server.Deadlines), and a running Envoy applies them with its CDS still unACKed."""
+    plane = XdsControlPlane(tmp_path / "plane", "--warming-timeout", str(WARMING_TIMEOUT))
+    (tmp_path / "plane").mkdir()
+    plane.start()
+    try:
+        edge = Edge(plane, tmp_path)
+        a = upstream("a")
+        _, envoy = run_v1(edge, a, start_envoy, "edge-1", api_type=api_type)
+        edge.publish(
+            {"a": a.port},
+            [edge_config.direct_response("/held", "held\n"), edge_config.route_to("a")],
+            extra_clusters=[edge_config.never_warming_cluster(STUCK, free_port())],
+        )
+        bounded(
+            lambda: serving(edge.url("/held"), "held"),
+            "the route change reaches the Envoy after the warming timeout",
+            plane,
+            envoy,
+        )
+        assert STUCK in envoy.clusters("dynamic_warming_clusters")  # CDS still unACKed
+        cluster = plane.node_types(envoy.node_id)["Cluster"]
+        assert cluster["state"] == "WARMING", cluster
+        assert cluster["acked_version"] != cluster["expected_version"], cluster
+        assert serving(edge.url(), "backend=a")
+    finally:
+        plane.stop()
 
 
 @PROTOCOLS
