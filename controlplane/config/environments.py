@@ -343,7 +343,7 @@ def _apply_overlay(
             problem((key,), f'unexpected key "{key}"; an overlay holds {", ".join(_OVERLAY_KEYS)}')
     if RESOURCES_KEY in top:
         only = {RESOURCES_KEY: top[RESOURCES_KEY]}
-        extra = YamlDocument(only, document.key_lines, document.value_lines)
+        extra = YamlDocument(only, document.key_lines)
         items = [*items, *_document_items(extra, display, problems)]
     patches = top.get("patches") or []
     if not isinstance(patches, list):

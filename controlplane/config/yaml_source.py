@@ -53,25 +53,20 @@ class YamlSourceError(Exception):
 
 @dataclass(frozen=True)
 class YamlDocument:
-    """A file's plain value plus the line of every key and value in it."""
+    """A file's plain value plus the line of every key and item in it."""
 
     value: Any
-    # Path of a mapping entry -> line of its key; path of a list item -> line of the item.
+    # Path of a mapping entry -> line of its key; path of a list item -> line of the item;
+    # the root's path () -> the line the document's value starts on.
     key_lines: Mapping[ValuePath, int] = field(default_factory=dict)
-    # Path of any value -> line where the value starts.
-    value_lines: Mapping[ValuePath, int] = field(default_factory=dict)
 
     def line(self, path: ValuePath) -> int | None:
         """Line of the deepest node reachable on `path` (a key's own line for mapping entries)."""
         for end in range(len(path), -1, -1):
-            prefix = path[:end]
-            line = self.key_lines.get(prefix) or self.value_lines.get(prefix)
+            line = self.key_lines.get(path[:end])
             if line is not None:
                 return line
         return None
-
-    def value_line(self, path: ValuePath) -> int | None:
-        return self.value_lines.get(path)
 
 
 def parse_file(path: Path) -> YamlDocument:
@@ -181,42 +176,43 @@ class _Builder:
 
     def __init__(self) -> None:
         self.key_lines: dict[ValuePath, int] = {}
-        self.value_lines: dict[ValuePath, int] = {}
         self.problems: list[SourceProblem] = []
         self._scalars = SafeConstructor()
         self._active: set[int] = set()  # ids of nodes being built: a repeat is a recursive alias
 
     def document(self, root: Node) -> YamlDocument:
+        self.key_lines[()] = _line(root)
         value = self.build(root, ())
         if self.problems:
             raise YamlSourceError(self.problems)
-        return YamlDocument(value, self.key_lines, self.value_lines)
+        return YamlDocument(value, self.key_lines)
 
     def build(self, node: Node, path: ValuePath) -> Any:
+        """The value of `node`, whose line the caller has recorded at `path`."""
         if len(path) > inputs.MAX_DEPTH:  # measured already if the file has aliases
             raise YamlSourceError([SourceProblem(_line(node), _too_deep())])
-        self.value_lines[path] = _line(node)
+        if isinstance(node, ScalarNode):  # a scalar holds nothing, so it cannot recurse
+            return self._scalar(node)
         if id(node) in self._active:
             self.problems.append(SourceProblem(_line(node), "recursive alias"))
             return None
-        if isinstance(node, MappingNode | SequenceNode) and node.tag not in (_MAP_TAG, _SEQ_TAG):
+        if node.tag not in (_MAP_TAG, _SEQ_TAG):
             self.problems.append(SourceProblem(_line(node), f"unsupported YAML tag {node.tag}"))
             return None
         self._active.add(id(node))
         try:
             if isinstance(node, MappingNode):
                 return self._mapping(node, path)
-            if isinstance(node, SequenceNode):
-                return self._sequence(node, path)
-            return self._scalar(node)
+            return self._sequence(node, path)
         finally:
             self._active.discard(id(node))
 
     def _sequence(self, node: SequenceNode, path: ValuePath) -> list[Any]:
         items = []
         for index, child in enumerate(node.value):
-            self.key_lines[(*path, index)] = _line(child)
-            items.append(self.build(child, (*path, index)))
+            child_path = (*path, index)
+            self.key_lines[child_path] = child.start_mark.line + 1
+            items.append(self.build(child, child_path))
         return items
 
     def _mapping(self, node: MappingNode, path: ValuePath) -> dict[str, Any]:
@@ -230,13 +226,15 @@ class _Builder:
             key = self._key(key_node)
             if key is None:
                 continue
+            line = key_node.start_mark.line + 1
             if key in first_line:
                 message = f'duplicate key "{key}" (first on line {first_line[key]})'
-                self.problems.append(SourceProblem(_line(key_node), message))
+                self.problems.append(SourceProblem(line, message))
                 continue
-            first_line[key] = _line(key_node)
-            self.key_lines[(*path, key)] = _line(key_node)
-            result[key] = self.build(value_node, (*path, key))
+            first_line[key] = line
+            child_path = (*path, key)
+            self.key_lines[child_path] = line
+            result[key] = self.build(value_node, child_path)
         for merged in merges:
             self._merge(merged, result, path)
         return result
