@@ -240,7 +240,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     if args.b is None:
         new, new_label = _resolve(args.a, args)
-        old, old_label = _stable(args, args.group, args.show_secrets)
+        old, old_label = stable_snapshot(args, args.group, args.show_secrets)
     else:
         old, old_label = _resolve(args.a, args)
         new, new_label = _resolve(args.b, args)
@@ -276,16 +276,16 @@ def diff_json(old_label: str, new_label: str, diffs: list[ResourceDiff]) -> str:
     return json.dumps(body, indent=2)
 
 
-def publish_preview(new: Snapshot, group: str, args: argparse.Namespace) -> str:
-    """The diff `xdsctl publish` shows before it sends: the group's stable against `new`.
+def publish_preview(new: Snapshot, stable: tuple[Snapshot | None, str], show_secrets: bool) -> str:
+    """The diff `xdsctl publish` shows before it sends: the group's `stable` (as
+    `stable_snapshot` gives it, with its secrets) against `new`.
 
     Publishing needs the write token, which reads the stable with its secrets, so a changed
-    secret shows: as a changed fingerprint mark (never its value) unless --show-secrets.
-    Raises CommandError (from controlplane.cli.client) if the server cannot be asked.
+    secret shows: as a changed fingerprint mark (never its value) unless `show_secrets`.
     """
+    old, old_label = stable
     header = f"+++ version {new.version}\n"
-    old, old_label = _stable(args, group, include_secrets=True)
-    if not args.show_secrets:
+    if not show_secrets:
         old, new = redact_differences(old, new, fingerprint_mask())
     return f"--- {old_label}\n{header}" + render_diff(diff_snapshots(old, new))
 
@@ -331,10 +331,11 @@ def _stored(args: argparse.Namespace, version: str, include_secrets: bool) -> Sn
     )
 
 
-def _stable(
+def stable_snapshot(
     args: argparse.Namespace, group: str, include_secrets: bool
 ) -> tuple[Snapshot | None, str]:
-    """The group's stable snapshot, or None when the group has none yet."""
+    """The group's stable snapshot (None when the group has none yet) and its label.
+    Raises CommandError (from controlplane.cli.client) if the server cannot be asked."""
     from controlplane.admin.v1 import admin_pb2
     from controlplane.cli.client import call
 

@@ -4,11 +4,13 @@ the admin channel, one-line errors, and JSON output."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
 import socket
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -158,16 +160,55 @@ def call(args: argparse.Namespace, rpc: Callable) -> Any:  # type: ignore[type-a
 
     token = _token(args)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with _channel(args) as channel:
-        try:
-            return rpc(admin_pb2_grpc.AdminStub(channel), metadata)
-        except grpc.RpcError as error:
-            code, details = error.code(), error.details()  # type: ignore[attr-defined]
-            if code == grpc.StatusCode.UNAVAILABLE:
-                raise CommandError(f"cannot reach xdscp at {args.server}: {details}") from None
-            if code == grpc.StatusCode.UNAUTHENTICATED and token is None:
-                details = f"{details}. {no_token_hint()}"
-            raise CommandError(f"{code.name.lower()}: {details}") from None
+    shared = _command_channels
+    channel = shared.channel(args) if shared is not None else _channel(args)
+    try:
+        return rpc(admin_pb2_grpc.AdminStub(channel), metadata)
+    except grpc.RpcError as error:
+        code, details = error.code(), error.details()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.UNAVAILABLE:
+            raise CommandError(f"cannot reach xdscp at {args.server}: {details}") from None
+        if code == grpc.StatusCode.UNAUTHENTICATED and token is None:
+            details = f"{details}. {no_token_hint()}"
+        raise CommandError(f"{code.name.lower()}: {details}") from None
+    finally:
+        if shared is None:
+            channel.close()
+
+
+class _SharedChannels:
+    """The channels one command has open, by server and TLS settings."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[object, ...], grpc.Channel] = {}
+        self._lock = threading.Lock()  # a command may call from a second thread
+
+    def channel(self, args: argparse.Namespace) -> grpc.Channel:
+        key = (args.server, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+        with self._lock:
+            if key not in self._open:
+                self._open[key] = _channel(args)
+            return self._open[key]
+
+    def close(self) -> None:
+        for channel in self._open.values():
+            channel.close()
+
+
+_command_channels: _SharedChannels | None = None
+
+
+@contextlib.contextmanager
+def one_channel_per_server() -> Iterator[None]:
+    """Within: the calls of a command to one server share a channel, so one connection
+    (and, over TLS, one handshake) serves them all; it closes when the block ends."""
+    global _command_channels
+    outer, _command_channels = _command_channels, _SharedChannels()
+    try:
+        yield
+    finally:
+        _command_channels.close()
+        _command_channels = outer
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:

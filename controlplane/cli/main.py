@@ -23,14 +23,15 @@ from controlplane.cli import (
     rollouts,
     serving,
 )
-from controlplane.cli.client import EXIT_FAILED, CommandError, add_server
+from controlplane.cli.client import EXIT_FAILED, CommandError, add_server, one_channel_per_server
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        with one_channel_per_server():
+            return args.handler(args)
     except CommandError as error:
         print(f"xdsctl: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -38,6 +40,8 @@ _CUT_OFF_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
 _NEVER_CONNECTED = "failed to connect"  # gRPC's UNAVAILABLE text when no connection was made
+
+_T = TypeVar("_T")
 
 
 class CutOffError(Exception):
@@ -111,6 +115,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from controlplane.config import ConfigError, snapshot_of
     from controlplane.config.environments import load_config
 
+    # The diff shown first needs the group's stable snapshot: read it while the files are
+    # parsed. Only that read goes out before they pass, and a refusal does not wait for it.
+    stable = _in_background(lambda: authoring.stable_snapshot(args, args.group, True))
     try:
         config = load_config(args.directory, args.env)
         try:
@@ -138,7 +145,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     # The server checks Envoy's field rules and the lint errors on every publish
     # (controlplane.publish): they run here only to locate, in the files, what it refused.
     try:
-        print(authoring.publish_preview(snapshot, args.group, args), file=sys.stderr)
+        preview = authoring.publish_preview(snapshot, stable.result(), args.show_secrets)
+        print(preview, file=sys.stderr)
         response = call(args, lambda stub, md: _send(stub, md, request))
     except CutOffError as error:
         print(f"xdsctl: {cut_off_text(args, snapshot.version, error.reason)}", file=sys.stderr)
@@ -158,6 +166,20 @@ def cmd_publish(args: argparse.Namespace) -> int:
         return follow.after_publish(args, response)
     print(as_json(response) if args.json else response.version)
     return EXIT_OK
+
+
+def _in_background(work: Callable[[], _T]) -> Future[_T]:
+    """`work` run on a daemon thread (the command may end without its answer)."""
+    future: Future[_T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as error:  # handed to whoever waits for the result
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="xdsctl-prefetch", daemon=True).start()
+    return future
 
 
 def _refuse_if_invalid(args: argparse.Namespace, config: Any) -> None:

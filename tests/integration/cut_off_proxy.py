@@ -28,6 +28,7 @@ class CutOffProxy:
         self._min_request_bytes = min_request_bytes
         self.port = free_port()
         self.cut = threading.Event()  # set once a call was cut off
+        self.connections = 0  # accepted so far
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._sockets: list[socket.socket] = [self._listener]
         self._lock = threading.Lock()
@@ -51,6 +52,7 @@ class CutOffProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            self.connections += 1
             server = socket.create_connection(self._upstream, timeout=10)
             server.settimeout(None)
             with self._lock:

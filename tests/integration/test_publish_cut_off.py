@@ -63,3 +63,20 @@ def test_a_publish_cut_off_after_its_commit_says_it_may_be_stored_and_a_rerun_is
     assert f"unchanged: group default already holds {version}" in again.stderr
     history = json.loads(control_plane.xdsctl("snapshots", "--json").stdout)["entries"]
     assert [e["version"] for e in history] == [version]  # one publish, no second entry
+
+
+def test_a_publishs_reads_and_its_publish_share_one_connection(
+    control_plane: XdsControlPlane,
+) -> None:
+    """The preview's two reads (the stable's version, then its resources) and the Publish go
+    over one connection: over TLS, one handshake instead of three."""
+    control_plane.xdsctl("publish", str(EXAMPLES))  # so the group has a stable to read
+    counter = CutOffProxy(control_plane.admin_address, min_request_bytes=1 << 40).start()
+    try:
+        token = ("--token-file", str(control_plane.token_file))
+        again = xdsctl("publish", str(EXAMPLES), "--server", counter.address, *token)
+    finally:
+        counter.stop()
+    assert again.stderr.splitlines()[0].startswith("--- group default stable (version ")
+    assert "unchanged: group default already holds" in again.stderr
+    assert counter.connections == 1

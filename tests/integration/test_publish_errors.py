@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
+import time
 from pathlib import Path
 
 import grpc
@@ -48,6 +50,8 @@ def broken_copy(tmp_path: Path, filename: str, text: str) -> Path:
 
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+# gRPC gives up on a connection that never completes its handshake after 20 s.
+SILENT_SERVER_BOUND_SECONDS = 10
 
 CASES = {
     "malformed yaml": (
@@ -225,3 +229,24 @@ def test_an_invalid_config_is_located_in_its_files_even_when_no_server_answers(
     assert 'sends traffic to cluster "zzz", which is not in the config' in result.stderr
     assert "1 lint error(s), as `xdsctl validate` shows; nothing published" in result.stderr
     assert "cannot reach" not in result.stderr
+
+
+def test_an_invalid_config_is_refused_at_once_when_the_server_never_answers(
+    tmp_path: Path,
+) -> None:
+    """xdsctl reads the group's stable while it parses the files; a refusal of the files must
+    not wait for that read. The server here accepts connections and never answers."""
+    from tests.integration.harness import xdsctl
+
+    config = broken_copy(tmp_path, "clusters.yaml", "resources: [")
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        started = time.monotonic()
+        result = xdsctl(
+            "publish", str(config), "--server", f"127.0.0.1:{silent.getsockname()[1]}", check=False
+        )
+        took = time.monotonic() - started
+    assert result.returncode == 1
+    assert "error(s); nothing published" in result.stderr
+    assert "cannot reach" not in result.stderr
+    # A bound on a hang, not a speed test: the read would wait 20 s for the connection.
+    assert took < SILENT_SERVER_BOUND_SECONDS, f"the refusal waited {took:.1f} s"
