@@ -258,3 +258,20 @@ def test_bench_two_replicas_against_one_on_postgresql(tmp_path: Path) -> None:
     lag = headline["follower_lag"]
     assert lag["moves"] == 3 and lag["notified"] == 3, two["follower_lags"]
     assert "2 replicas on one PostgreSQL against 1 replica" in report
+
+
+def test_bare_stream_reports_what_an_idle_grpc_aio_stream_costs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.bench.bare_stream", "--streams", "20", "--channels", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["streams"] == 20 and report["channels"] == 2
+    assert report["rss_idle_kib"] >= report["rss_before_kib"] > 0
+    assert report["per_stream_kib"] == round(
+        (report["rss_idle_kib"] - report["rss_before_kib"]) / 20, 2
+    )
