@@ -91,7 +91,7 @@ class DeltaStream(XdsStream):
         # On the first request, what the client reported holding (initial_resource_versions)
         # stays held; later, subscribing to a name it holds sends it again.
         resubscribed = frozenset() if first else held.keys() & subscribe - {WILDCARD}
-        new = subscribe - held.keys() - {WILDCARD}
+        new = frozenset(name for name in subscribe if name not in held) - {WILDCARD}
         # The wildcard still covers an explicit name unsubscribed: say where it stands.
         answer = {n for n in unsubscribe if state.wildcard and n in state.names}
         forget = (unsubscribe - answer - {WILDCARD}) & held.keys()
@@ -109,7 +109,10 @@ class DeltaStream(XdsStream):
         if new or state.unanswered:
             state.unanswered = frozenset((state.unanswered | new) - unsubscribe)
             state.refresh = True
-        state.names = shared_names(frozenset((state.names | subscribe) - unsubscribe - {WILDCARD}))
+        names = state.names | subscribe if subscribe else state.names
+        if unsubscribe or WILDCARD in names:
+            names = names - unsubscribe - {WILDCARD}
+        state.names = shared_names(names)
 
     def _nacked(self, state: TypeState, nonce: str, error: str, now: float) -> None:
         sent = state.in_flight.get(nonce) if state.in_flight else None
@@ -128,7 +131,7 @@ class DeltaStream(XdsStream):
         return bool(request.initial_resource_versions)
 
     def _refresh(self, state: TypeState, names: frozenset[str]) -> None:
-        if _mark_unknown(state, [name for name in names if name in state.held]):
+        if _mark_held_unknown(state, names):
             state.refresh = True
 
     def _encode(
@@ -173,6 +176,26 @@ def _mark_unknown(state: TypeState, names: Iterable[str]) -> bool:
     return True
 
 
+def _mark_held_unknown(state: TypeState, names: frozenset[str]) -> bool:
+    """`_mark_unknown` for those of `names` the client holds. `names` is one set shared by
+    every client making the same move (stream.added_or_changed_references): where what a
+    client holds is known exactly, so is the outcome, worked out once for them all."""
+    if state.held_key is None:
+        return _mark_unknown(state, [name for name in names if name in state.held])
+    held_version, held_names = state.held_key
+    key = ((held_version, ("unknown if held", names)), held_names)
+    found = _HELD_UNKNOWN.get(key)
+    if found is None:
+        unknown = dict.fromkeys((name for name in names if name in state.held), UNKNOWN)
+        held = {**state.held, **unknown} if unknown else None
+        found = _HELD_UNKNOWN.put(key, (held,), size_of_names(held or ()))
+    held = found[0]
+    if held is None:
+        return False  # it holds none of them
+    state.held, state.held_key = held, key
+    return True
+
+
 def _change_held(
     state: TypeState,
     change: tuple[str, frozenset[str]],
@@ -214,6 +237,11 @@ _TRANSITIONS: ByteBoundedCache[tuple[object, str, frozenset[str] | None], Transi
 _CHANGED_HELD: ByteBoundedCache[tuple[object, frozenset[str] | None], dict[str, str]] = (
     ByteBoundedCache("delta_changed_held", 16 << 20, lambda key: (key[1],))
 )
+
+# What clients hold after _mark_held_unknown (None inside: unchanged), by held key.
+_HELD_UNKNOWN: ByteBoundedCache[
+    tuple[object, frozenset[str] | None], tuple[dict[str, str] | None]
+] = ByteBoundedCache("delta_held_unknown", 16 << 20, lambda key: (key[1],))
 
 _HOLDS_NOTHING = ("", None)  # the held_key of a client that holds nothing (no version is "")
 
