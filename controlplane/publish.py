@@ -10,15 +10,17 @@ and runs them itself only to locate in its files what the server refused.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterable
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from controlplane import resources
+from controlplane.caches import ByteBoundedCache
 from controlplane.config.field_rules import violations
 from controlplane.config.lint import check_publishable
-from controlplane.snapshot import Snapshot
+from controlplane.snapshot import Resource, Snapshot
 
 REQUEST_LOCATION = "publish request"
 
@@ -27,6 +29,20 @@ REQUEST_LOCATION = "publish request"
 # remembered (about 150 bytes each); past it the set starts again, which costs time only.
 FIELD_RULES_PASSED_LIMIT = 50_000
 _field_rules_passed: set[tuple[str, str]] = set()
+
+# One publish is checked at a time (each in a worker thread): what the checks keep for the
+# next (prepared resources, lint walks, field rules passed) is not shared between threads.
+_CHECKING = threading.Lock()
+
+# Resources prepared from what publishes sent, by (type URL, bytes sent): see _prepared.
+PREPARED_BUDGET_BYTES = 64 << 20
+# An entry holds the bytes sent (its key), the canonical bytes, and once served, the two
+# response entries built from them; plus a Resource and its name.
+PREPARED_BYTES_PER_BYTE = 4
+PREPARED_OVERHEAD_BYTES = 500
+_PREPARED: ByteBoundedCache[tuple[str, bytes], Resource] = ByteBoundedCache(
+    "publish_prepared", PREPARED_BUDGET_BYTES
+)
 
 
 class FieldRuleRefusal(ValueError):
@@ -43,17 +59,35 @@ class FieldRuleRefusal(ValueError):
 async def build_snapshot(packed: Iterable[any_pb2.Any]) -> Snapshot:
     """Raises UnknownTypeError, DecodeError, DuplicateResourceError, ConsistencyError,
     FieldRuleRefusal or LintRefusal."""
-    items = [(item.type_url, resources.parse(item.type_url, item.value)) for item in packed]
+    items = [(item.type_url, item.value) for item in packed]
     # Canonicalizing, serializing and linting a large config takes a while: keep the loop
     # serving.
     return await asyncio.to_thread(_checked, items)
 
 
-def _checked(items: list[tuple[str, Message]]) -> Snapshot:
-    snapshot = Snapshot.from_messages(items)
-    _check_field_rules(items, snapshot)
-    check_publishable(items, REQUEST_LOCATION)
-    return snapshot
+def _checked(packed: list[tuple[str, bytes]]) -> Snapshot:
+    with _CHECKING:
+        prepared = [_prepared(type_url, body) for type_url, body in packed]
+        snapshot = Snapshot.from_resources(prepared)
+        items = [(r.type_url, r.message()) for r in prepared]
+        _check_field_rules(items, snapshot)
+        check_publishable(items, REQUEST_LOCATION)
+        return snapshot
+
+
+def _prepared(type_url: str, body: bytes) -> Resource:
+    """The resource that a resource's bytes, as a client sent them, make: canonicalized and
+    serialized as Snapshot.from_messages does. The same bytes always make the same resource,
+    so the ones recent publishes sent are kept (by bytes), and a publish prepares only what
+    is new since; a kept resource also keeps what it worked out once (its references)."""
+    key = (type_url, body)
+    found = _PREPARED.get(key)
+    if found is None:
+        message = resources.parse(type_url, body)
+        resources.canonicalize(message)
+        found = Resource(type_url, resources.resource_name(message), resources.serialize(message))
+        _PREPARED.put(key, found, PREPARED_BYTES_PER_BYTE * len(body) + PREPARED_OVERHEAD_BYTES)
+    return found
 
 
 def _check_field_rules(items: list[tuple[str, Message]], snapshot: Snapshot) -> None:

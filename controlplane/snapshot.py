@@ -159,7 +159,8 @@ class DuplicateResourceError(ValueError):
 
 
 class Snapshot:
-    """Immutable set of resources by type. Build with `from_messages` or `from_serialized`."""
+    """Immutable set of resources by type. Build with `from_messages`, `from_resources` or
+    `from_serialized`."""
 
     __slots__ = ("_served", "_types", "version")
 
@@ -180,12 +181,34 @@ class Snapshot:
     @classmethod
     def from_serialized(cls, items: Iterable[tuple[str, str, bytes]]) -> Snapshot:
         """From (type URL, name, bytes) triples, e.g. read back from a store. Not re-checked."""
+        return cls._of(Resource(type_url, name, body) for type_url, name, body in items)
+
+    @classmethod
+    def from_resources(cls, items: Iterable[Resource]) -> Snapshot:
+        """From resources already canonical (as `from_messages` makes them, e.g. kept from
+        an earlier snapshot); checks every reference resolves, as `from_messages` does."""
+        items = list(items)
+        snapshot = cls._of(items)
+        dangling = [
+            DanglingReference(r.type_url, r.name, to_type, to_name)
+            for r in items
+            for to_type, to_name in r.references
+            if to_name not in snapshot.resources(to_type)
+        ]
+        if dangling:
+            raise ConsistencyError(dangling)
+        return snapshot
+
+    @classmethod
+    def _of(cls, items: Iterable[Resource]) -> Snapshot:
         grouped: dict[str, dict[str, Resource]] = {t.type_url: {} for t in ADS_ORDER}
-        for type_url, name, body in items:
-            bucket = grouped[resources.resource_type(type_url).type_url]
-            if name in bucket:
-                raise DuplicateResourceError(f"duplicate {type_url} named {name!r}")
-            bucket[name] = Resource(type_url, name, body)
+        for resource in items:
+            bucket = grouped[resources.resource_type(resource.type_url).type_url]
+            if resource.name in bucket:
+                raise DuplicateResourceError(
+                    f"duplicate {resource.type_url} named {resource.name!r}"
+                )
+            bucket[resource.name] = resource
         return cls({url: TypeResources(url, by_name) for url, by_name in grouped.items()})
 
     @classmethod

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from google.protobuf import any_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from google.protobuf import any_pb2, struct_pb2
 
 from controlplane import resources
 from controlplane.config.environments import load_config
 from controlplane.config.lint import ERROR, RULES, LintRefusal, refusals
+from controlplane.config.loader import snapshot_of
 from controlplane.publish import REQUEST_LOCATION, FieldRuleRefusal, build_snapshot
 from tests.unit.test_lint import (
     CLUSTER,
@@ -204,3 +207,58 @@ def test_a_route_naming_a_cluster_specifier_plugin_its_config_lacks_is_refused(
         }
     ]
     assert refused(tmp_path, config) == []
+
+
+def test_the_server_prepares_only_what_it_has_not_been_sent_before(tmp_path: Path) -> None:
+    """A resource's bytes, as sent, always make the same resource: the ones a publish sent
+    before are kept and used again as they are; a changed one is made anew."""
+    config = clean()
+    first = asyncio.run(build_snapshot(packed(tmp_path, config)))
+    find(config, CLUSTER, "ssh")["connect_timeout"] = "7s"
+    second = asyncio.run(build_snapshot(packed(tmp_path, config)))
+    assert second.resources(CLUSTER)["web"] is first.resources(CLUSTER)["web"]
+    assert second.resources(ROUTE)["routes"] is first.resources(ROUTE)["routes"]
+    changed = second.resources(CLUSTER)["ssh"]
+    assert changed is not first.resources(CLUSTER)["ssh"]
+    assert changed.message().connect_timeout.seconds == 7
+    # The same version xdsctl works out from the files.
+    assert second.version == snapshot_of(load_config(tmp_path).resources).version
+
+
+def test_the_server_canonicalizes_what_it_is_sent(tmp_path: Path) -> None:
+    """Bytes sent by any client, not only xdsctl's canonical ones: a map packed inside an
+    Any in another order makes the resource xdsctl would have made, and the same version,
+    sent once or again."""
+    # Entries written last key first: Struct's map, as a client that does not sort may pack it.
+    reversed_map = b"".join(
+        struct_pb2.Struct(fields={key: struct_pb2.Value(number_value=1)}).SerializeToString()
+        for key in ("zz", "m", "a")
+    )
+    cluster = find_message(tmp_path, CLUSTER, "web")
+    cluster.metadata.typed_filter_metadata["example"].CopyFrom(
+        any_pb2.Any(type_url="type.googleapis.com/google.protobuf.Struct", value=reversed_map)
+    )
+    sent = cluster.SerializeToString()
+    canonical = cluster_pb2.Cluster.FromString(sent)
+    resources.canonicalize(canonical)
+    assert resources.serialize(canonical) != sent  # what makes this test mean something
+    rest = [p for p in packed(tmp_path, clean()) if not _is(p, CLUSTER, "web")]
+    for _ in range(2):
+        snapshot = asyncio.run(build_snapshot([*rest, any_pb2.Any(type_url=CLUSTER, value=sent)]))
+        assert snapshot.resources(CLUSTER)["web"].body == resources.serialize(canonical)
+
+
+def find_message(tmp_path: Path, type_url: str, name: str) -> Any:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"resources": clean()}, sort_keys=False))
+    return next(
+        r.message
+        for r in load_config(tmp_path).resources
+        if (r.type_url, r.name) == (type_url, name)
+    )
+
+
+def _is(item: any_pb2.Any, type_url: str, name: str) -> bool:
+    return (
+        item.type_url == type_url
+        and resources.resource_name(resources.parse(item.type_url, item.value)) == name
+    )
