@@ -19,7 +19,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from controlplane.caches import CACHES
@@ -69,15 +69,8 @@ ROLLOUT_PHASES = ("canary", "awaiting_promotion", "promoted", "aborted")
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        by_type = ["type_url", "group"]
-        self.pushes = Counter(
-            "xdscp_pushes", "Responses sent to Envoys", by_type, registry=self.registry
-        )
-        self.pushed_bytes = Counter(
-            "xdscp_pushed_bytes", "Bytes of responses sent", by_type, registry=self.registry
-        )
-        self.acks = Counter("xdscp_acks", "ACKs received", by_type, registry=self.registry)
-        self.nacks = Counter("xdscp_nacks", "NACKs received", by_type, registry=self.registry)
+        self.stream_events = StreamEvents()
+        self.registry.register(self.stream_events)
         self.stream_errors = Counter(
             "xdscp_stream_errors",
             "xDS streams ended by a protocol error",
@@ -181,6 +174,46 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StreamEventCounts:
+    """What the streams of one type URL and group did: responses sent, their bytes, ACKs and
+    NACKs received."""
+
+    __slots__ = ("acks", "nacks", "pushed_bytes", "pushes")
+
+    def __init__(self) -> None:
+        self.pushes = self.pushed_bytes = self.acks = self.nacks = 0
+
+
+class StreamEvents(Collector):
+    """The counters of what xDS streams do most, by type URL and group, as plain numbers
+    that the scrape reads: a Prometheus counter takes a lock on each increment, and one push
+    to a fleet makes thousands of them. Counted on the event loop only."""
+
+    FAMILIES = (
+        ("pushes", "xdscp_pushes", "Responses sent to Envoys"),
+        ("pushed_bytes", "xdscp_pushed_bytes", "Bytes of responses sent"),
+        ("acks", "xdscp_acks", "ACKs received"),
+        ("nacks", "xdscp_nacks", "NACKs received"),
+    )
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], StreamEventCounts] = {}
+
+    def of(self, type_url: str, group: str) -> StreamEventCounts:
+        counts = self._counts.get((type_url, group))
+        if counts is None:
+            counts = self._counts[(type_url, group)] = StreamEventCounts()
+        return counts
+
+    def collect(self) -> Iterator[Metric]:
+        counted = list(self._counts.items())  # at once: the loop may add a pair meanwhile
+        for field, name, documentation in self.FAMILIES:
+            family = CounterMetricFamily(name, documentation, labels=["type_url", "group"])
+            for (type_url, group), counts in counted:
+                family.add_metric([type_url, group], getattr(counts, field))
+            yield family
 
 
 class _FleetCollector(Collector):

@@ -20,11 +20,10 @@ import grpc
 import structlog
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
-from prometheus_client import Counter
 from structlog.typing import FilteringBoundLogger as BoundLogger
 
 from controlplane import resources
-from controlplane.observability.metrics import Metrics
+from controlplane.observability.metrics import Metrics, StreamEventCounts
 from controlplane.xds import first_sync, limits, ordering
 from controlplane.xds.assignments import Assignments
 from controlplane.xds.delta import DeltaStream
@@ -106,7 +105,6 @@ class XdsServer:
         # one at a time, with a pause for everything else between two of them.
         self._large_requests = asyncio.Lock()
         self._metrics = metrics
-        self._counter_cache: dict[tuple[str, str], tuple[Counter, ...]] = {}
         self._fleet = fleet
         self._ids = itertools.count(1)
         self._deadlines = Deadlines()
@@ -165,26 +163,17 @@ class XdsServer:
             yield
             await asyncio.sleep(LARGE_REQUEST_PAUSE_SECONDS)
 
-    def _counters(self, type_url: str, stream: XdsStream) -> tuple[Counter, ...]:
-        """(pushes, pushed bytes, ACKs, NACKs) for a type and the stream's group, looked up
-        once per pair rather than once per event."""
-        key = (type_url, self._group(stream))
-        counters = self._counter_cache.get(key)
-        if counters is None:
-            m = self._metrics
-            counters = self._counter_cache[key] = tuple(
-                family.labels(*key) for family in (m.pushes, m.pushed_bytes, m.acks, m.nacks)
-            )
-        return counters
+    def _counts(self, type_url: str, stream: XdsStream) -> StreamEventCounts:
+        return self._metrics.stream_events.of(type_url, self._group(stream))
 
     def _group(self, stream: XdsStream) -> str:
         """The metrics label: the group whose pointers serve the node (a bounded set)."""
         return self._assignments.effective_group(stream.group or "")
 
     def _record_send(self, session: _Session, send: Send) -> None:
-        pushes, pushed_bytes, _, _ = self._counters(send.type_url, session.stream)
-        pushes.inc()
-        pushed_bytes.inc(len(send.payload))
+        counts = self._counts(send.type_url, session.stream)
+        counts.pushes += 1
+        counts.pushed_bytes += len(send.payload)
         # Per push and per ACK lines are debug: a publish to N nodes makes thousands of them,
         # and at info they cost more CPU than the pushes. NACKs stay warnings.
         if not self._log_debug:
@@ -199,13 +188,21 @@ class XdsServer:
         )
 
     def _record_request(self, session: _Session, kind: RequestKind, state: TypeState) -> None:
-        _, _, acks, nacks = self._counters(state.type_url, session.stream)
+        if kind is RequestKind.UNSUPPORTED:
+            # No series for it: its type URL is the client's to choose.
+            self._metrics.ignored_requests.labels("unsupported_type").inc()
+            if session.first_time(("type", state.type_url)):
+                session.bound.warning(
+                    "request for a type not served: ignored", type_url=state.type_url
+                )
+            return
+        counts = self._counts(state.type_url, session.stream)  # (at 0 from the first request)
         if kind is RequestKind.ACK:
-            acks.inc()
+            counts.acks += 1
             if self._log_debug:
                 session.bound.debug("ack", version=state.acked_version, **_about(state))
         elif kind is RequestKind.NACK:
-            nacks.inc()
+            counts.nacks += 1
             suppressed = session.nack_log().allow(state.type_url, time.monotonic())
             if suppressed is not None:
                 session.bound.warning(
@@ -221,12 +218,6 @@ class XdsServer:
             session.bound.debug("subscription update", names=len(state.names), **_about(state))
         if state.type_url == resources.SECRET and kind in (RequestKind.INITIAL, RequestKind.UPDATE):
             self._report_unserved_secrets(session, state.names)
-        if kind is RequestKind.UNSUPPORTED:
-            self._metrics.ignored_requests.labels("unsupported_type").inc()
-            if session.first_time(("type", state.type_url)):
-                session.bound.warning(
-                    "request for a type not served: ignored", type_url=state.type_url
-                )
 
     @staticmethod
     def _report_unserved_secrets(session: _Session, names: frozenset[str]) -> None:

@@ -405,8 +405,7 @@ def exposed_metric_names() -> set[str]:
 
     metrics = Metrics()
     metrics.watch(OneGroup())
-    for counter in (metrics.pushes, metrics.acks, metrics.nacks, metrics.pushed_bytes):
-        counter.labels("t", "edge")
+    metrics.stream_events.of("t", "edge")
     metrics.stream_errors.labels("malformed")
     metrics.rollouts.labels("edge", "promoted")
     metrics.convergence.labels("edge")
