@@ -205,6 +205,8 @@ def test_an_unknown_type_url_on_ads_is_ignored_and_the_stream_carries_on(
     assert [e["event"] for e in ignored] == ["request for a type not served: ignored"]
     _, metrics = http_get(f"http://127.0.0.1:{control_plane.http_port}/metrics")
     assert 'xdscp_ignored_requests_total{reason="unsupported_type"} 1.0' in metrics
+    # The type URL is the client's to choose: it labels no series (their number stays bounded).
+    assert f'type_url="{type_url}"' not in metrics
 
 
 def test_an_unknown_type_url_on_a_per_type_service_ends_that_stream(channel) -> None:
