@@ -109,10 +109,7 @@ class DeltaStream(XdsStream):
         if new or state.unanswered:
             state.unanswered = frozenset((state.unanswered | new) - unsubscribe)
             state.refresh = True
-        names = state.names | subscribe if subscribe else state.names
-        if unsubscribe or WILDCARD in names:
-            names = names - unsubscribe - {WILDCARD}
-        state.names = shared_names(names)
+        state.names = _changed_names(state.names, subscribe, unsubscribe)
 
     def _nacked(self, state: TypeState, nonce: str, error: str, now: float) -> None:
         sent = state.in_flight.get(nonce) if state.in_flight else None
@@ -163,6 +160,22 @@ class DeltaStream(XdsStream):
         state.in_flight[nonce] = (current.version, changed + removed)
         payload = wire.delta_response(current.version, state.type_url, nonce, entries, removed)
         return payload, removed
+
+
+def _changed_names(
+    names: frozenset[str], subscribe: frozenset[str], unsubscribe: frozenset[str]
+) -> frozenset[str]:
+    """The (shared) names subscribed after a change. A fleet makes the same change to the
+    same shared set: each is worked out once, and looked up without hashing the set again."""
+    key = (names, subscribe, unsubscribe)
+    changed = _CHANGED_NAMES.get(key)
+    if changed is None:
+        changed = names | subscribe if subscribe else names
+        if unsubscribe or WILDCARD in changed:
+            changed = changed - unsubscribe - {WILDCARD}
+        size = size_of_names(subscribe) + size_of_names(unsubscribe) + _KEY_OVERHEAD_BYTES
+        changed = _CHANGED_NAMES.put(key, shared_names(changed), size)
+    return changed
 
 
 def _mark_unknown(state: TypeState, names: Iterable[str]) -> bool:
@@ -242,6 +255,12 @@ _CHANGED_HELD: ByteBoundedCache[tuple[object, frozenset[str] | None], dict[str, 
 _HELD_UNKNOWN: ByteBoundedCache[
     tuple[object, frozenset[str] | None], tuple[dict[str, str] | None]
 ] = ByteBoundedCache("delta_held_unknown", 16 << 20, lambda key: (key[1],))
+
+# Subscriptions after a change (_changed_names), by (names before, subscribed, unsubscribed).
+_CHANGED_NAMES: ByteBoundedCache[
+    tuple[frozenset[str], frozenset[str], frozenset[str]], frozenset[str]
+] = ByteBoundedCache("delta_changed_names", 4 << 20, lambda key: (key[0],))
+_KEY_OVERHEAD_BYTES = 100  # the key's tuple and the entry (the sets are shared_names')
 
 _HOLDS_NOTHING = ("", None)  # the held_key of a client that holds nothing (no version is "")
 
