@@ -31,11 +31,11 @@ FIELD_RULES_PASSED_LIMIT = 50_000
 _field_rules_passed: set[tuple[str, str]] = set()
 
 # One publish is checked at a time (each in a worker thread): what the checks keep for the
-# next (prepared resources, lint walks, field rules passed) is not shared between threads.
+# next (prepared resources, field rules passed) is not shared between threads.
 _CHECKING = threading.Lock()
 
 # Resources prepared from what publishes sent, by (type URL, bytes sent): see _prepared.
-PREPARED_BUDGET_BYTES = 64 << 20
+PREPARED_BUDGET_BYTES = 32 << 20
 # An entry holds the bytes sent (its key), the canonical bytes, and once served, the two
 # response entries built from them; plus a Resource and its name.
 PREPARED_BYTES_PER_BYTE = 4

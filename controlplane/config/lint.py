@@ -47,7 +47,6 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from controlplane import resources
-from controlplane.caches import ByteBoundedCache
 from controlplane.config.environments import MapKey, SourceMap, format_field_path
 from controlplane.config.loader import Location, SourcedResource
 
@@ -93,15 +92,6 @@ _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False
 
 Steps = tuple[str | int, ...]
-
-# Walks kept by content (_walked): a message tree (about twice its bytes) and an entry per
-# node; bounded by bytes.
-WALKS_BUDGET_BYTES = 32 << 20
-WALK_BYTES_PER_BYTE = 3
-WALK_BYTES_PER_NODE = 150
-_WALKS: ByteBoundedCache[tuple[str, bytes], list[tuple[Message, Steps]]] = ByteBoundedCache(
-    "lint_walks", WALKS_BUDGET_BYTES
-)
 _DECLARED_AT: Steps = ("metadata", "filter_metadata", MapKey(BACKEND_KEY), "keepalive_timeout")
 
 
@@ -127,7 +117,7 @@ class Context:
     def nodes(self, resource: SourcedResource) -> list[tuple[Message, Steps]]:
         """Every message inside the resource (Anys unpacked) with its steps, cached."""
         if id(resource) not in self._nodes:
-            self._nodes[id(resource)] = _walked(resource)
+            self._nodes[id(resource)] = list(_walk(resource.message, ()))
         return self._nodes[id(resource)]
 
     @cached_property
@@ -161,29 +151,11 @@ class Context:
         return found
 
 
-def _walked(resource: SourcedResource) -> list[tuple[Message, Steps]]:
-    """The walk of a resource, kept by its content: equal bytes walk alike, and the server
-    lints every publish, most of which the one before held too. A walk that met an Any of a
-    type not known yet is not kept: the type may be known later."""
-    key = (resource.type_url, resources.serialize(resource.message))
-    nodes = _WALKS.get(key)
-    if nodes is None:
-        unknown: list[str] = []
-        nodes = list(_walk(resource.message, (), unknown))
-        if not unknown:
-            _WALKS.put(
-                key, nodes, WALK_BYTES_PER_BYTE * len(key[1]) + WALK_BYTES_PER_NODE * len(nodes)
-            )
-    return nodes
-
-
-def _walk(message: Message, steps: Steps, unknown: list[str]) -> Iterator[tuple[Message, Steps]]:
-    """`unknown` collects the type URLs of Anys whose type is not known (left unwalked)."""
+def _walk(message: Message, steps: Steps) -> Iterator[tuple[Message, Steps]]:
     if message.DESCRIPTOR.full_name == _ANY:
         try:
             message = resources.unpack_any(message)  # type: ignore[arg-type]
         except resources.UnknownTypeError:
-            unknown.append(message.type_url)  # type: ignore[attr-defined]
             return
     yield message, steps
     for fd, value in message.ListFields():
@@ -192,12 +164,12 @@ def _walk(message: Message, steps: Steps, unknown: list[str]) -> Iterator[tuple[
         if fd.message_type.GetOptions().map_entry:
             if fd.message_type.fields_by_name["value"].message_type is not None:
                 for key, item in value.items():
-                    yield from _walk(item, (*steps, fd.name, MapKey(str(key))), unknown)
+                    yield from _walk(item, (*steps, fd.name, MapKey(str(key))))
         elif fd.is_repeated:
             for index, item in enumerate(value):
-                yield from _walk(item, (*steps, fd.name, index), unknown)
+                yield from _walk(item, (*steps, fd.name, index))
         else:
-            yield from _walk(value, (*steps, fd.name), unknown)
+            yield from _walk(value, (*steps, fd.name))
 
 
 # --- XDS001 keepalive-ordering ------------------------------------------------------------

@@ -614,28 +614,3 @@ def test_a_case_insensitive_prefix_before_a_regex_route_is_not_a_crash() -> None
     regex = route_components_pb2.RouteMatch()
     regex.safe_regex.regex = "/a.*"
     assert _covers(prefix, regex) is False
-
-
-def test_a_walk_is_kept_by_content_unless_it_met_a_type_not_known_yet(tmp_path: Path) -> None:
-    """The server lints every publish: a resource with the same bytes as one linted before
-    is not walked again. An Any of a type not known yet is left unwalked, and such a walk is
-    not kept: the type may be known by the next lint."""
-    from envoy.config.cluster.v3 import cluster_pb2
-    from google.protobuf import any_pb2
-
-    from controlplane.config.lint import _walked
-    from controlplane.config.loader import SourcedResource
-
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"resources": clean()}, sort_keys=False))
-    first, second = (load_config(tmp_path).resources for _ in range(2))
-    assert first[0].message is not second[0].message
-    assert _walked(first[0]) is _walked(second[0])
-
-    cluster = cluster_pb2.Cluster(name="odd")
-    cluster.typed_extension_protocol_options["x"].CopyFrom(
-        any_pb2.Any(type_url="type.googleapis.com/not.known.Yet", value=b"")
-    )
-    odd = SourcedResource(CLUSTER, "odd", cluster, Location("x"))
-    walked = _walked(odd)
-    assert [steps for _, steps in walked] == [()]  # the Any is not entered
-    assert _walked(odd) is not walked
