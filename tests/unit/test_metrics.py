@@ -23,22 +23,17 @@ def test_stream_events_are_scraped_as_counters_by_type_and_group() -> None:
     metrics.stream_events.of(CDS, "default").nacks += 3
     text = metrics.exposition().decode()
     assert "# TYPE xdscp_pushes_total counter" in text
-    assert samples(metrics, "xdscp_pushes_total") == [
-        f'xdscp_pushes_total{{group="edge",type_url="{CDS}"}} 2.0',
-        f'xdscp_pushes_total{{group="default",type_url="{CDS}"}} 0.0',
-    ]
-    assert samples(metrics, "xdscp_pushed_bytes_total") == [
-        f'xdscp_pushed_bytes_total{{group="edge",type_url="{CDS}"}} 1234.0',
-        f'xdscp_pushed_bytes_total{{group="default",type_url="{CDS}"}} 0.0',
-    ]
-    assert samples(metrics, "xdscp_acks_total") == [
-        f'xdscp_acks_total{{group="edge",type_url="{CDS}"}} 1.0',
-        f'xdscp_acks_total{{group="default",type_url="{CDS}"}} 0.0',
-    ]
-    assert samples(metrics, "xdscp_nacks_total") == [
-        f'xdscp_nacks_total{{group="edge",type_url="{CDS}"}} 0.0',
-        f'xdscp_nacks_total{{group="default",type_url="{CDS}"}} 3.0',
-    ]
+    counted = {  # family -> (edge, default)
+        "xdscp_pushes_total": (2, 0),
+        "xdscp_pushed_bytes_total": (1234, 0),
+        "xdscp_acks_total": (1, 0),
+        "xdscp_nacks_total": (0, 3),
+    }
+    for name, (edge_count, default_count) in counted.items():
+        assert samples(metrics, name) == [
+            f'{name}{{group="edge",type_url="{CDS}"}} {edge_count:.1f}',
+            f'{name}{{group="default",type_url="{CDS}"}} {default_count:.1f}',
+        ]
 
 
 def test_no_stream_event_series_before_a_stream_of_that_type_and_group_counts() -> None:
