@@ -31,10 +31,13 @@ class ByteBoundedCache(Generic[K, V]):
         self,
         name: str,
         budget_bytes: int,
-        names_in_key: Callable[[K], Iterable[frozenset[str] | None]] = lambda key: (),
+        names_in_key: Callable[[K], Iterable[frozenset[str] | None]] | None = None,
     ) -> None:
         """`names_in_key(key)` gives the subscriptions (name sets) a key was made from, so
-        that entries no open stream can ask for again are released (`release_unused`)."""
+        that entries no open stream can ask for again are released (`release_unused`). A
+        cache without it holds nothing made from a subscription, and `release_unused`
+        leaves it alone: so a cache used off the event loop (publish's) is never walked
+        while it changes."""
         self.name = name
         self.budget_bytes = budget_bytes
         self._names_in_key = names_in_key
@@ -66,10 +69,13 @@ class ByteBoundedCache(Generic[K, V]):
     def release_unused(self, names_in_use: set[int]) -> None:
         """Drop the entries made from a subscription no open stream holds (by identity:
         streams hold the shared name sets, see xds.stream.shared_names)."""
+        names_in_key = self._names_in_key
+        if names_in_key is None:
+            return
         unused = [
             key
             for key in self._entries
-            if any(n is not None and id(n) not in names_in_use for n in self._names_in_key(key))
+            if any(n is not None and id(n) not in names_in_use for n in names_in_key(key))
         ]
         for key in unused:
             self.bytes -= self._entries.pop(key)[1]

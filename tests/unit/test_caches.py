@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -79,3 +81,20 @@ def test_entries_made_from_subscriptions_no_open_stream_holds_are_released() -> 
     assert name_sets.get(kept) is kept
     assert name_sets.get(gone) is None
     assert not any(key[2] is gone for key in CACHES["sotw_entries"]._entries)
+
+
+def test_a_cache_without_subscriptions_in_its_keys_is_never_walked_by_the_release() -> None:
+    """publish._prepared's cache changes in the publish's worker thread while the release
+    runs on the event loop: walking it then fails ("mutated during iteration") and ended
+    the periodic release for good. Such a cache holds nothing made from a subscription, so
+    the release leaves it alone."""
+
+    class Unwalkable(OrderedDict):  # type: ignore[type-arg]
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            raise RuntimeError("OrderedDict mutated during iteration")
+
+    cache: ByteBoundedCache[str, str] = ByteBoundedCache("test-unwalked", 1 << 20)
+    cache.put("a", "A", 10)
+    cache._entries = Unwalkable(cache._entries)
+    cache.release_unused(set())
+    assert cache.get("a") == "A"
