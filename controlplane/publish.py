@@ -67,7 +67,7 @@ async def build_snapshot(packed: Iterable[any_pb2.Any]) -> Snapshot:
 
 def _checked(packed: list[tuple[str, bytes]]) -> Snapshot:
     with _CHECKING:
-        prepared = [_prepared(type_url, body) for type_url, body in packed]
+        prepared = _prepared(packed)
         snapshot = Snapshot.from_resources(prepared)
         items = [(r.type_url, r.message()) for r in prepared]
         _check_field_rules(items, snapshot)
@@ -75,19 +75,31 @@ def _checked(packed: list[tuple[str, bytes]]) -> Snapshot:
         return snapshot
 
 
-def _prepared(type_url: str, body: bytes) -> Resource:
-    """The resource that a resource's bytes, as a client sent them, make: canonicalized and
+def _prepared(packed: list[tuple[str, bytes]]) -> list[Resource]:
+    """The resources that resources' bytes, as a client sent them, make: canonicalized and
     serialized as Snapshot.from_messages does. The same bytes always make the same resource,
-    so the ones recent publishes sent are kept (by bytes), and a publish prepares only what
-    is new since; a kept resource also keeps what it worked out once (its references)."""
-    key = (type_url, body)
-    found = _PREPARED.get(key)
-    if found is None:
-        message = resources.parse(type_url, body)
+    so the ones recent publishes sent are kept (by type URL and bytes), and a publish
+    prepares only what is new since; a kept resource also keeps what it worked out once (its
+    references). The new ones are all parsed before any is canonicalized, as they were before
+    any was kept: a request with several bad resources is refused for the same one."""
+    kept = [_PREPARED.get(item) for item in packed]
+    parsed = {
+        index: resources.parse(type_url, body)
+        for index, ((type_url, body), resource) in enumerate(zip(packed, kept, strict=True))
+        if resource is None
+    }
+    for message in parsed.values():
         resources.canonicalize(message)
-        found = Resource(type_url, resources.resource_name(message), resources.serialize(message))
-        _PREPARED.put(key, found, PREPARED_BYTES_PER_BYTE * len(body) + PREPARED_OVERHEAD_BYTES)
-    return found
+    made = {index: _made(packed[index], message) for index, message in parsed.items()}
+    return [made[index] if resource is None else resource for index, resource in enumerate(kept)]
+
+
+def _made(sent: tuple[str, bytes], message: Message) -> Resource:
+    type_url, body = sent
+    resource = Resource(type_url, resources.resource_name(message), resources.serialize(message))
+    return _PREPARED.put(
+        sent, resource, PREPARED_BYTES_PER_BYTE * len(body) + PREPARED_OVERHEAD_BYTES
+    )
 
 
 def _check_field_rules(items: list[tuple[str, Message]], snapshot: Snapshot) -> None:

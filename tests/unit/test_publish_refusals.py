@@ -262,3 +262,22 @@ def _is(item: any_pb2.Any, type_url: str, name: str) -> bool:
         item.type_url == type_url
         and resources.resource_name(resources.parse(item.type_url, item.value)) == name
     )
+
+
+def test_a_publish_with_several_bad_resources_is_refused_for_the_first_that_does_not_parse(
+    tmp_path: Path,
+) -> None:
+    """Every new resource is parsed before any is canonicalized (as before any was kept): a
+    resource of a type not served is named, not the unknown Any inside an earlier one."""
+    cluster = find_message(tmp_path, CLUSTER, "web")
+    cluster.typed_extension_protocol_options["odd"].CopyFrom(
+        any_pb2.Any(type_url="type.googleapis.com/not.known.Type", value=b"")
+    )
+    sent = [
+        any_pb2.Any(type_url=CLUSTER, value=cluster.SerializeToString()),
+        any_pb2.Any(type_url="type.googleapis.com/not.a.Resource", value=b""),
+    ]
+    for _ in range(2):
+        with pytest.raises(resources.UnknownTypeError) as caught:
+            asyncio.run(build_snapshot(sent))
+        assert "not.a.Resource" in str(caught.value)
