@@ -173,8 +173,9 @@ def _changed_names(
         changed = names | subscribe if subscribe else names
         if unsubscribe or WILDCARD in changed:
             changed = changed - unsubscribe - {WILDCARD}
-        size = size_of_names(subscribe) + size_of_names(unsubscribe) + _KEY_OVERHEAD_BYTES
-        changed = _CHANGED_NAMES.put(key, shared_names(changed), size)
+        # Counted whole: the sets may outlive the shared ones (stream.shared_names) here.
+        size = sum(map(size_of_names, (names, subscribe, unsubscribe, changed)))
+        changed = _CHANGED_NAMES.put(key, shared_names(changed), size + _KEY_OVERHEAD_BYTES)
     return changed
 
 
@@ -201,7 +202,9 @@ def _mark_held_unknown(state: TypeState, names: frozenset[str]) -> bool:
     if found is None:
         unknown = dict.fromkeys((name for name in names if name in state.held), UNKNOWN)
         held = {**state.held, **unknown} if unknown else None
-        found = _HELD_UNKNOWN.put(key, (held,), size_of_names(held or ()))
+        # (the key keeps `names` too; an unchanged entry still takes room)
+        size = size_of_names(held or ()) + size_of_names(names) + _KEY_OVERHEAD_BYTES
+        found = _HELD_UNKNOWN.put(key, (held,), size)
     held = found[0]
     if held is None:
         return False  # it holds none of them
@@ -259,8 +262,8 @@ _HELD_UNKNOWN: ByteBoundedCache[
 # Subscriptions after a change (_changed_names), by (names before, subscribed, unsubscribed).
 _CHANGED_NAMES: ByteBoundedCache[
     tuple[frozenset[str], frozenset[str], frozenset[str]], frozenset[str]
-] = ByteBoundedCache("delta_changed_names", 4 << 20, lambda key: (key[0],))
-_KEY_OVERHEAD_BYTES = 100  # the key's tuple and the entry (the sets are shared_names')
+] = ByteBoundedCache("delta_changed_names", 16 << 20, lambda key: (key[0],))
+_KEY_OVERHEAD_BYTES = 100  # a key's tuple and its entry, beyond the sets counted
 
 _HOLDS_NOTHING = ("", None)  # the held_key of a client that holds nothing (no version is "")
 

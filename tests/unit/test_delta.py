@@ -366,3 +366,23 @@ def test_a_push_that_recreates_clusters_sends_the_fleet_one_shared_endpoint_diff
     assert len(delta._TRANSITIONS) == 2  # the CDS diff and the endpoints sent again
     states = [envoy.stream.types[ENDPOINT] for envoy in envoys]
     assert states[0].held is states[1].held and states[0].held_key is not None
+
+
+def test_what_the_shared_delta_caches_keep_counts_against_their_budgets() -> None:
+    """Each entry of the caches a fleet shares counts what it keeps alive: an outcome that
+    changed nothing still takes room, and a subscription change counts the sets it holds
+    (the shared set cache may have let them go)."""
+    from controlplane.caches import size_of_names
+    from controlplane.xds import delta
+    from controlplane.xds.stream import TypeState, shared_names
+
+    state = TypeState(ENDPOINT)
+    state.held, state.held_key = {"a": "1"}, ("v1", frozenset({"a"}))
+    before = delta._HELD_UNKNOWN.bytes
+    assert not delta._mark_held_unknown(state, frozenset({"not-held"}))
+    assert delta._HELD_UNKNOWN.bytes > before
+
+    names = shared_names(frozenset(f"cluster-{i}" for i in range(1000)))
+    before = delta._CHANGED_NAMES.bytes
+    changed = delta._changed_names(names, frozenset({"one-more"}), frozenset())
+    assert delta._CHANGED_NAMES.bytes - before >= size_of_names(names) + size_of_names(changed)
