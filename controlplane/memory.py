@@ -15,7 +15,11 @@ import ctypes
 import ctypes.util
 from collections.abc import Callable
 
+import structlog
+
 from controlplane import caches
+
+log = structlog.get_logger("memory")
 
 TRIM_INTERVAL_SECONDS = 10.0
 
@@ -35,6 +39,9 @@ async def release_periodically(
     `names_in_use()` gives the ids of the name sets open streams hold."""
     while True:
         await asyncio.sleep(interval)
-        caches.release_unused(names_in_use())
+        try:
+            caches.release_unused(names_in_use())
+        except Exception:  # a bug of ours: logged, and the next round tries again
+            log.exception("releasing unused cache entries failed")
         with contextlib.suppress(RuntimeError):  # the loop's executor is shutting down
             await asyncio.to_thread(_malloc_trim)
