@@ -180,18 +180,22 @@ class _SharedChannels:
     """The channels one command has open, by server and TLS settings."""
 
     def __init__(self) -> None:
-        self._open: dict[tuple[object, ...], grpc.Channel] = {}
+        self._open: dict[tuple[object, ...], grpc.Channel] | None = {}  # None once closed
         self._lock = threading.Lock()  # a command may call from a second thread
 
     def channel(self, args: argparse.Namespace) -> grpc.Channel:
         key = (args.server, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
         with self._lock:
+            if self._open is None:  # a call from a thread the command did not wait for
+                raise CommandError("the command has ended")
             if key not in self._open:
                 self._open[key] = _channel(args)
             return self._open[key]
 
     def close(self) -> None:
-        for channel in self._open.values():
+        with self._lock:
+            channels, self._open = self._open or {}, None
+        for channel in channels.values():
             channel.close()
 
 

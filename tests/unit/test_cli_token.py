@@ -89,3 +89,21 @@ def test_version_flag_prints_the_package_version(capsys: pytest.CaptureFixture[s
     printed = capsys.readouterr().out.strip()
     assert printed == f"xdsctl {package_version()}"
     assert package_version() != "unknown"  # the package is installed in the test venv
+
+
+def test_a_call_after_its_command_ended_opens_no_channel() -> None:
+    """xdsctl publish reads the stable in a thread it may not wait for (a refusal of the
+    files does not): a call that thread makes after the command ended is refused, rather
+    than opening a channel nobody closes."""
+    import argparse
+
+    from controlplane.cli import client
+
+    args = argparse.Namespace(
+        server="127.0.0.1:1", tls_ca=None, tls_cert=None, tls_key=None, tls_server_name=None
+    )
+    shared = client._SharedChannels()
+    shared.channel(args)
+    shared.close()
+    with pytest.raises(client.CommandError, match="the command has ended"):
+        shared.channel(args)
