@@ -188,16 +188,22 @@ class Snapshot:
         """From resources already canonical (as `from_messages` makes them, e.g. kept from
         an earlier snapshot); checks every reference resolves, as `from_messages` does."""
         items = list(items)
-        snapshot = cls._of(items)
+        return cls._of(items)._resolving((r.type_url, r.name, r.references) for r in items)
+
+    def _resolving(
+        self, referring: Iterable[tuple[str, str, Iterable[tuple[str, str]]]]
+    ) -> Snapshot:
+        """This snapshot, if every (type URL, name) that each (type URL, name, references)
+        of `referring` names is in it; else ConsistencyError lists the dangling ones."""
         dangling = [
-            DanglingReference(r.type_url, r.name, to_type, to_name)
-            for r in items
-            for to_type, to_name in r.references
-            if to_name not in snapshot.resources(to_type)
+            DanglingReference(url, name, to_type, to_name)
+            for url, name, references in referring
+            for to_type, to_name in references
+            if to_name not in self.resources(to_type)
         ]
         if dangling:
             raise ConsistencyError(dangling)
-        return snapshot
+        return self
 
     @classmethod
     def _of(cls, items: Iterable[Resource]) -> Snapshot:
@@ -220,15 +226,10 @@ class Snapshot:
         snapshot = cls.from_serialized(
             (url, resources.resource_name(m), resources.serialize(m)) for url, m in items
         )
-        dangling = [
-            DanglingReference(url, resources.resource_name(m), to_type, to_name)
+        return snapshot._resolving(
+            (url, resources.resource_name(m), dict.fromkeys(resources.references(m)))
             for url, m in items
-            for to_type, to_name in dict.fromkeys(resources.references(m))
-            if to_name not in snapshot.resources(to_type)
-        ]
-        if dangling:
-            raise ConsistencyError(dangling)
-        return snapshot
+        )
 
     def as_served(self, *, owner: bool) -> Snapshot:
         """This snapshot as a node is served it: with only the secrets its other resources
