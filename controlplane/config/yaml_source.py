@@ -211,7 +211,7 @@ class _Builder:
         items = []
         for index, child in enumerate(node.value):
             child_path = (*path, index)
-            self.key_lines[child_path] = child.start_mark.line + 1
+            self.key_lines[child_path] = _line(child)
             items.append(self.build(child, child_path))
         return items
 
@@ -226,7 +226,7 @@ class _Builder:
             key = self._key(key_node)
             if key is None:
                 continue
-            line = key_node.start_mark.line + 1
+            line = _line(key_node)
             if key in first_line:
                 message = f'duplicate key "{key}" (first on line {first_line[key]})'
                 self.problems.append(SourceProblem(line, message))
