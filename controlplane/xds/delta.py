@@ -186,50 +186,50 @@ def _mark_unknown(state: TypeState, names: Iterable[str]) -> bool:
     unknown = dict.fromkeys(names, UNKNOWN)
     if not unknown:
         return False
-    _change_held(state, ("unknown", frozenset(unknown)), lambda held: {**held, **unknown})
-    return True
+    return _change_held(state, ("unknown", frozenset(unknown)), lambda held: {**held, **unknown})
 
 
 def _mark_held_unknown(state: TypeState, names: frozenset[str]) -> bool:
     """`_mark_unknown` for those of `names` the client holds. `names` is one set shared by
-    every client making the same move (stream.added_or_changed_references): where what a
-    client holds is known exactly, so is the outcome, worked out once for them all."""
-    if state.held_key is None:
-        return _mark_unknown(state, [name for name in names if name in state.held])
-    held_version, held_names = state.held_key
-    key = ((held_version, ("unknown if held", names)), held_names)
-    found = _HELD_UNKNOWN.get(key)
-    if found is None:
-        unknown = dict.fromkeys((name for name in names if name in state.held), UNKNOWN)
-        held = {**state.held, **unknown} if unknown else None
-        # (the key keeps `names` too; an unchanged entry still takes room)
-        size = size_of_names(held or ()) + size_of_names(names) + _KEY_OVERHEAD_BYTES
-        found = _HELD_UNKNOWN.put(key, (held,), size)
-    held = found[0]
-    if held is None:
-        return False  # it holds none of them
-    state.held, state.held_key = held, key
-    return True
+    every client making the same move (stream.added_or_changed_references), so it names the
+    change as it is, without a set made per stream."""
+
+    def apply(held: Mapping[str, str]) -> dict[str, str] | None:
+        unknown = dict.fromkeys((name for name in names if name in held), UNKNOWN)
+        return {**held, **unknown} if unknown else None
+
+    return _change_held(state, ("unknown if held", names), apply)
 
 
 def _change_held(
     state: TypeState,
     change: tuple[str, frozenset[str]],
-    apply: Callable[[Mapping[str, str]], dict[str, str]],
-) -> None:
-    """Replace what the client holds by `apply(held)`. When `held` was known exactly (a
-    held key), what it becomes is too, and is the same for every client making the same
-    change (a fleet taking a push re-creates the same clusters, drops the same names): so
-    it is shared, and so is the diff to the next version."""
+    apply: Callable[[Mapping[str, str]], dict[str, str] | None],
+) -> bool:
+    """Replace what the client holds by `apply(held)`, unless that is None (no change); True
+    if it changed. When `held` was known exactly (a held key), the outcome is too, and is
+    the same for every client making the same change (a fleet taking a push re-creates the
+    same clusters, drops the same names): so it is worked out once and shared, and so is
+    the diff to the next version."""
     if state.held_key is None:
-        state.held = apply(state.held)
-        return
+        held = apply(state.held)
+        if held is None:
+            return False
+        state.held = held
+        return True
     held_version, held_names = state.held_key
     key = ((held_version, change), held_names)
-    held = _CHANGED_HELD.get(key)
+    found = _CHANGED_HELD.get(key)
+    if found is None:
+        held = apply(state.held)
+        # (counted whole: the key keeps the change's names; an unchanged entry takes room)
+        size = size_of_names(held or state.held) + size_of_names(change[1]) + _KEY_OVERHEAD_BYTES
+        found = _CHANGED_HELD.put(key, (held,), size)
+    held = found[0]
     if held is None:
-        held = _CHANGED_HELD.put(key, apply(state.held), size_of_names(state.held))
+        return False
     state.held, state.held_key = held, key
+    return True
 
 
 # entries to send, the names they carry, names removed, what the client then holds, and
@@ -249,15 +249,11 @@ _TRANSITIONS: ByteBoundedCache[tuple[object, str, frozenset[str] | None], Transi
 )
 
 
-# What clients hold after a change to what they held exactly (_change_held), by held key.
-_CHANGED_HELD: ByteBoundedCache[tuple[object, frozenset[str] | None], dict[str, str]] = (
-    ByteBoundedCache("delta_changed_held", 16 << 20, lambda key: (key[1],))
-)
-
-# What clients hold after _mark_held_unknown (None inside: unchanged), by held key.
-_HELD_UNKNOWN: ByteBoundedCache[
+# What clients hold after a change to what they held exactly (_change_held; None inside:
+# unchanged), by held key.
+_CHANGED_HELD: ByteBoundedCache[
     tuple[object, frozenset[str] | None], tuple[dict[str, str] | None]
-] = ByteBoundedCache("delta_held_unknown", 16 << 20, lambda key: (key[1],))
+] = ByteBoundedCache("delta_changed_held", 16 << 20, lambda key: (key[1],))
 
 # Subscriptions after a change (_changed_names), by (names before, subscribed, unsubscribed).
 _CHANGED_NAMES: ByteBoundedCache[

@@ -378,9 +378,9 @@ def test_what_the_shared_delta_caches_keep_counts_against_their_budgets() -> Non
 
     state = TypeState(ENDPOINT)
     state.held, state.held_key = {"a": "1"}, ("v1", frozenset({"a"}))
-    before = delta._HELD_UNKNOWN.bytes
+    before = delta._CHANGED_HELD.bytes
     assert not delta._mark_held_unknown(state, frozenset({"not-held"}))
-    assert delta._HELD_UNKNOWN.bytes > before
+    assert delta._CHANGED_HELD.bytes > before
 
     names = shared_names(frozenset(f"cluster-{i}" for i in range(1000)))
     before = delta._CHANGED_NAMES.bytes
