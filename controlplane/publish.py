@@ -69,9 +69,9 @@ def _checked(packed: list[tuple[str, bytes]]) -> Snapshot:
     with _CHECKING:
         prepared = _prepared(packed)
         snapshot = Snapshot.from_resources(prepared)
-        items = [(r.type_url, r.message()) for r in prepared]
-        _check_field_rules(items, snapshot)
-        check_publishable(items, REQUEST_LOCATION)
+        checked = [(r, r.message()) for r in prepared]
+        _check_field_rules(checked)
+        check_publishable([(r.type_url, m) for r, m in checked], REQUEST_LOCATION)
         return snapshot
 
 
@@ -102,19 +102,18 @@ def _made(sent: tuple[str, bytes], message: Message) -> Resource:
     )
 
 
-def _check_field_rules(items: list[tuple[str, Message]], snapshot: Snapshot) -> None:
+def _check_field_rules(checked: list[tuple[Resource, Message]]) -> None:
     problems: list[str] = []
     passed: list[tuple[str, str]] = []
-    for type_url, message in items:
-        name = resources.resource_name(message)
-        key = (type_url, snapshot.resources(type_url)[name].version)
+    for resource, message in checked:
+        key = (resource.type_url, resource.version)
         if key in _field_rules_passed:
             continue
         found = violations(message)
         if not found:
             passed.append(key)
-        kind = resources.resource_type(type_url).short_name
-        problems += [f"{kind} {name}: {v.field_path}: {v.message}" for v in found]
+        kind = resources.resource_type(resource.type_url).short_name
+        problems += [f"{kind} {resource.name}: {v.field_path}: {v.message}" for v in found]
     if problems:
         raise FieldRuleRefusal(problems)
     if len(_field_rules_passed) + len(passed) > FIELD_RULES_PASSED_LIMIT:
