@@ -80,10 +80,19 @@ def _check_lengths(what: str, names: Collection[str], request_bytes: int) -> Non
                 raise _refuse(f"{what}: a name", size, MAX_NAME_BYTES, "bytes", "name")
 
 
+# A request this small reaches no count or size limit (each name or entry takes at least 2
+# bytes): only the node it may carry, whose metadata can be too deep, is left to check.
+_BELOW_EVERY_LIMIT_BYTES = min(MAX_NAME_BYTES, MAX_ERROR_DETAIL_BYTES, 2 * MAX_NAMES_PER_REQUEST)
+
+
 def check_request(
     request: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest,
+    size: int | None = None,
 ) -> None:
-    """Refuse a request over a limit, before anything is done with it."""
+    """Refuse a request over a limit, before anything is done with it. `size`: its encoded
+    size, when the caller has it (most requests are small: then there is less to look at)."""
+    if size is not None and size <= _BELOW_EVERY_LIMIT_BYTES and not request.HasField("node"):
+        return
     if len(request.type_url) > MAX_NAME_BYTES:
         raise _refuse("type_url", len(request.type_url), MAX_NAME_BYTES, "chars", "name")
     if isinstance(request, discovery_pb2.DiscoveryRequest):

@@ -74,6 +74,12 @@ def blockers(type_url: str) -> frozenset[str]:
     return WAITS_FOR[type_url][0]
 
 
+# The types some type waits for: while none of them awaits an ACK, no type is held back by one.
+HOLD_OTHERS_BACK: frozenset[str] = frozenset().union(
+    *(held_by for held_by, _ in WAITS_FOR.values())
+)
+
+
 # type -> the type an Envoy on ADS always asks for first, unless that one is paused. Envoy
 # pauses CDS while a cluster warms and keeps it paused across a reconnect: on the new stream
 # it asks for endpoints, listeners and routes, never for clusters, and would stay stuck.

@@ -427,7 +427,7 @@ class _Session:
 
     def _on_request(self, raw: bytes) -> None:
         server, stream = self.server, self.stream
-        kind, state, sends = stream.receive(_parse(self.request_type, raw))
+        kind, state, sends = stream.receive(_parse(self.request_type, raw), len(raw))
         if stream not in server._fleet and stream.node is not None:
             server._fleet.add(stream, self)
             self.bound.info("stream opened", protocol=stream.protocol)

@@ -381,9 +381,12 @@ class XdsStream:
         self._nonce_epoch = -1
         self._nonces_in_epoch = 0
 
-    def receive(self, request: Request) -> tuple[RequestKind, TypeState, list[Send]]:
-        """Take one request; return what it was, the type's state after it, and what to send."""
-        limits.check_request(request)
+    def receive(
+        self, request: Request, size: int | None = None
+    ) -> tuple[RequestKind, TypeState, list[Send]]:
+        """Take one request (`size`: its encoded size, if known); return what it was, the
+        type's state after it, and what to send."""
+        limits.check_request(request, size)
         self._learn_node(request)
         state = self._state_for(request.type_url)
         if state is None:
@@ -513,8 +516,15 @@ class XdsStream:
     def next_deadline(self) -> float | None:
         """When (on the monotonic clock) a type held back is released anyway, or the first
         sync runs out of time, if either is due."""
-        now = self._monotonic()
         soonest = self._first_sync_due
+        for state in self.types.values():
+            if state.subscription_due_by is not None or (
+                state.unacked_since is not None and state.type_url in ordering.HOLD_OTHERS_BACK
+            ):
+                break
+        else:
+            return soonest  # nothing waits for a request or an ACK (after each ACK, as a rule)
+        now = self._monotonic()
         for state in self.types.values():
             if state.subscribed and (held := self._held_until(state, now)) is not None:
                 soonest = held if soonest is None else min(soonest, held)

@@ -27,11 +27,17 @@ def sotw(**fields: object) -> discovery_pb2.DiscoveryRequest:
 
 
 def refusal(request: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest) -> str:
+    """Why a stream refuses the request: the same whether it is told the request's size (as
+    the server tells it) or not."""
     stream_type = SotwStream if isinstance(request, discovery_pb2.DiscoveryRequest) else DeltaStream
-    stream = stream_type(1, lambda node: factories.edge_snapshot())
-    with pytest.raises(RemoteProtocolError) as caught:
-        stream.receive(request)
-    return f"{caught.value.reason}: {caught.value}"
+    reasons = set()
+    for size in (None, request.ByteSize()):
+        stream = stream_type(1, lambda node: factories.edge_snapshot())
+        with pytest.raises(RemoteProtocolError) as caught:
+            stream.receive(request, size)
+        reasons.add(f"{caught.value.reason}: {caught.value}")
+    [reason] = reasons
+    return reason
 
 
 def nested(depth: int) -> struct_pb2.Struct:
@@ -117,6 +123,28 @@ def test_a_nack_text_over_its_limit_is_refused_and_a_long_one_is_clipped() -> No
         )
     )
     assert stream.types[CLUSTER].nack_error == "e" * 1024 + "…[3976 more chars]"
+
+
+def test_requests_after_the_first_without_a_node_are_held_to_the_limits_too() -> None:
+    """The server tells a stream each request's size, and a small one is let through
+    unlooked-at: each limit must still refuse what is over it on a later request."""
+    names = [f"c{i}" for i in range(limits.MAX_NAMES_PER_REQUEST + 1)]
+    later = {
+        "limit_names": sotw(type_url=CLUSTER, resource_names=names),
+        "limit_name": sotw(type_url="t" * 5000),
+        "limit_error_detail": sotw(
+            type_url=CLUSTER,
+            response_nonce="0.1",
+            error_detail=status_pb2.Status(message="e" * (limits.MAX_ERROR_DETAIL_BYTES + 1)),
+        ),
+    }
+    for reason, request in later.items():
+        request.ClearField("node")
+        stream = SotwStream(1, lambda node: factories.edge_snapshot())
+        stream.receive(sotw(type_url=CLUSTER), 100)
+        with pytest.raises(RemoteProtocolError) as caught:
+            stream.receive(request, request.ByteSize())
+        assert caught.value.reason == reason
 
 
 def test_requests_within_the_limits_are_served() -> None:

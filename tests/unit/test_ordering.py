@@ -285,6 +285,8 @@ def test_routes_of_an_added_listener_go_out_once_when_the_client_asks_for_them(p
         ]
     )
     assert types(client.publish(second)) == [LISTENER]  # RDS waits for the subscription
+    # ... for a bounded time, with no CDS response in flight to time it.
+    assert client.stream.next_deadline() == client.now + SUBSCRIPTION_GRACE_SECONDS
     route_nonce = client.stream.types[ROUTE].latest_nonce
     [rds] = client.subscribe(ROUTE, ("routes", "routes2"), route_nonce)
     assert rds.type_url == ROUTE
