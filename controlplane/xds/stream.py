@@ -517,13 +517,8 @@ class XdsStream:
         """When (on the monotonic clock) a type held back is released anyway, or the first
         sync runs out of time, if either is due."""
         soonest = self._first_sync_due
-        for state in self.types.values():
-            if state.subscription_due_by is not None or (
-                state.unacked_since is not None and state.type_url in ordering.HOLD_OTHERS_BACK
-            ):
-                break
-        else:
-            return soonest  # nothing waits for a request or an ACK (after each ACK, as a rule)
+        if not self._may_hold_back():
+            return soonest  # (after almost every ACK)
         now = self._monotonic()
         for state in self.types.values():
             if state.subscribed and (held := self._held_until(state, now)) is not None:
@@ -646,6 +641,16 @@ class XdsStream:
                 raise RemoteProtocolError(f"unsupported type_url {type_url!r}", "unsupported_type")
             state = self.types[type_url] = TypeState(type_url)
         return state
+
+    def _may_hold_back(self) -> bool:
+        """Whether `_held_until` can give a time for any type: only a subscription the client
+        is yet to change, or an unACKed type others wait for, holds one back. (Cheaper than
+        asking it for each type, which needs the time.)"""
+        return any(
+            state.subscription_due_by is not None
+            or (state.unacked_since is not None and state.type_url in ordering.HOLD_OTHERS_BACK)
+            for state in self.types.values()
+        )
 
     def _held_until(self, state: TypeState, now: float) -> float | None:
         """When `state`'s type stops waiting for the types ordering.WAITS_FOR names, or None

@@ -141,7 +141,8 @@ def test_requests_after_the_first_without_a_node_are_held_to_the_limits_too() ->
     for reason, request in later.items():
         request.ClearField("node")
         stream = SotwStream(1, lambda node: factories.edge_snapshot())
-        stream.receive(sotw(type_url=CLUSTER), 100)
+        first = sotw(type_url=CLUSTER)
+        stream.receive(first, first.ByteSize())
         with pytest.raises(RemoteProtocolError) as caught:
             stream.receive(request, request.ByteSize())
         assert caught.value.reason == reason
